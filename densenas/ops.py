@@ -1,0 +1,218 @@
+"""Op registry of DenseNAS: the candidate layers of the search spaces and the fixed layers around them.
+
+Canonical names (``OP_NAMES``):
+
+- ``mbconv_k{3,5,7}_e{1,3,6}``: MobileNetV2 inverted residual. 1x1 expand + BN + ReLU6 (omitted for
+  e1), kxk depthwise (padding k//2, the op's stride) + BN + ReLU6, 1x1 project + BN; identity residual
+  exactly when stride is 1 and c_in == c_out. No SE, no dropout, all convs bias=False.
+- ``skip``: identity; only valid when stride is 1 and c_in == c_out (a skip stacking layer).
+- ``conv3x3``: 3x3 conv + BN + ReLU6 (the stem).
+- ``conv1x1``: 1x1 conv + BN + ReLU6 (the last conv before pooling).
+- ``basic_block``: ResNet BasicBlock, 3x3 conv-BN-ReLU, 3x3 conv-BN, + shortcut (identity, or
+  1x1 conv + BN when stride or width change), ReLU.
+
+The authors' release spells expansion ``t`` (``mbconv_k3_t6``), the skip ``skip_connect`` and the last
+conv ``conv1_1``; those aliases are accepted everywhere and mapped by ``canonical_op_name``.
+
+Every op module carries ``op_name``, ``c_in``, ``c_out``, ``stride`` (and ``.spec``), so a built network
+can be written back to a config without keeping a side table.
+"""
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = [
+    "OP_NAMES",
+    "MBCONV_NAMES",
+    "OpSpec",
+    "canonical_op_name",
+    "parse_mbconv",
+    "build_op",
+    "MBConv",
+    "Skip",
+    "ConvBNReLU6",
+    "BasicBlock",
+]
+
+MBCONV_NAMES: tuple[str, ...] = tuple(
+    f"mbconv_k{k}_e{e}" for k in (3, 5, 7) for e in (1, 3, 6)
+)
+OP_NAMES: tuple[str, ...] = MBCONV_NAMES + ("skip", "conv3x3", "conv1x1", "basic_block")
+
+# Authors' spellings and other common ones -> canonical name (the mbconv ``_t`` form is a regex).
+_ALIASES: dict[str, str] = {
+    "skip_connect": "skip",
+    "identity": "skip",
+    "conv1_1": "conv1x1",
+    "conv3_3": "conv3x3",
+    "basic": "basic_block",
+    "basicblock": "basic_block",
+}
+_MBCONV_RE = re.compile(r"^mbconv_k(\d+)_[et](\d+)$")
+
+
+class OpSpec(NamedTuple):
+    """What an op module is, enough to rebuild it: ``build_op(*spec)``."""
+
+    op: str
+    c_in: int
+    c_out: int
+    stride: int
+
+
+def canonical_op_name(name: str) -> str:
+    """Map an op name or one of the authors' aliases to its canonical name; ValueError if unknown."""
+    if not isinstance(name, str):
+        raise ValueError(f"op name must be a string, got {name!r} ({type(name).__name__})")
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    m = _MBCONV_RE.match(key)
+    if m:
+        key = f"mbconv_k{m.group(1)}_e{m.group(2)}"
+    if key not in OP_NAMES:
+        raise ValueError(
+            f"unknown op {name!r}; valid ops are {', '.join(OP_NAMES)} "
+            f"(aliases: mbconv_kK_tT for mbconv_kK_eT, {', '.join(sorted(_ALIASES))})"
+        )
+    return key
+
+
+def parse_mbconv(name: str) -> tuple[int, int]:
+    """(kernel, expansion) of an MBConv op name (any accepted spelling)."""
+    canon = canonical_op_name(name)
+    m = _MBCONV_RE.match(canon)
+    if not m:
+        raise ValueError(f"{name!r} is not an MBConv op (expected mbconv_k<k>_e<e>)")
+    return int(m.group(1)), int(m.group(2))
+
+
+class _OpBase(nn.Module):
+    """Records (op_name, c_in, c_out, stride) so a module can round-trip through a config."""
+
+    op_name: str
+    c_in: int
+    c_out: int
+    stride: int
+
+    def _record(self, op_name: str, c_in: int, c_out: int, stride: int) -> None:
+        self.op_name, self.c_in, self.c_out, self.stride = op_name, int(c_in), int(c_out), int(stride)
+
+    @property
+    def spec(self) -> OpSpec:
+        return OpSpec(self.op_name, self.c_in, self.c_out, self.stride)
+
+    def extra_repr(self) -> str:
+        return f"op={self.op_name}, c_in={self.c_in}, c_out={self.c_out}, stride={self.stride}"
+
+
+def _bn(c: int, affine: bool) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, affine=affine)
+
+
+class MBConv(_OpBase):
+    """Inverted residual (MobileNetV2): [1x1 expand-BN-ReLU6] -> kxk dw-BN-ReLU6 -> 1x1 project-BN."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, kernel: int, expansion: int,
+                 bn_affine: bool = True):
+        super().__init__()
+        self._record(f"mbconv_k{kernel}_e{expansion}", c_in, c_out, stride)
+        self.kernel, self.expansion = kernel, expansion
+        mid = c_in * expansion
+        layers: list[nn.Module] = []
+        if expansion != 1:
+            layers += [nn.Conv2d(c_in, mid, 1, bias=False), _bn(mid, bn_affine), nn.ReLU6(inplace=True)]
+        layers += [
+            nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False),
+            _bn(mid, bn_affine),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(mid, c_out, 1, bias=False),
+            _bn(c_out, bn_affine),
+        ]
+        self.body = nn.Sequential(*layers)
+        self.use_residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        return out + x if self.use_residual else out
+
+
+class Skip(_OpBase):
+    """Identity layer: a stacking layer that is skipped."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        if stride != 1 or c_in != c_out:
+            raise ValueError(
+                f"skip is only valid with stride 1 and c_in == c_out, got c_in={c_in}, c_out={c_out}, "
+                f"stride={stride}; use it only in stacking layers (heads change width/stride)"
+            )
+        self._record("skip", c_in, c_out, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class ConvBNReLU6(_OpBase):
+    """kxk conv + BN + ReLU6: ``conv3x3`` (stem) and ``conv1x1`` (last conv)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, kernel: int, bn_affine: bool = True):
+        super().__init__()
+        self._record(f"conv{kernel}x{kernel}", c_in, c_out, stride)
+        self.conv = nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False)
+        self.bn = _bn(c_out, bn_affine)
+        self.act = nn.ReLU6(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class BasicBlock(_OpBase):
+    """ResNet BasicBlock: conv3x3-BN-ReLU, conv3x3-BN, + shortcut, ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, bn_affine: bool = True):
+        super().__init__()
+        self._record("basic_block", c_in, c_out, stride)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = _bn(c_out, bn_affine)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = _bn(c_out, bn_affine)
+        self.relu = nn.ReLU(inplace=True)
+        if stride != 1 or c_in != c_out:
+            self.shortcut: nn.Module = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), _bn(c_out, bn_affine)
+            )
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+def build_op(name: str, c_in: int, c_out: int, stride: int, bn_affine: bool = True) -> nn.Module:
+    """Build the op ``name`` (canonical or alias) mapping c_in channels to c_out at the given stride.
+
+    ``bn_affine=False`` gives BatchNorm without scale/shift, as in the super network.
+    """
+    op = canonical_op_name(name)
+    if stride not in (1, 2):
+        raise ValueError(f"op {op!r}: stride must be 1 or 2, got {stride}")
+    if c_in < 1 or c_out < 1:
+        raise ValueError(f"op {op!r}: channel counts must be positive, got c_in={c_in}, c_out={c_out}")
+    if op.startswith("mbconv_"):
+        k, e = parse_mbconv(op)
+        return MBConv(c_in, c_out, stride, k, e, bn_affine)
+    if op == "skip":
+        return Skip(c_in, c_out, stride)
+    if op == "conv3x3":
+        return ConvBNReLU6(c_in, c_out, stride, 3, bn_affine)
+    if op == "conv1x1":
+        return ConvBNReLU6(c_in, c_out, stride, 1, bn_affine)
+    if op == "basic_block":
+        return BasicBlock(c_in, c_out, stride, bn_affine)
+    raise AssertionError(f"op {op!r} is registered but has no builder")  # pragma: no cover
