@@ -1,0 +1,236 @@
+"""Latency model: signatures, tables (round trip, refusals), MACs model, expected latency vs brute force."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from densenas.latency import (
+    ExpectedLatency,
+    LatencyStats,
+    LatencyTable,
+    LatencyTableError,
+    MacsCostModel,
+    MissingSignaturesError,
+    OpSignature,
+    build_signature_module,
+    expected_latency,
+    final_signature,
+    head_signature,
+    signature_macs,
+    space_signatures,
+    stack_signature,
+)
+from densenas.space import load_space
+from densenas.supernet import SuperNet
+
+
+def _fake_table(space, batch=2, num_classes=10, device=None, scale=1.0) -> LatencyTable:
+    """A table with deterministic, distinct values (as if measured) for every signature of the space."""
+    entries = {}
+    for n, sig in enumerate(space_signatures(space, batch, num_classes)):
+        v = scale * (1.0 + (signature_macs(sig) % 997) / 100 + n / 1000)
+        entries[sig] = LatencyStats(v, v, 0.1, v * 0.9, v * 1.1, 7)
+    return LatencyTable(entries, space.space_hash(), device or {"kind": "cpu", "name": "test-cpu", "threads": 1})
+
+
+def test_signatures_cover_the_space_by_shape():
+    space = load_space("tiny_mbconv")
+    sigs = space_signatures(space, batch=4, num_classes=10)
+    assert len(sigs) == len(set(sigs)), "deduplicated"
+    keys = {s.key for s in sigs}
+    stem, fl = space.stem, space.first_layer
+    assert f"conv3x3:1:{stem.out}:{stem.stride}:{space.input_size}:4" in keys  # stem at the input resolution
+    # first layer fed the stem output
+    assert f"{fl.op}:{stem.out}:{fl.out}:{fl.stride}:{space.input_size // stem.stride}:4" in keys
+    # every head op of edge 1->2 fed block 1's output, with the edge's stride
+    b1, b2 = space.blocks[1], space.blocks[2]
+    for op in space.head_ops:
+        assert OpSignature(op, b1.width, b2.width, b1.resolution // b2.resolution, b1.resolution, 4) in sigs
+    last, r_end = space.last_conv_channels, space.blocks[-1].resolution
+    for b in space.final_blocks:  # one 1x1 conv branch per final block, then the classifier
+        assert OpSignature("conv1x1", space.blocks[b].width, last, 1, r_end, 4) in sigs
+    assert OpSignature("classifier", last, 10, 1, r_end, 4) in sigs
+    n_heads = len({(space.blocks[i].width, space.blocks[j].width, s, space.blocks[i].resolution)
+                   for (i, j, s) in space.head_edges if i > 0})
+    n_stack = len({b.index for b in space.blocks if b.n_stacking})
+    assert len(sigs) == 2 + (n_heads + 1) * len(space.head_ops) + n_stack * len(space.stacking_ops) + len(space.final_blocks) + 1
+    for s in sigs:
+        assert OpSignature.parse(s.key) == s
+
+
+def test_resnet_space_without_last_conv_has_per_block_classifiers():
+    space = load_space("tiny_resnet")
+    sigs = space_signatures(space, 1, 10)
+    cls = [s for s in sigs if s.op == "classifier"]
+    assert sorted(s.c_in for s in cls) == sorted(space.blocks[b].width for b in space.final_blocks)
+    assert not any(s.op == "conv1x1" for s in sigs)
+
+
+def test_signature_modules_run_at_their_shape():
+    space = load_space("micro_mbconv")
+    for sig in space_signatures(space, 2, 5):
+        m = build_signature_module(sig).eval()
+        y = m(torch.randn(sig.batch, sig.c_in, sig.resolution, sig.resolution))
+        assert y.shape[0] == sig.batch and y.shape[1] == sig.c_out
+
+
+def test_table_json_round_trip_and_lookup(tmp_path):
+    space = load_space("micro_mbconv")
+    table = _fake_table(space)
+    path = tmp_path / "table.json"
+    table.to_json(path)
+    doc = json.loads(path.read_text())
+    assert doc["units"] == "ms" and doc["space_hash"] == space.space_hash() and doc["batch"] == 2
+    first = next(iter(doc["entries"].values()))
+    assert set(first) == {"mean", "median", "std", "p10", "p90", "count"}
+    back = LatencyTable.from_json(path)
+    assert back.entries == table.entries and back.device == table.device
+    sig = space_signatures(space, 2, 10)[3]
+    assert back.lookup(sig) == table.stats(sig).median
+    back.check_compatible(space, device={"kind": "cpu", "name": "test-cpu", "threads": 1}, num_classes=10)
+
+
+def test_table_refuses_other_space_device_and_names_missing_signatures():
+    space, other = load_space("micro_mbconv"), load_space("tiny_mbconv")
+    table = _fake_table(space)
+    with pytest.raises(LatencyTableError, match="made for search space"):
+        table.check_compatible(other)
+    with pytest.raises(LatencyTableError, match="another device.*threads"):
+        table.check_compatible(space, device={"kind": "cpu", "name": "test-cpu", "threads": 8})
+    with pytest.raises(LatencyTableError, match="another device"):
+        table.check_compatible(space, device={"kind": "cuda", "name": "NVIDIA H100"})
+    with pytest.raises(MissingSignaturesError, match="classifier:32:11"):
+        table.check_compatible(space, num_classes=11)
+    gone = space_signatures(space, 2, 10)[5]
+    partial = LatencyTable({s: v for s, v in table.entries.items() if s != gone}, space.space_hash(), table.device)
+    with pytest.raises(MissingSignaturesError) as e:
+        partial.check_compatible(space)
+    assert gone.key in str(e.value) and e.value.missing == [gone]
+    with pytest.raises(MissingSignaturesError, match=gone.key):
+        ExpectedLatency(SuperNet(space, 10), partial)
+
+
+def test_measured_table_fits_its_space():
+    space = load_space("micro_mbconv")
+    torch.manual_seed(0)
+    table = LatencyTable.measure(space, batch=1, num_classes=4, warmup=1, repeats=3)
+    table.check_compatible(space, device="cpu", num_classes=4)
+    assert all(st.count == 3 and st.p10 <= st.median <= st.p90 for st in table.entries.values())
+    net = SuperNet(space, 4)
+    lat = expected_latency(net, [m.alpha for m in net.mixed_ops], list(net.betas), table)
+    assert lat.item() > 0
+
+
+def _hook_macs(module: nn.Module, x: torch.Tensor) -> int:
+    """Conv2d + Linear multiply-adds counted from the real module's forward."""
+    total = 0
+
+    def hook(m, inp, out):
+        nonlocal total
+        if isinstance(m, nn.Conv2d):
+            total += out.numel() // out.shape[0] * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, nn.Linear):
+            total += m.in_features * m.out_features
+    hs = [m.register_forward_hook(hook) for m in module.modules()]
+    module.eval()(x)
+    for h in hs:
+        h.remove()
+    return total
+
+
+def test_macs_model_matches_counted_modules_and_skip_is_a_tenth_of_a_basic_block():
+    for name in ("tiny_mbconv", "tiny_resnet"):
+        space = load_space(name)
+        for sig in space_signatures(space, 1, 10):
+            x = torch.randn(1, sig.c_in, sig.resolution, sig.resolution)
+            assert signature_macs(sig) == _hook_macs(build_signature_module(sig), x), sig.key
+    space = load_space("tiny_resnet")
+    model = MacsCostModel(space)
+    sig = stack_signature(space, "skip", 3, 1)
+    assert model.lookup(sig) == pytest.approx(0.1 * model.lookup(sig._replace(op="basic_block")))
+    assert model.lookup(sig.with_batch(4)) == pytest.approx(4 * model.lookup(sig))
+    with pytest.raises(LatencyTableError, match="MACs cost model was built for space"):
+        model.check_compatible(load_space("micro_mbconv"))
+
+
+def _brute_force(net, cost_model, alphas, betas) -> float:
+    """Expected cost summed over every block path, weighted by its Markov-chain probability."""
+    space = net.space
+    batch = cost_model.batch
+    end = space.end_node
+    pos = {(i, j): k for i in range(len(space.blocks)) for k, (_, j, _) in enumerate(space.out_edges(i))}
+    p = {e: float(torch.softmax(betas[e[0]].double(), 0)[k]) for e, k in pos.items()}
+    exp_cost = []
+    for m, a in zip(net.mixed_ops, alphas):
+        q = torch.softmax(a.double(), 0)
+        sig = (lambda o: head_signature(space, o, *m.edge, batch)) if m.kind == "head" else \
+              (lambda o: stack_signature(space, o, m.block, batch))
+        exp_cost.append(sum(float(q[k]) * cost_model.lookup(sig(o)) for k, o in enumerate(m.op_names)))
+    fixed = cost_model.lookup(space_signatures(space, batch, net.num_classes)[0])
+    if space.first_layer is not None:
+        fixed += cost_model.lookup(space_signatures(space, batch, net.num_classes)[1])
+    if space.last_conv_channels is not None:
+        fixed += cost_model.lookup(space_signatures(space, batch, net.num_classes)[-1])
+    total, mass = 0.0, 0.0
+    for path in space.paths():
+        edges = list(zip(path, list(path[1:]) + [end]))
+        prob = math.prod(p[e] for e in edges)
+        cost = fixed + cost_model.lookup(final_signature(space, path[-1], batch, net.num_classes))
+        for m, c in zip(net.mixed_ops, exp_cost):
+            if (m.kind == "head" and tuple(m.edge) in edges) or (m.kind == "stack" and m.block in path):
+                cost += c
+        total += prob * cost
+        mass += prob
+    assert mass == pytest.approx(1.0, abs=1e-9)
+    return total
+
+
+@pytest.mark.parametrize("name", ["micro_mbconv", "tiny_mbconv", "tiny_resnet"])
+def test_expected_latency_equals_brute_force_over_paths(name):
+    space = load_space(name)
+    net = SuperNet(space, 10)
+    gen = torch.Generator().manual_seed(1)
+    for cost_model in (MacsCostModel(space), _fake_table(space)):
+        model = ExpectedLatency(net, cost_model)
+        for _ in range(3):
+            alphas = [torch.randn(len(m.op_names), generator=gen, dtype=torch.float64) * 2 for m in net.mixed_ops]
+            betas = [torch.randn(len(b), generator=gen, dtype=torch.float64) * 2 for b in net.betas]
+            got = model(alphas, betas).item()
+            assert got == pytest.approx(_brute_force(net, cost_model, alphas, betas), rel=1e-10)
+    # the space alone (same mixed-op order as the super network) gives the same number
+    alphas = [m.alpha for m in net.mixed_ops]
+    same = ExpectedLatency(space, MacsCostModel(space), num_classes=10)(alphas, list(net.betas))
+    assert same.item() == pytest.approx(ExpectedLatency(net, MacsCostModel(space))(alphas, list(net.betas)).item())
+
+
+def test_expected_latency_gradients_are_exact():
+    space = load_space("micro_mbconv")
+    net = SuperNet(space, 10)
+    model = ExpectedLatency(net, _fake_table(space))
+    n_a = len(net.mixed_ops)
+    gen = torch.Generator().manual_seed(2)
+    params = [torch.randn(len(m.op_names), generator=gen, dtype=torch.float64, requires_grad=True)
+              for m in net.mixed_ops] + [torch.randn(len(b), generator=gen, dtype=torch.float64, requires_grad=True)
+                                         for b in net.betas]
+    assert torch.autograd.gradcheck(lambda *ps: model(list(ps[:n_a]), list(ps[n_a:])), params)
+
+
+def test_expected_latency_of_a_one_hot_architecture_is_its_path_cost():
+    space = load_space("tiny_mbconv")
+    net = SuperNet(space, 10)
+    cost_model = MacsCostModel(space)
+    model = ExpectedLatency(net, cost_model)
+    path = list(space.paths()[7])
+    ops = [k % len(m.op_names) for k, m in enumerate(net.mixed_ops)]
+    alphas = [torch.full((len(m.op_names),), -60.0, dtype=torch.float64).index_fill(0, torch.tensor([c]), 60.0)
+              for m, c in zip(net.mixed_ops, ops)]
+    betas = []
+    for i in range(len(space.blocks)):
+        nxt = path[path.index(i) + 1] if i in path[:-1] else (space.end_node if i == path[-1] else None)
+        outs = [j for (_, j, _) in space.out_edges(i)]
+        betas.append(torch.tensor([60.0 if j == nxt else -60.0 for j in outs], dtype=torch.float64))
+    assert model(alphas, betas).item() == pytest.approx(model.path_cost(path, ops), rel=1e-9)
