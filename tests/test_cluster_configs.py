@@ -164,3 +164,31 @@ def test_cli_exit_codes(tmp_path, capsys):
     not_yaml = tmp_path / "list.yaml"
     not_yaml.write_text("- a\n- b\n")
     assert not cv.validate_file(not_yaml).ok
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(90)
+def test_two_node_local_cluster_smoke():
+    """tests/multinode_util.py: two `ray start` processes form one token-authenticated cluster,
+    tasks pinned by custom resource land on different nodes, and a stopped node is seen dead."""
+    from tests.multinode_util import connect, two_node_cluster, wait_for_node_dead
+
+    with two_node_cluster() as cluster:
+        assert cluster.auth_env["RAY_AUTH_MODE"] == "token"
+        with connect(cluster) as ray:
+            @ray.remote(num_cpus=0)
+            def node_id() -> str:
+                return ray.get_runtime_context().get_node_id()
+
+            on_a = node_id.options(resources={"node_a": 1}).remote()
+            on_b = node_id.options(resources={"node_b": 1}).remote()
+            id_a, id_b = ray.get([on_a, on_b], timeout=45)
+            assert id_a != id_b
+
+            cluster.stop_node_b()
+            assert not cluster.node_b.alive()
+            dead = wait_for_node_dead("node_b", timeout_s=30)
+            assert dead["NodeID"] == id_b
+            assert [n["NodeID"] for n in ray.nodes() if n["Alive"]] == [id_a]
+    assert not cluster.head.alive()
