@@ -192,3 +192,15 @@ def test_two_node_local_cluster_smoke():
             assert dead["NodeID"] == id_b
             assert [n["NodeID"] for n in ray.nodes() if n["Alive"]] == [id_a]
     assert not cluster.head.alive()
+
+
+def test_remote_clusters_doc_matches_the_configs():
+    doc = (REPO / "docs" / "remote_clusters.md").read_text()
+    for path in ALL_CONFIGS:
+        assert str(path.relative_to(REPO)) in doc
+    assert _load(RAYJOB)["spec"]["entrypoint"] in doc
+    for needle in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                   "MLFLOW_TRACKING_URI", "storage:\n  uri: s3://", "tracking:\n  uri:",
+                   "ray job submit --working-dir .", "ray job logs -f", "ray job stop",
+                   "--resume --run-id", "RAY_AUTH_MODE=token"):
+        assert needle in doc, needle
