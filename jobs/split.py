@@ -96,15 +96,6 @@ def _open_store(store_or_uri):
     return store_or_uri
 
 
-def _store_uri(store) -> str:
-    """The store's root URI, so a Ray task can reopen it (clients do not pickle)."""
-    for attr in ("uri", "root_uri", "base_uri"):
-        value = getattr(store, attr, None)
-        if isinstance(value, str) and value:
-            return value
-    return store.uri_for("").rstrip("/")
-
-
 def _reason(exc: BaseException, source_id: str) -> str:
     # Pillow names the in-memory buffer ("<_io.BytesIO object at 0x...>"); name the file instead.
     text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", source_id, str(exc))
@@ -327,7 +318,7 @@ def _index_shards(cfg: SplitConfig):
         for p in positions:
             key, row, cls, sid = table[p]
             files.setdefault(key, []).append((row, label_of[cls], cls, sid))
-        return {"kind": "shards", "src_store": cfg.shards_uri, "files": files}
+        return {"kind": "shards", "src_store": src, "files": files}
 
     return index, units
 
@@ -356,8 +347,9 @@ def _run_units(jobs: list[tuple[dict, str]], cfg: SplitConfig, store, channels: 
         log("starting a local Ray (no cluster connected)")
         ray.init(ignore_reinit_error=True, log_to_driver=False)
     remote = ray.remote(num_cpus=1, max_retries=2)(encode_shard)
-    store_uri = _store_uri(store)
-    pending = {remote.remote(unit, store_uri, key, channels, cfg.short_side, key.startswith("shards/train")): key
+    # Stores pickle without their clients (rebuilt lazily in the task), keeping explicit options.
+    store_ref = ray.put(store)
+    pending = {remote.remote(unit, store_ref, key, channels, cfg.short_side, key.startswith("shards/train")): key
                for unit, key in jobs}
     last_progress = time.time()
     while pending:
