@@ -39,7 +39,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["densenas*", "jobs*", "cluster*", "pipeline*"]),
     include_package_data=True,
-    package_data={"cluster": ["launcher/*.yaml", "kuberay/*.yaml"]},
+    package_data={"densenas": ["presets/*.json"], "cluster": ["launcher/*.yaml", "kuberay/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": DEV_REQUIRES},
     entry_points={"console_scripts": ["densenas-pipeline=pipeline.__main__:main"]},
