@@ -510,6 +510,12 @@ def load_cost_model(source: str | Path | None, space: SearchSpace, **macs_kwargs
     """``None``/``"macs"``: a ``MacsCostModel``; otherwise a latency-table JSON path (checked for the space)."""
     if source is None or str(source) == "macs":
         return MacsCostModel(space, **macs_kwargs)
+    if str(source) == "profile":
+        raise LatencyTableError("cost 'profile' means the profile stage's latency table: the caller passes it "
+                                "(Searcher(..., cost_model=LatencyTable.from_json(path))); standalone, give "
+                                "the table's JSON path or 'macs'")
+    if not Path(source).exists():
+        raise LatencyTableError(f"cost {str(source)!r} is neither 'macs' nor an existing latency-table JSON file")
     table = LatencyTable.from_json(Path(source))
     table.check_compatible(space)
     return table

@@ -1,0 +1,199 @@
+"""Search loop: config, weight step, exact re-balanced architecture step, hooks, resume, CLI."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from densenas.search import (
+    CollapseWarning,
+    DataSection,
+    SearchConfig,
+    SearchRunConfig,
+    Searcher,
+    _load_data,
+    iterate_batches,
+    latency_loss,
+    main,
+)
+from densenas.supernet import SuperNet
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CI machine is 2 shared cores: oversubscribed OpenMP threads spin
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def micro_data():
+    """A small real split (4 classes of the embedded dataset, 16x16) for micro_mbconv."""
+    return _load_data(DataSection(classes=4, image_size=16, samples_per_class=40, val_fraction=0.25, seed=0))
+
+
+def _searcher(cfg: SearchConfig, steps: int = 2, seed: int = 0, grad_sync=None) -> Searcher:
+    torch.manual_seed(seed)
+    return Searcher(SuperNet("micro_mbconv", 4), cfg, steps_per_epoch=steps, grad_sync=grad_sync, log=None)
+
+
+def test_config_defaults_are_the_paper_and_yaml_spells_lambda():
+    c = SearchConfig()
+    assert (c.epochs, c.warmup_epochs, c.batch_size) == (250, 150, 352)
+    assert (c.weights.lr, c.weights.lr_min, c.weights.momentum, c.weights.weight_decay) == (0.2, 1e-4, 0.9, 4e-5)
+    assert (c.arch.lr, c.arch.betas, c.arch.weight_decay) == (3e-4, (0.5, 0.999), 1e-3)
+    assert (c.lambda_, c.tau) == (0.15, 15.0)
+    assert SearchConfig.model_validate({"lambda": 0.3}).lambda_ == 0.3
+    assert SearchConfig.model_validate(c.dump()) == c and "lambda" in c.dump()
+    for bad in ({"lambda": -0.1}, {"tau": 1.0}, {"lamda": 0.1}, {"epochs": 5, "warmup_epochs": 6}):
+        with pytest.raises(ValueError):
+            SearchConfig.model_validate(bad)
+    with pytest.raises(ValueError, match="tau must be > 1"):
+        latency_loss(torch.tensor(2.0), 0.1, 0.5)
+    run = SearchRunConfig.from_yaml(REPO / "configs" / "search_tiny.yaml")
+    assert run.search.warmup_epochs < run.search.epochs
+
+
+def test_weight_step_updates_only_sampled_ops_and_follows_the_cosine_schedule(micro_data):
+    tx, ty, *_ = micro_data
+    cfg = SearchConfig(epochs=1, warmup_epochs=1, batch_size=16)
+    s = _searcher(cfg, steps=3)
+    arch_before = [p.detach().clone() for p in s.arch_params]
+    ops_before = {id(m): [p.detach().clone() for p in m.parameters() if p is not m.alpha] for m in s.net.mixed_ops}
+    s._epoch_step = 0
+    choices = s.net.sample_choices("uniform1", s._reseed("weight"))  # what the first step will draw
+    s._epoch_step = 0
+    s.weight_step((tx[:16], ty[:16]))
+    assert all(torch.equal(a, b) for a, b in zip(arch_before, s.arch_params)), "no arch update in a weight step"
+    assert all(p.grad is None for p in s.arch_params)
+    for m, c in zip(s.net.mixed_ops, choices):
+        for k, op in enumerate(m.ops):
+            before = ops_before[id(m)]
+            params = [p for p in m.parameters() if p is not m.alpha]
+            own = {id(p) for p in op.parameters()}
+            changed = any(not torch.equal(b, p) for b, p in zip(before, params) if id(p) in own)
+            if list(op.parameters()):
+                assert changed == (k in c), f"{m.kind} {m.edge or m.block} op {k}: sampled={k in c}"
+    for batch in list(iterate_batches(tx, ty, 16, 0, 0))[:2]:
+        s.weight_step(batch)
+    assert s.weight_optimizer.param_groups[0]["lr"] == pytest.approx(cfg.weights.lr_min)
+
+
+def test_arch_step_rebalance_keeps_unsampled_probabilities_exactly(micro_data):
+    _, _, vx, vy, _ = micro_data
+    cfg = SearchConfig.model_validate({"epochs": 2, "warmup_epochs": 0, "batch_size": 8, "lambda": 0.5,
+                                       "arch": {"lr": 0.2, "weight_decay": 0.1}})
+    s = _searcher(cfg)
+    with torch.no_grad():
+        for m in s.net.mixed_ops:
+            m.alpha.normal_()
+    moved = False
+    for step in range(4):  # Adam's momentum and weight decay move unsampled entries after step 1
+        before = [F.softmax(a.detach().double(), 0) for a in s.alphas]
+        betas_before = [b.detach().clone() for b in s.betas]
+        s._epoch_step = step
+        choices = s.net.sample_choices("alpha2", s._reseed("arch"))
+        s._epoch_step = step
+        s.arch_step((vx[8 * step:8 * step + 8], vy[8 * step:8 * step + 8]))
+        for a, p0, c in zip(s.alphas, before, choices):
+            p1 = F.softmax(a.detach().double(), 0)
+            rest = [k for k in range(len(p0)) if k not in c]
+            assert torch.allclose(p1[rest], p0[rest], atol=1e-6, rtol=0), "unsampled probabilities moved"
+            assert float(p1[list(c)].sum()) == pytest.approx(float(p0[list(c)].sum()), abs=1e-6)
+            moved |= not torch.allclose(p1[list(c)], p0[list(c)], atol=1e-4)
+        assert any(not torch.equal(b0, b) for b0, b in zip(betas_before, s.betas)), "beta follows Adam"
+    assert moved, "the sampled pairs were updated"
+
+
+def test_grad_sync_sees_weight_and_arch_gradients(micro_data):
+    tx, ty, vx, vy, _ = micro_data
+    seen: list[tuple[int, int]] = []
+
+    def halve(grads: list[torch.Tensor]) -> None:  # what an all-reduce mean over 2 equal ranks does
+        seen.append((len(grads), sum(g.numel() for g in grads)))
+        for g in grads:
+            g.mul_(0.5)
+
+    cfg = SearchConfig(epochs=2, warmup_epochs=0, batch_size=8)
+    s = _searcher(cfg, grad_sync=halve)
+    s.weight_step((tx[:8], ty[:8]))
+    s.arch_step((vx[:8], vy[:8]))
+    assert len(seen) == 2
+    assert seen[1] == (len(s.arch_params), sum(p.numel() for p in s.arch_params))
+    assert 0 < seen[0][0] < len(s.weight_params)  # only the sampled ops' (and fixed layers') grads
+
+
+def _run(micro_data, epochs: int, cfg: SearchConfig, state: bytes | None = None) -> tuple[Searcher, bytes]:
+    tx, ty, vx, vy, _ = micro_data
+    s = _searcher(cfg, steps=len(ty) // cfg.batch_size, seed=123)
+    if state is not None:
+        s.load_state_dict(torch.load(io.BytesIO(state), weights_only=False))
+    while s.epoch < epochs:
+        e = s.epoch
+        s.run_epoch(iterate_batches(tx, ty, cfg.batch_size, cfg.seed, e, "train"),
+                    iterate_batches(vx, vy, cfg.batch_size, cfg.seed, e, "val"))
+    buf = io.BytesIO()
+    torch.save(s.state_dict(), buf)
+    return s, buf.getvalue()
+
+
+def test_interrupted_and_resumed_search_derives_the_same_architecture(micro_data):
+    cfg = SearchConfig.model_validate({"epochs": 4, "warmup_epochs": 1, "batch_size": 20, "seed": 7,
+                                       "arch": {"lr": 0.05}, "weights": {"lr": 0.05}})
+    straight, _ = _run(micro_data, 4, cfg)
+    _, saved = _run(micro_data, 2, cfg)           # "killed" after epoch 2 ...
+    torch.manual_seed(999)                        # ... a fresh process with other RNG state ...
+    resumed, _ = _run(micro_data, 4, cfg, saved)  # ... resumes from the checkpoint
+    a, b = straight.derive(), resumed.derive()
+    assert (a.path, a.op_choice, a.official) == (b.path, b.op_choice, b.official)
+    for (n, x), (_, y) in zip(straight.net.state_dict().items(), resumed.net.state_dict().items()):
+        assert torch.equal(x, y), n
+    assert [r["val_loss"] for r in straight.history] == [r["val_loss"] for r in resumed.history]
+    rec = straight.history[-1]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "expected_latency", "derived",
+                "predicted_latency", "params", "macs", "alpha_entropy", "beta_entropy", "warnings"):
+        assert key in rec
+    assert rec["phase"] == "search" and straight.history[0]["phase"] == "warmup"
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        Searcher(SuperNet("micro_mbconv", 4), cfg, steps_per_epoch=99, log=None).load_state_dict(
+            torch.load(io.BytesIO(saved), weights_only=False))
+
+
+def test_collapse_is_reported(micro_data):
+    tx, ty, vx, vy, _ = micro_data
+    cfg = SearchConfig(epochs=2, warmup_epochs=0, batch_size=40)
+    s = _searcher(cfg)
+    with torch.no_grad():
+        for m in s.net.mixed_ops:
+            if m.kind == "stack":
+                m.alpha[m.op_names.index("skip")] = 50.0
+    with pytest.warns(CollapseWarning, match="every stacking layer"):
+        rec = s.run_epoch(iterate_batches(tx, ty, 40, 0, 0), iterate_batches(vx, vy, 40, 0, 0), max_steps=1)
+    assert any("collapsed" in w for w in rec["warnings"])
+
+
+@pytest.mark.slow
+def test_cli_runs_a_search_and_writes_record_and_architecture(tmp_path):
+    cfg = yaml.safe_load((REPO / "configs" / "search_tiny.yaml").read_text())
+    cfg["space"] = "micro_mbconv"
+    cfg["data"].update(classes=3, image_size=16, samples_per_class=30)
+    cfg["search"].update(epochs=2, warmup_epochs=1, batch_size=24)
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert main(["--config", str(path), "--out", str(out), "--threads", "1"]) == 0
+    lines = [json.loads(l) for l in (out / "search_record.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    derived = json.loads((out / "derived.json").read_text())
+    assert derived["path"][0] == 0 and derived["predicted_cost"] > 0
+    assert (out / "search_state.pt").exists()
+    if (out / "arch.json").exists():
+        assert json.loads((out / "arch.json").read_text())
