@@ -1,0 +1,343 @@
+"""The pipeline's config: one YAML validated into typed pydantic models, with named errors.
+
+Each layer owns the section it consumes; this module composes them into ``PipelineConfig``::
+
+    name, seed, space          the experiment, its seed, the search space (preset / YAML path / dict)
+    data                       the split stage          jobs.split.SplitConfig
+    profile                    the profile stage        (jobs.profile.ProfileConfig when it has landed)
+    search                     the search stage         densenas.search.SearchConfig
+    derive, retrain, sweep     the later stages         (their jobs/ models when they land)
+    storage {uri}              artifact store: s3://bucket/prefix, file:///path or a plain path
+    tracking {uri, experiment} MLflow
+    ray {address, ...}         where the job runs
+
+Sections whose owner module has not landed yet get a minimal model here, marked
+``# TODO(owner): replace with <module>.<Model>``; ``_owned_model`` picks the owner's model as soon as
+it imports. Errors (``ConfigError``) name the key path and the rule: an unknown key names the nearest
+valid one (``search.lamda: unknown key; did you mean 'lambda'?``).
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import importlib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from densenas.search import SearchConfig
+from jobs.split import SplitConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# search.cost: the MACs proxy, the profile stage's latency table, or a table JSON path.
+COST_SOURCES = ("macs", "profile")
+
+__all__ = [
+    "ConfigError", "PipelineConfig", "load_config", "parse_config", "apply_overrides", "preflight",
+    "default_store_uri", "default_tracking_uri", "resolve_space", "REPO_ROOT",
+]
+
+
+class ConfigError(ValueError):
+    """A config problem, with the key path that caused it and what to do."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+def _owned_model(module: str, name: str, fallback: type[BaseModel]) -> type[BaseModel]:
+    """The owning layer's model when its module imports, else the local minimal one."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return fallback
+
+
+# --------------------------------------------------------------------------- sections owned elsewhere
+class _ProfileConfig(BaseModel):
+    # TODO(owner of jobs/profile.py): replace with jobs.profile.ProfileConfig
+    """Latency profiling of every op signature of the space on the target device."""
+
+    model_config = ConfigDict(extra="forbid")
+    device: str = Field("cpu", description="'cpu' or 'cuda'")
+    batch_size: int = Field(1, ge=1)
+    warmup: int = Field(5, ge=0)
+    repeats: int = Field(20, ge=1)
+    workers: int = Field(1, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+
+
+class _DeriveConfig(BaseModel):
+    # TODO(owner of jobs/derive.py): replace with jobs.derive.DeriveConfig
+    model_config = ConfigDict(extra="forbid")
+    budget: float | None = Field(None, gt=0, description="derive the best path within this predicted cost")
+    diagram: bool = True
+
+
+class _RetrainConfig(BaseModel):
+    # TODO(owner of jobs/retrain.py): replace with jobs.retrain.RetrainConfig
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.05, gt=0)
+    weight_decay: float = Field(4e-5, ge=0)
+    workers: int = Field(1, ge=1)
+    measure_latency: bool = True
+
+
+class _SweepConfig(BaseModel):
+    # TODO(owner of jobs/sweep.py): replace with jobs.sweep.SweepConfig
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = False
+    lambdas: list[float] = Field(default_factory=lambda: [0.05, 0.15, 0.5])
+    taus: list[float] = Field(default_factory=lambda: [15.0])
+    retrain_epochs: int = Field(1, ge=0)
+    max_concurrent: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "_SweepConfig":
+        if any(v < 0 for v in self.lambdas):
+            raise ValueError(f"lambdas must be >= 0, got {self.lambdas}")
+        if any(v <= 1 for v in self.taus):
+            raise ValueError(f"taus must be > 1, got {self.taus}")
+        return self
+
+
+DataConfig = SplitConfig
+ProfileConfig = _owned_model("jobs.profile", "ProfileConfig", _ProfileConfig)
+DeriveConfig = _owned_model("jobs.derive", "DeriveConfig", _DeriveConfig)
+RetrainConfig = _owned_model("jobs.retrain", "RetrainConfig", _RetrainConfig)
+SweepConfig = _owned_model("jobs.sweep", "SweepConfig", _SweepConfig)
+
+
+# --------------------------------------------------------------------------- sections owned here
+def default_store_uri() -> str:
+    """$DENSENAS_STORE, else <repo>/runs-store (a local directory)."""
+    return os.environ.get("DENSENAS_STORE") or str(REPO_ROOT / "runs-store")
+
+
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else a SQLite file beside the repo (MLflow 3.17 refuses the file store)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+
+
+class StorageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    uri: str | None = Field(None, description="s3://bucket/prefix, file:///path or a path; None: $DENSENAS_STORE "
+                                              "or <repo>/runs-store")
+
+
+class TrackingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    uri: str | None = Field(None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI or sqlite")
+    experiment: str | None = Field(None, description="MLflow experiment; None: the config's name")
+    enabled: bool = True
+
+
+class RayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    address: str | None = Field(None, description="'auto', ray://host:port, or None: the job's cluster "
+                                                  "($RAY_ADDRESS) when there is one, else a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (None: all)")
+    num_gpus: int | None = Field(None, ge=0)
+    init_timeout_s: float = Field(120, gt=0)
+
+
+class PipelineConfig(BaseModel):
+    """The whole experiment. Stage sections are the owning layers' models."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="experiment name; also the default run id")
+    seed: int = 0
+    space: str | dict[str, Any] = Field("tiny_mbconv", description="preset name, YAML path or inline dict")
+    data: DataConfig = Field(default_factory=DataConfig)  # type: ignore[valid-type]
+    profile: ProfileConfig = Field(default_factory=ProfileConfig)  # type: ignore[valid-type]
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    derive: DeriveConfig = Field(default_factory=DeriveConfig)  # type: ignore[valid-type]
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)  # type: ignore[valid-type]
+    sweep: SweepConfig = Field(default_factory=SweepConfig)  # type: ignore[valid-type]
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    def section(self, name: str) -> Any:
+        """A top-level section by its YAML name (``space`` stays what the YAML gave)."""
+        if name not in type(self).model_fields:
+            raise KeyError(f"no config section {name!r}; sections: {', '.join(type(self).model_fields)}")
+        return getattr(self, name)
+
+    def resolved(self) -> "PipelineConfig":
+        """A copy with the environment-dependent defaults filled in (store, tracking, experiment)."""
+        return self.model_copy(update={
+            "storage": self.storage.model_copy(update={"uri": self.storage.uri or default_store_uri()}),
+            "tracking": self.tracking.model_copy(update={
+                "uri": self.tracking.uri or default_tracking_uri(),
+                "experiment": self.tracking.experiment or self.name}),
+        })
+
+    def dump(self) -> dict[str, Any]:
+        """The YAML/JSON form (aliases as in YAML, e.g. ``search.lambda``)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# --------------------------------------------------------------------------- unknown keys, with suggestions
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (``Model``, ``Model | None``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        models = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(models) == 1:
+            return models[0]
+    return None
+
+
+def _known_keys(model: type[BaseModel]) -> dict[str, Any]:
+    """YAML key -> field annotation, aliases included (``lambda`` for ``lambda_``)."""
+    keys: dict[str, Any] = {}
+    populate_by_name = bool(model.model_config.get("populate_by_name"))
+    for name, field in model.model_fields.items():
+        if field.alias:
+            keys[field.alias] = field.annotation
+            if populate_by_name:
+                keys[name] = field.annotation
+        else:
+            keys[name] = field.annotation
+    return keys
+
+
+def check_keys(model: type[BaseModel], data: Any, path: str = "") -> None:
+    """Raise ``ConfigError`` for the first unknown key, naming its path and the nearest valid key."""
+    if not isinstance(data, Mapping):
+        return
+    known = _known_keys(model)
+    for key in data:
+        where = f"{path}.{key}" if path else str(key)
+        if key not in known:
+            visible = [k for k in known if not (k.endswith("_") and k[:-1] in known)]
+            near = difflib.get_close_matches(str(key), visible, n=1, cutoff=0.5)
+            hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(sorted(visible))}"
+            raise ConfigError(where, f"unknown key; {hint}")
+        sub = _model_in(known[key])
+        if sub is not None:
+            check_keys(sub, data[key], where)
+
+
+def _loc_path(model: type[BaseModel], loc: Sequence[Any]) -> str:
+    parts = [str(p) for p in loc if not (isinstance(p, str) and "[" in p)]  # drop union tags
+    return ".".join(p if not p.isdigit() else f"[{p}]" for p in parts).replace(".[", "[")
+
+
+def _format_validation(err: ValidationError, model: type[BaseModel]) -> ConfigError:
+    e = err.errors()[0]
+    path = _loc_path(model, e["loc"])
+    msg = e["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    got = e.get("input")
+    extra = f" (got {got!r})" if not isinstance(got, (dict, list)) and e["type"] != "missing" else ""
+    more = len(err.errors()) - 1
+    return ConfigError(path, f"{msg}{extra}" + (f"; and {more} more error(s)" if more else ""))
+
+
+# --------------------------------------------------------------------------- --set overrides
+def apply_overrides(doc: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """``["search.lambda=0.3", "data.classes=[a, b]"]`` applied to a copy of ``doc``; values are YAML."""
+    out = copy.deepcopy(doc)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "--set expects key=value (e.g. --set search.lambda=0.3)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(key or item, "--set key must be a dotted path like search.lambda")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(key, f"--set value {raw!r} is not valid YAML: {e}") from None
+        node = out
+        parts = key.split(".")
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(".".join(parts[: i + 1]), f"is a {type(nxt).__name__}, not a section; "
+                                                            f"cannot set {key}")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+# --------------------------------------------------------------------------- loading and preflight
+def parse_config(doc: Mapping[str, Any], overrides: Iterable[str] = ()) -> PipelineConfig:
+    """Validate a config dict (after ``--set`` overrides); errors are ``ConfigError``."""
+    if not isinstance(doc, Mapping):
+        raise ConfigError("<config>", f"must be a mapping of sections, got {type(doc).__name__}")
+    doc = apply_overrides(dict(doc), overrides)
+    check_keys(PipelineConfig, doc)
+    try:
+        return PipelineConfig.model_validate(doc)
+    except ValidationError as err:
+        raise _format_validation(err, PipelineConfig) from None
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = (), check: bool = True) -> PipelineConfig:
+    """Read, override, validate and (``check=True``) preflight a config YAML."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(str(path), "config file does not exist (try configs/tiny.yaml)")
+    try:
+        doc = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), f"not valid YAML: {e}") from None
+    cfg = parse_config(doc, overrides)
+    if check:
+        preflight(cfg)
+    return cfg
+
+
+def resolve_space(source: str | Mapping[str, Any]):
+    """``densenas.space.load_space`` with relative YAML paths taken from the repo root when they are
+    not found from the working directory (the job's working dir is the repo, tests run anywhere)."""
+    from densenas.space import load_space
+
+    if isinstance(source, str) and Path(source).suffix and not Path(source).exists():
+        cand = REPO_ROOT / source
+        if cand.exists():
+            source = str(cand)
+    return load_space(source)
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Checks that need more than types, done before any work starts: the space builds, the dataset
+    root exists, the cost table exists, the space and the data agree."""
+    from densenas.space import SpaceError
+
+    try:
+        space = resolve_space(cfg.space)
+    except SpaceError as e:
+        raise ConfigError("space", str(e)) from None
+
+    root = getattr(cfg.data, "root", None)
+    if getattr(cfg.data, "source", None) == "folder" and isinstance(root, str) and "://" not in root:
+        if not (Path(root).expanduser() / "train").is_dir():
+            raise ConfigError("data.root", f"dataset root {root!r} has no train/ directory (or does not exist); "
+                                           "give an image-folder tree ROOT/train/<class>/*.jpg, or use "
+                                           "data.source: embedded")
+    image_size = getattr(cfg.data, "image_size", None)
+    if isinstance(image_size, int) and image_size < space.input_size:
+        raise ConfigError("data.image_size", f"{image_size} is smaller than the space's input_size "
+                                             f"{space.input_size} ({space.name}); raise data.image_size or "
+                                             "use a space built for this resolution")
+    cost = cfg.search.cost
+    if cost not in COST_SOURCES and "://" not in cost and not Path(cost).exists():
+        raise ConfigError("search.cost", f"{cost!r} is neither one of {COST_SOURCES} nor an existing "
+                                         "latency-table JSON; use 'profile' for the profile stage's table")

@@ -1,0 +1,299 @@
+"""The run record ``runs/<run_id>/run.json`` and what reads it: ``status`` and ``inspect``.
+
+run.json (format ``densenas-run/1``), rewritten (atomically) at every stage transition::
+
+    run_id, name, created_at, updated_at, status (running | finished | failed | incomplete | interrupted)
+    config          the resolved config (storage / tracking URIs filled in)
+    mlflow          {tracking_uri, experiment, parent_run_id, url}
+    stages.<name>   {state, fingerprint, started_at, finished_at, duration_s, attempts, resumed,
+                     checkpoint_uri, manifest_uri, mlflow_run_id, node_ids, metrics, error, reason}
+    history         [{time, event}]  (started, resumed, stage transitions)
+
+A pointer ``runs/_index/<run_id>.json`` (name, created, status) lets ``status`` list runs without
+listing every artifact of every run.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any, Mapping
+
+__all__ = ["RunRecord", "default_run_id", "list_runs", "format_status", "format_runs", "inspect_run",
+           "format_inspect", "RunNotFound"]
+
+FORMAT = "densenas-run/1"
+STATES_DONE = ("finished", "cached")
+
+
+class RunNotFound(LookupError):
+    pass
+
+
+def default_run_id(name: str) -> str:
+    """A stable run id from the config name, so rerunning a config reuses its run (and its cache)."""
+    rid = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")
+    if not rid:
+        raise ValueError(f"config name {name!r} gives an empty run id; pass --run-id")
+    return rid
+
+
+def _now() -> float:
+    return round(time.time(), 3)
+
+
+def _iso(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+class RunRecord:
+    def __init__(self, store: Any, run_id: str, doc: dict):
+        self.store = store
+        self.run_id = run_id
+        self.doc = doc
+
+    # ----------------------------------------------------------------- load / save
+    @classmethod
+    def open(cls, store: Any, run_id: str, cfg: Any) -> "RunRecord":
+        key = f"runs/{run_id}/run.json"
+        if store.exists(key):
+            doc = store.get_json(key)
+        else:
+            doc = {"format": FORMAT, "run_id": run_id, "created_at": _now(), "stages": {}, "history": []}
+        doc["name"] = cfg.name
+        doc["config"] = cfg.dump()
+        doc.setdefault("stages", {})
+        doc.setdefault("history", [])
+        return cls(store, run_id, doc)
+
+    @classmethod
+    def load(cls, store: Any, run_id: str) -> "RunRecord":
+        key = f"runs/{run_id}/run.json"
+        if not store.exists(key):
+            runs = ", ".join(r["run_id"] for r in list_runs(store)) or "none"
+            raise RunNotFound(f"no run {run_id!r} in {store.uri_for('runs/')} (runs: {runs})")
+        return cls(store, run_id, store.get_json(key))
+
+    def save(self) -> None:
+        self.doc["updated_at"] = _now()
+        self.store.publish_json(f"runs/{self.run_id}/run.json", self.doc)
+        self.store.publish_json(f"runs/_index/{self.run_id}.json", {
+            "run_id": self.run_id, "name": self.doc.get("name"), "created_at": self.doc.get("created_at"),
+            "updated_at": self.doc["updated_at"], "status": self.doc.get("status")})
+
+    # ----------------------------------------------------------------- transitions
+    @property
+    def stages(self) -> dict[str, dict]:
+        return self.doc["stages"]
+
+    @property
+    def status(self) -> str:
+        return self.doc.get("status", "unknown")
+
+    def _event(self, event: str) -> None:
+        self.doc["history"].append({"time": _now(), "event": event})
+        del self.doc["history"][:-200]
+
+    def start(self, resume: bool) -> None:
+        self.doc["status"] = "running"
+        self._event("resumed" if resume else "started")
+
+    def set_tracking(self, tracker: Any, cfg: Any) -> None:
+        self.doc["mlflow"] = {"tracking_uri": cfg.tracking.uri if cfg.tracking.enabled else None,
+                              "experiment": cfg.tracking.experiment,
+                              "parent_run_id": getattr(tracker, "run_id", None),
+                              "url": getattr(tracker, "url", None)}
+
+    def stage_event(self, name: str, state: str, fingerprint: str, reason: str = "") -> None:
+        s = self.stages.setdefault(name, {})
+        s.update({"state": state, "fingerprint": fingerprint, "reason": reason})
+        self._event(f"{name}: {state}" + (f" ({reason})" if reason else ""))
+        self.save()
+
+    def stage_cached(self, name: str, manifest: Mapping[str, Any]) -> None:
+        s = self.stages.setdefault(name, {})
+        prev = {k: s.get(k) for k in ("attempts", "mlflow_run_id")}
+        s.clear()
+        s.update(_from_manifest(manifest), state="cached", attempts=prev["attempts"] or 0,
+                 mlflow_run_id=prev["mlflow_run_id"])
+        self._event(f"{name}: cached")
+        self.save()
+
+    def stage_started(self, name: str, fingerprint: str, resume: bool, checkpoint_uri: str,
+                      mlflow_run_id: str | None) -> None:
+        s = self.stages.setdefault(name, {})
+        attempts = int(s.get("attempts") or 0) + 1
+        s.clear()
+        s.update({"state": "running", "fingerprint": fingerprint, "started_at": _now(), "attempts": attempts,
+                  "resumed": resume, "checkpoint_uri": checkpoint_uri, "mlflow_run_id": mlflow_run_id})
+        self._event(f"{name}: running" + (" (resumed)" if resume else ""))
+        self.save()
+
+    def stage_failed(self, name: str, state: str, error: str, tb: str) -> None:
+        s = self.stages.setdefault(name, {})
+        s.update({"state": state, "finished_at": _now(), "error": error, "traceback": tb[-4000:]})
+        if s.get("started_at"):
+            s["duration_s"] = round(s["finished_at"] - s["started_at"], 3)
+        self._event(f"{name}: {state}: {error}")
+        self.save()
+
+    def stage_finished(self, name: str, manifest: Mapping[str, Any]) -> None:
+        s = self.stages.setdefault(name, {})
+        keep = {k: s.get(k) for k in ("attempts", "mlflow_run_id", "resumed", "checkpoint_uri")}
+        s.clear()
+        s.update(_from_manifest(manifest), state="finished", **keep)
+        self._event(f"{name}: finished")
+        self.save()
+
+    def finish(self) -> None:
+        states = [s.get("state") for s in self.stages.values()]
+        if any(st == "interrupted" for st in states):
+            self.doc["status"] = "interrupted"
+        elif any(st in ("failed",) for st in states):
+            self.doc["status"] = "failed"
+        elif any(st in ("unavailable", "blocked", "running") for st in states):
+            self.doc["status"] = "incomplete"
+        else:
+            self.doc["status"] = "finished"
+        self._event(f"run {self.doc['status']}")
+        self.save()
+
+
+def _from_manifest(m: Mapping[str, Any]) -> dict:
+    t = m.get("timings", {})
+    return {"fingerprint": m.get("fingerprint"), "started_at": t.get("started_at"),
+            "finished_at": t.get("finished_at"), "duration_s": t.get("duration_s"),
+            "manifest_uri": (m.get("store_uri", "").rstrip("/") + "/manifest.json") if m.get("store_uri") else None,
+            "store_uri": m.get("store_uri"), "node_ids": m.get("node_ids", []),
+            "metrics": m.get("metrics", {}), "artifacts": len(m.get("artifacts") or {}),
+            "error": None}
+
+
+# --------------------------------------------------------------------------- status
+def list_runs(store: Any) -> list[dict]:
+    runs = []
+    for key in store.list("runs/_index/"):
+        if key.endswith(".json"):
+            try:
+                runs.append(store.get_json(key))
+            except Exception:
+                continue
+    return sorted(runs, key=lambda r: r.get("updated_at") or 0, reverse=True)
+
+
+def format_runs(runs: list[dict]) -> str:
+    if not runs:
+        return "no runs yet (start one: python pipeline/run.py --config configs/tiny.yaml)"
+    lines = [f"{'run id':<24} {'name':<20} {'status':<11} updated"]
+    for r in runs:
+        lines.append(f"{r['run_id']:<24} {str(r.get('name')):<20} {str(r.get('status')):<11} "
+                     f"{_iso(r.get('updated_at'))}")
+    return "\n".join(lines)
+
+
+def _key_metrics(metrics: Mapping[str, Any], n: int = 4) -> str:
+    items = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return ", ".join(f"{k}={v:.4g}" for k, v in items[:n])
+
+
+def format_status(doc: Mapping[str, Any]) -> str:
+    ml = doc.get("mlflow") or {}
+    lines = [f"run {doc['run_id']} ({doc.get('name')}): {doc.get('status')}, created {_iso(doc.get('created_at'))}, "
+             f"updated {_iso(doc.get('updated_at'))}"]
+    if ml.get("url") or ml.get("parent_run_id"):
+        lines.append(f"MLflow: {ml.get('url') or ml.get('tracking_uri')} (run {ml.get('parent_run_id')})")
+    lines.append(f"{'stage':<8} {'state':<11} {'fingerprint':<12} {'duration':>9}  metrics / artifacts")
+    for name, s in doc.get("stages", {}).items():
+        dur = f"{s['duration_s']:.1f}s" if isinstance(s.get("duration_s"), (int, float)) else "-"
+        extra = _key_metrics(s.get("metrics") or {})
+        if s.get("store_uri"):
+            extra = (extra + "  " if extra else "") + s["store_uri"]
+        if s.get("error"):
+            extra = f"error: {s['error']}"
+        elif s.get("reason") and s.get("state") in ("unavailable", "blocked"):
+            extra = s["reason"]
+        lines.append(f"{name:<8} {str(s.get('state')):<11} {str(s.get('fingerprint') or '-')[:12]:<12} {dur:>9}  {extra}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- inspect
+def inspect_run(store: Any, run_id: str) -> dict:
+    """The run's headline results, from the derive / retrain / sweep manifests that exist."""
+    rec = RunRecord.load(store, run_id)
+    run_store = store.child(f"runs/{run_id}")
+
+    def manifest(stage: str) -> dict | None:
+        key = f"{stage}/manifest.json"
+        if run_store.exists(key):
+            m = run_store.get_json(key)
+            return m if m.get("state") == "finished" else None
+        return None
+
+    out: dict[str, Any] = {"run_id": run_id, "status": rec.status, "stages": {
+        n: s.get("state") for n, s in rec.stages.items()}}
+    d = manifest("derive")
+    if d:
+        out["derived"] = {k: d.get(k) for k in ("one_line", "official", "arch", "predicted_latency",
+                                                 "latency_units", "params", "macs") if d.get(k) is not None}
+        out["derived"]["uri"] = d.get("store_uri")
+    r = manifest("retrain")
+    if r:
+        m = r.get("metrics") or {}
+        out["retrained"] = {"metrics": m, "measured_latency_ms": r.get("measured_latency_ms", m.get("latency_ms")),
+                            "uri": r.get("store_uri")}
+    s = manifest("search")
+    if s:
+        out["search"] = {"metrics": s.get("metrics") or {}, "uri": s.get("store_uri")}
+    sw = manifest("sweep")
+    if sw:
+        out["sweep"] = {"trials": sw.get("trials") or [], "uri": sw.get("store_uri")}
+    return out
+
+
+def format_inspect(info: Mapping[str, Any]) -> str:
+    lines = [f"run {info['run_id']}: {info['status']} ("
+             + ", ".join(f"{k} {v}" for k, v in info["stages"].items()) + ")"]
+    d = info.get("derived")
+    if d:
+        lines.append(f"derived architecture: {d.get('one_line') or '(no one-line form in the manifest)'}")
+        if d.get("official"):
+            lines.append(f"  official: {d['official']}")
+        bits = []
+        if d.get("predicted_latency") is not None:
+            bits.append(f"predicted latency {d['predicted_latency']:.4g} {d.get('latency_units') or ''}".rstrip())
+        if d.get("params") is not None:
+            bits.append(f"params {d['params']:,}")
+        if d.get("macs") is not None:
+            bits.append(f"MACs {d['macs']:,}")
+        if bits:
+            lines.append("  " + ", ".join(bits))
+        lines.append(f"  artifacts: {d.get('uri')}")
+    else:
+        lines.append("derived architecture: none yet (the derive stage has not finished)")
+    r = info.get("retrained")
+    if r:
+        m = r["metrics"]
+        acc = next((m[k] for k in ("test_acc", "top1", "accuracy", "val_acc") if k in m), None)
+        lines.append(f"retrained: accuracy {acc if acc is None else f'{acc:.4f}'}; "
+                     f"measured latency {r.get('measured_latency_ms')} ms; " + _key_metrics(m, 6))
+        d_pred = (d or {}).get("predicted_latency")
+        if d_pred is not None and r.get("measured_latency_ms") is not None:
+            lines.append(f"  predicted vs measured: {d_pred:.4g} vs {r['measured_latency_ms']:.4g} "
+                         f"{(d or {}).get('latency_units') or ''}")
+        lines.append(f"  artifacts: {r.get('uri')}")
+    else:
+        lines.append("retrained: none yet (the retrain stage has not finished)")
+    sw = info.get("sweep")
+    if sw and sw["trials"]:
+        lines.append("sweep (Pareto front marked *):")
+        lines.append(f"  {'lambda':>8} {'tau':>6} {'pred. latency':>14} {'accuracy':>9}")
+        for t in sorted(sw["trials"], key=lambda t: (t.get("predicted_latency") or 0)):
+            acc = t.get("accuracy")
+            lines.append(f"{'*' if t.get('pareto') else ' '} {t.get('lambda', '-'):>8} {t.get('tau', '-'):>6} "
+                         f"{t.get('predicted_latency', float('nan')):>14.4g} "
+                         f"{'-' if acc is None else f'{acc:.4f}':>9}")
+    return "\n".join(lines)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True, default=str)

@@ -1,0 +1,515 @@
+"""The stage graph, fingerprints, and the runner that skips, resumes and records stages.
+
+A stage is a declaration::
+
+    Stage(name="split", sections=("data",), fn=split_stage, code=("densenas/data.py", "jobs/split.py"))
+
+``fn(section_cfg, ctx) -> dict``: ``section_cfg`` is the stage's config section (a dict of them when
+it declares several), ``ctx`` a ``jobs.context.StageContext``. The returned dict becomes the stage's
+manifest body (optional keys with a meaning to the runner: ``metrics`` {name: number},
+``artifacts`` {key: {sha256, size}} -- computed by listing ``ctx.store`` when absent -- and
+``node_ids``).
+
+Fingerprint of a stage = sha256 of its config sections (the space by its content hash), its
+upstream stages' fingerprints and its code version (sha256 of the source files it declares in
+``code``, so it works in a ``ray job submit`` working dir without .git). Fingerprints follow from the
+config alone, so the whole graph is fingerprinted before any work starts.
+
+Runner rules (``run_pipeline``):
+
+- manifest ``runs/<run_id>/<stage>/manifest.json`` exists, state ``finished``, same fingerprint:
+  the stage is *cached* (skipped);
+- otherwise a stale manifest is deleted first, the stage runs with ``ctx.resume`` true when
+  ``--resume`` was given and its checkpoint prefix ``<stage>/checkpoints/<fp16>/`` holds objects
+  (without ``--resume`` that prefix is cleared: a fresh start); the manifest is published LAST;
+- a stage that raises leaves no manifest; the run record says ``failed`` with the error, and the
+  next run re-runs only it (and what depends on it);
+- caches (``Stage.caches``) are keyed by a fingerprint of selected fields only: the search warm-up
+  ignores lambda / tau, so a lambda change reuses split, profile and the warm-up.
+
+Registration points for the real stages are at the bottom (``builtin_graph``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from pydantic import BaseModel
+
+from jobs.context import StageContext
+from pipeline.config import REPO_ROOT, PipelineConfig
+from pipeline.records import RunRecord, default_run_id
+from pipeline.runtime import ensure_ray, node_id, open_store, open_tracker
+
+__all__ = [
+    "Stage", "CacheSpec", "StageGraph", "StageFailed", "PipelineError", "run_pipeline", "plan",
+    "code_version", "section_payload", "stage_fingerprints", "builtin_graph", "MANIFEST", "RUNNER_KEYS",
+]
+
+MANIFEST = "manifest.json"
+CHECKPOINTS = "checkpoints"
+# Keys the runner writes into every manifest; a stage's result must not use them.
+RUNNER_KEYS = ("stage", "run_id", "fingerprint", "state", "code_version", "timings", "store_uri", "inputs")
+
+
+class PipelineError(RuntimeError):
+    """A pipeline-level problem (graph, selection, upstream missing), raised before work starts."""
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, error: BaseException):
+        self.stage = stage
+        self.error = error
+        super().__init__(f"stage {stage!r} failed: {type(error).__name__}: {error}")
+
+
+StageFn = Callable[[Any, StageContext], Mapping[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A cache shared across runs, keyed by a subset of the stage's inputs.
+
+    ``exclude[section]`` lists the top-level keys of that section that do not affect the cached
+    artifact (e.g. ``{"search": ("lambda", "tau", "arch", ...)}`` for the weights-only warm-up);
+    ``upstream`` lists the upstream stages whose fingerprints do.
+    """
+
+    sections: tuple[str, ...]
+    exclude: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    upstream: tuple[str, ...] = ()
+    code: tuple[str, ...] = ()          # its code version (empty: the stage's); shared caches name theirs
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fn: StageFn | None
+    sections: tuple[str, ...]
+    upstream: tuple[str, ...] = ()
+    code: tuple[str, ...] = ("densenas",)          # repo-relative packages / files: the code version
+    uses_ray: bool | Callable[[Any], bool] = False  # start / join Ray before fn (callable: of its section)
+    caches: Mapping[str, CacheSpec] = field(default_factory=dict)
+    enabled: Callable[[PipelineConfig], bool] | None = None   # None: always part of a full run
+    unavailable: str | None = None                 # why fn is missing (module not landed yet)
+    description: str = ""
+
+    def is_enabled(self, cfg: PipelineConfig) -> bool:
+        return self.enabled is None or bool(self.enabled(cfg))
+
+    def section_arg(self, cfg: PipelineConfig) -> Any:
+        if len(self.sections) == 1:
+            return cfg.section(self.sections[0])
+        return {s: cfg.section(s) for s in self.sections}
+
+
+class StageGraph:
+    """Stages by name, in registration order; ``order()`` is a topological order."""
+
+    def __init__(self, stages: Iterable[Stage] = ()):
+        self._stages: dict[str, Stage] = {}
+        for s in stages:
+            self.register(s)
+
+    def register(self, stage: Stage, replace: bool = False) -> Stage:
+        if stage.name in self._stages and not replace:
+            raise PipelineError(f"stage {stage.name!r} is registered twice; pass replace=True to override it")
+        self._stages[stage.name] = stage
+        return stage
+
+    def __getitem__(self, name: str) -> Stage:
+        if name not in self._stages:
+            raise PipelineError(f"no stage named {name!r}; stages: {', '.join(self._stages)}")
+        return self._stages[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._stages
+
+    def names(self) -> list[str]:
+        return list(self._stages)
+
+    def order(self) -> list[Stage]:
+        done: dict[str, None] = {}
+        visiting: set[str] = set()
+
+        def visit(name: str, via: str) -> None:
+            if name in done:
+                return
+            if name not in self._stages:
+                raise PipelineError(f"stage {via!r} lists upstream {name!r}, which is not registered")
+            if name in visiting:
+                raise PipelineError(f"stage graph has a cycle through {name!r}")
+            visiting.add(name)
+            for up in self._stages[name].upstream:
+                visit(up, name)
+            visiting.discard(name)
+            done[name] = None
+
+        for n in self._stages:
+            visit(n, n)
+        return [self._stages[n] for n in done]
+
+    def downstream(self, name: str) -> set[str]:
+        out: set[str] = set()
+        for s in self.order():
+            if name in s.upstream or out & set(s.upstream):
+                out.add(s.name)
+        return out
+
+
+# --------------------------------------------------------------------------- fingerprints
+_CODE_CACHE: dict[tuple[str, ...], str] = {}
+
+
+def code_version(paths: Sequence[str], root: Path = REPO_ROOT) -> str:
+    """sha256 over the named source files (packages: their *.py files), path and content."""
+    key = tuple(paths)
+    if key in _CODE_CACHE:
+        return _CODE_CACHE[key]
+    h = hashlib.sha256()
+    for rel in sorted(set(paths)):
+        p = root / rel
+        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
+        for f in files:
+            if "__pycache__" in f.parts:
+                continue
+            name = f.relative_to(root).as_posix()
+            h.update(name.encode() + b"\0")
+            h.update(f.read_bytes() if f.is_file() else b"<missing>")
+            h.update(b"\0")
+    _CODE_CACHE[key] = digest = h.hexdigest()
+    return digest
+
+
+def section_payload(cfg: PipelineConfig, section: str) -> Any:
+    """What a section contributes to a fingerprint: its JSON form (the space: its content hash)."""
+    if section == "space":
+        from pipeline.config import resolve_space
+
+        return {"space_hash": resolve_space(cfg.space).space_hash()}
+    value = cfg.section(section)
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", by_alias=True)
+    return value
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def stage_fingerprints(graph: StageGraph, cfg: PipelineConfig) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """(stage -> fingerprint, stage -> {cache name -> cache fingerprint}) for every registered stage."""
+    fps: dict[str, str] = {}
+    cache_fps: dict[str, dict[str, str]] = {}
+    for st in graph.order():
+        code = code_version(st.code)
+        fps[st.name] = _digest({
+            "stage": st.name,
+            "config": {s: section_payload(cfg, s) for s in st.sections},
+            "inputs": {u: fps[u] for u in st.upstream},
+            "code": code,
+        })
+        cache_fps[st.name] = {}
+        for cname, spec in st.caches.items():
+            cfgs = {}
+            for s in spec.sections:
+                payload = section_payload(cfg, s)
+                drop = set(spec.exclude.get(s, ()))
+                if isinstance(payload, dict):
+                    payload = {k: v for k, v in payload.items() if k not in drop}
+                cfgs[s] = payload
+            cache_fps[st.name][cname] = _digest({"cache": cname, "config": cfgs,
+                                                 "inputs": {u: fps[u] for u in spec.upstream},
+                                                 "code": code_version(spec.code) if spec.code else code})
+    return fps, cache_fps
+
+
+# --------------------------------------------------------------------------- planning
+@dataclass
+class PlannedStage:
+    stage: Stage
+    fingerprint: str
+    action: str            # run | cached | unavailable | blocked | skip (not selected / disabled)
+    reason: str = ""
+
+
+def _manifest_ok(run_store: Any, name: str, fp: str) -> dict | None:
+    key = f"{name}/{MANIFEST}"
+    if not run_store.exists(key):
+        return None
+    try:
+        m = run_store.get_json(key)
+    except Exception:
+        return None
+    if m.get("state") == "finished" and m.get("fingerprint") == fp:
+        return m
+    return None
+
+
+def plan(graph: StageGraph, cfg: PipelineConfig, run_store: Any, selected: Sequence[str] | None = None
+         ) -> tuple[list[PlannedStage], dict[str, str], dict[str, dict[str, str]]]:
+    """What a run would do, stage by stage, decided from the config and the store alone."""
+    fps, cache_fps = stage_fingerprints(graph, cfg)
+    chosen = set(selected) if selected else None
+    if chosen:
+        for n in chosen:
+            graph[n]  # raises with the list of names
+    out: list[PlannedStage] = []
+    state: dict[str, str] = {}
+    for st in graph.order():
+        fp = fps[st.name]
+        in_run = (st.name in chosen) if chosen is not None else st.is_enabled(cfg)
+        if not in_run:
+            state[st.name] = "skip"
+            out.append(PlannedStage(st, fp, "skip", "not selected" if chosen is not None else "disabled in config"))
+            continue
+        blocked = [u for u in st.upstream if state.get(u) in ("unavailable", "blocked")]
+        missing = [u for u in st.upstream if state.get(u) == "skip" and _manifest_ok(run_store, u, fps[u]) is None]
+        if blocked:
+            action, reason = "blocked", f"upstream {', '.join(blocked)} cannot run"
+        elif missing:
+            raise PipelineError(
+                f"stage {st.name!r} needs upstream {', '.join(missing)} finished with the current config, but "
+                f"{'it is' if len(missing) == 1 else 'they are'} not part of this run and no matching manifest "
+                f"exists; add {', '.join(missing)} to --stages (or drop --stages)")
+        elif _manifest_ok(run_store, st.name, fp) is not None:
+            action, reason = "cached", "finished manifest with the same fingerprint"
+        elif st.fn is None:
+            action, reason = "unavailable", st.unavailable or "no implementation registered"
+        else:
+            action, reason = "run", ""
+        state[st.name] = action
+        out.append(PlannedStage(st, fp, action, reason))
+    return out, fps, cache_fps
+
+
+# --------------------------------------------------------------------------- running
+def _artifact_index(store: Any) -> dict[str, dict]:
+    out = {}
+    for key in store.list(""):
+        if key == MANIFEST or key.startswith(f"{CHECKPOINTS}/"):
+            continue
+        data = store.get_bytes(key)
+        out[key] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "uri": store.uri_for(key)}
+    return out
+
+
+def _numeric(d: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run_pipeline(cfg: PipelineConfig, *, run_id: str | None = None, stages: Sequence[str] | None = None,
+                 resume: bool = False, graph: StageGraph | None = None, store: Any = None,
+                 tracker: Any = None, printer: Callable[[str], None] = lambda m: print(m, flush=True),
+                 ) -> RunRecord:
+    """Run (or skip, or resume) the stages of ``graph`` for ``cfg``; returns the final run record.
+
+    Raises ``StageFailed`` when a stage raises (after recording it), ``PipelineError`` for a bad
+    selection before any work starts.
+    """
+    cfg = cfg.resolved()
+    graph = graph or builtin_graph()
+    run_id = run_id or default_run_id(cfg.name)
+    store = store if store is not None else open_store(cfg.storage.uri)
+    run_store = store.child(f"runs/{run_id}")
+    planned, fps, cache_fps = plan(graph, cfg, run_store, stages)
+
+    record = RunRecord.open(store, run_id, cfg)
+    record.start(resume=resume)
+    tracker = tracker if tracker is not None else open_tracker(cfg, run_id)
+    record.set_tracking(tracker, cfg)
+    tracker.log_params({"run_id": run_id, "config_name": cfg.name})
+    tracker.log_dict(cfg.dump(), "config.json")
+    printer(f"run {run_id}: store {run_store.uri_for('')}" + (f", MLflow {tracker.url}" if tracker.url else ""))
+    for p in planned:
+        printer(f"  {p.stage.name:<8} {p.action:<11} {p.fingerprint[:12]}  {p.reason}")
+    record.save()
+
+    failed: StageFailed | None = None
+    try:
+        for p in planned:
+            st, fp = p.stage, p.fingerprint
+            if p.action in ("skip",):
+                continue
+            if p.action in ("unavailable", "blocked"):
+                record.stage_event(st.name, p.action, fingerprint=fp, reason=p.reason)
+                printer(f"[{st.name}] {p.action}: {p.reason}")
+                continue
+            if p.action == "cached":
+                m = run_store.get_json(f"{st.name}/{MANIFEST}")
+                record.stage_cached(st.name, m)
+                finished_at = m.get("timings", {}).get("finished_at")
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(finished_at)) if finished_at else "?"
+                printer(f"[{st.name}] cached ({fp[:12]}): finished {when}, reused")
+                continue
+            _run_one(st, fp, cache_fps[st.name], cfg, run_id, store, run_store, record, tracker, resume, printer)
+    except StageFailed as e:
+        failed = e
+        for d in graph.downstream(e.stage):
+            if record.stages.get(d, {}).get("state") not in ("finished", "cached"):
+                record.stage_event(d, "blocked", fingerprint=fps[d], reason=f"upstream {e.stage} failed")
+        raise
+    finally:
+        record.finish()
+        tracker_end = getattr(tracker, "end", None)
+        if callable(tracker_end):
+            tracker_end("FAILED" if failed else ("FINISHED" if record.status == "finished" else "KILLED"))
+    return record
+
+
+def _run_one(st: Stage, fp: str, cache_fps: Mapping[str, str], cfg: PipelineConfig, run_id: str, store: Any,
+             run_store: Any, record: RunRecord, tracker: Any, resume: bool, printer) -> dict:
+    stage_store = run_store.child(st.name)
+    if stage_store.exists(MANIFEST):     # stale: other fingerprint or unfinished; never mistaken for done
+        stage_store.delete(MANIFEST)
+    ckpt_prefix = f"{CHECKPOINTS}/{fp[:16]}"
+    ckpt_store = stage_store.child(ckpt_prefix)
+    has_ckpt = bool(ckpt_store.list(""))
+    if has_ckpt and not resume:
+        printer(f"[{st.name}] found a checkpoint at {ckpt_store.uri_for('')}; starting fresh (pass --resume to continue it)")
+        stage_store.delete_prefix(ckpt_prefix)
+        has_ckpt = False
+    inputs = {u: run_store.get_json(f"{u}/{MANIFEST}") for u in st.upstream}
+    stage_tracker = tracker.stage(st.name) if hasattr(tracker, "stage") else tracker
+    caches = {name: store.child(f"cache/{name}/{cfp}") for name, cfp in cache_fps.items()}
+    ctx = StageContext(run_id=run_id, stage=st.name, store=stage_store, run_store=run_store, root_store=store,
+                       inputs=inputs, fingerprint=fp, resume=resume and has_ckpt,
+                       checkpoint_uri=ckpt_store.uri_for(""), checkpoint_store=ckpt_store, caches=caches,
+                       cache_fingerprints=dict(cache_fps), tracker=stage_tracker, config=cfg, printer=printer)
+    record.stage_started(st.name, fp, resume=ctx.resume, checkpoint_uri=ctx.checkpoint_uri,
+                         mlflow_run_id=getattr(stage_tracker, "run_id", None))
+    printer(f"[{st.name}] running ({fp[:12]})" + (" resuming from its checkpoint" if ctx.resume else ""))
+    try:
+        section = st.section_arg(cfg)
+        stage_tracker.log_params({f"{s}": section_payload(cfg, s) for s in st.sections})
+        if st.uses_ray(section) if callable(st.uses_ray) else st.uses_ray:
+            ensure_ray(cfg.ray, log=ctx.progress)
+        started, t0 = time.time(), time.monotonic()
+        result = dict(st.fn(section, ctx) or {})
+        duration = time.monotonic() - t0
+        clash = [k for k in RUNNER_KEYS if k in result]
+        if clash:
+            raise PipelineError(f"stage {st.name!r} returned runner-reserved keys {clash}; rename them")
+    except BaseException as e:  # noqa: BLE001 -- record KeyboardInterrupt too, then re-raise
+        state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        record.stage_failed(st.name, state, f"{type(e).__name__}: {e}", traceback.format_exc(limit=8))
+        end = getattr(stage_tracker, "end", None)
+        if callable(end) and stage_tracker is not tracker:
+            end("FAILED" if state == "failed" else "KILLED")
+        printer(f"[{st.name}] {state}: {type(e).__name__}: {e}")
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise StageFailed(st.name, e) from e
+
+    metrics = dict(result.get("metrics") or {})
+    artifacts = result.get("artifacts")
+    if artifacts is None:
+        artifacts = _artifact_index(stage_store)
+    node_ids = sorted(set(result.get("node_ids") or []) | {node_id()})
+    manifest = {
+        **result,
+        "stage": st.name, "run_id": run_id, "fingerprint": fp, "state": "finished",
+        "code_version": code_version(st.code),
+        "inputs": {u: m.get("fingerprint") for u, m in inputs.items()},
+        "timings": {"started_at": started, "finished_at": time.time(), "duration_s": round(duration, 3)},
+        "store_uri": stage_store.uri_for(""),
+        "metrics": metrics, "artifacts": artifacts, "node_ids": node_ids,
+        "caches": {n: {"fingerprint": cache_fps[n], "uri": caches[n].uri_for("")} for n in caches},
+    }
+    stage_tracker.log_metrics(_numeric(metrics))
+    stage_store.publish_json(MANIFEST, manifest)   # LAST: its presence means the stage is complete
+    record.stage_finished(st.name, manifest)
+    end = getattr(stage_tracker, "end", None)
+    if callable(end) and stage_tracker is not tracker:
+        end("FINISHED")
+    printer(f"[{st.name}] finished in {duration:.1f}s; {len(artifacts)} artifacts"
+            + (f"; metrics {json.dumps(_numeric(metrics))}" if metrics else ""))
+    return manifest
+
+
+# --------------------------------------------------------------------------- the real stages
+# Registration points. Each stage module in jobs/ exposes its function; wire it here in a few lines.
+# A stage whose module has not landed is registered as unavailable (it and what depends on it are
+# reported, never silently skipped).
+WARMUP_IRRELEVANT = ("lambda", "lambda_", "tau", "arch", "cost", "macs_skip_fraction", "derive_budget")
+# Code versions: the source files each stage's result depends on (the modules it runs and what they
+# import from densenas/), so an edit elsewhere does not invalidate it. Search hashes all of densenas/.
+PROFILE_CODE = ("densenas/ops.py", "densenas/space.py", "densenas/latency.py", "jobs/profile.py")
+DERIVE_CODE = ("densenas/derive.py", "densenas/arch.py", "densenas/space.py", "densenas/latency.py",
+               "densenas/counting.py", "densenas/ops.py", "densenas/supernet.py", "jobs/derive.py")
+RETRAIN_CODE = ("densenas/arch.py", "densenas/ops.py", "densenas/data.py", "densenas/counting.py",
+                "jobs/retrain.py", "jobs/data.py")
+# One warm-up cache for search and every sweep trial: same fields, same code, same fingerprint.
+WARMUP_CACHE = CacheSpec(("space", "search"), {"search": WARMUP_IRRELEVANT}, ("split",),
+                         code=("densenas", "jobs/search.py", "jobs/data.py"))
+
+
+def _split_stage(section: Any, ctx: StageContext) -> dict:
+    from jobs.split import run_split
+
+    return run_split(section, ctx.store, ctx)
+
+
+def _import_stage(module: str, attr: str) -> tuple[StageFn | None, str | None]:
+    import importlib
+
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except ImportError as e:
+        if getattr(e, "name", None) == module:
+            return None, f"{module.replace('.', '/')}.py has not landed yet"
+        raise
+    except AttributeError:
+        return None, f"{module} has no {attr}() yet"
+    return fn, None
+
+
+def builtin_graph() -> StageGraph:
+    """split -> profile -> search -> derive -> retrain, and sweep (off unless sweep.enabled)."""
+    g = StageGraph()
+    g.register(Stage("split", _split_stage, ("data",), code=("densenas/data.py", "jobs/split.py"),
+                     uses_ray=lambda data: data.executor == "ray", description="class subset, per-class split, Parquet shards"))
+
+    # TODO(owner of jobs/profile.py): expose run_profile(cfg: ProfileConfig, ctx) -> manifest
+    # with the latency table JSON under ctx.store.
+    fn, why = _import_stage("jobs.profile", "run_profile")
+    g.register(Stage("profile", fn, ("space", "profile"), code=PROFILE_CODE,
+                     uses_ray=True, unavailable=why, description="latency table of every op signature"))
+
+    # TODO(owner of jobs/search.py): expose run_search(sections: {"space","search"}, ctx) -> manifest.
+    # Keep the weights-only warm-up in ctx.caches["warmup"] (keyed without lambda/tau): load it when
+    # ctx.cache_complete("warmup"), else train it, write it, ctx.mark_cache_complete("warmup").
+    fn, why = _import_stage("jobs.search", "run_search")
+    g.register(Stage("search", fn, ("space", "search"), upstream=("split", "profile"),
+                     code=("densenas", "jobs/search.py", "jobs/data.py"), uses_ray=True, unavailable=why,
+                     caches={"warmup": WARMUP_CACHE},
+                     description="super-network search (Ray Train)"))
+
+    # TODO(owner of jobs/derive.py): expose run_derive(cfg, ctx) -> {"arch", "one_line", "official",
+    # "predicted_latency", "latency_units", "params", "macs"} (read by `pipeline inspect`).
+    fn, why = _import_stage("jobs.derive", "run_derive")
+    g.register(Stage("derive", fn, ("space", "derive"), upstream=("search", "profile"),
+                     code=DERIVE_CODE, unavailable=why,
+                     description="Viterbi path + argmax ops -> architecture"))
+
+    # TODO(owner of jobs/retrain.py): expose run_retrain(cfg, ctx) -> {"metrics": {"test_acc", ...},
+    # "measured_latency_ms", ...}.
+    fn, why = _import_stage("jobs.retrain", "run_retrain")
+    g.register(Stage("retrain", fn, ("retrain",), upstream=("split", "derive", "profile"),
+                     code=RETRAIN_CODE, uses_ray=True, unavailable=why,
+                     description="train the derived net from scratch, test, measure latency"))
+
+    # TODO(owner of jobs/sweep.py): expose run_sweep(sections: {"space","search","sweep"}, ctx) ->
+    # {"trials": [{lambda, tau, predicted_latency, accuracy, pareto}], ...}.
+    fn, why = _import_stage("jobs.sweep", "run_sweep")
+    g.register(Stage("sweep", fn, ("space", "search", "sweep"), upstream=("split", "profile"),
+                     code=("densenas", "jobs/sweep.py", "jobs/search.py"), uses_ray=True, unavailable=why,
+                     caches={"warmup": WARMUP_CACHE},
+                     enabled=lambda cfg: bool(getattr(cfg.sweep, "enabled", False)),
+                     description="Ray Tune over lambda / tau sharing one warm-up"))
+    return g
