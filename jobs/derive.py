@@ -1,0 +1,350 @@
+"""The derive stage: architecture parameters of a finished search -> the derived network, as data and pictures.
+
+    arch = run_derive(DeriveConfig(k_best=5), space, search_outputs, cost_model, store)   # direct
+    run_derive({"space": ..., "derive": DeriveConfig}, ctx)                                # the pipeline
+
+What it reads (``search_outputs``): anything that holds alpha and beta --
+
+- a ``densenas.search.SearchState`` (``Searcher.state_dict()``; a dict, a ``.pt`` path or its bytes),
+- a ``SuperNet`` state dict (``SuperNet.state_dict()``) or a ``SuperNet`` itself,
+- an architecture-parameter document ``{"format": "densenas-arch-params", "alphas": [[...], ...],
+  "betas": [[...], ...], "num_classes": N}`` (``arch_params_doc``; JSON, ``mixed_ops`` / block order).
+
+Only alpha and beta are used: the super network is rebuilt on the meta device (no weights allocated),
+so deriving from an ImageNet-space search costs seconds, not gigabytes.
+
+What it writes (in ``store``, keys relative to it): ``arch.json`` (the versioned architecture
+document), ``arch.official.txt`` (the authors' string), ``arch_one_line.txt``, ``arch_params.json``
+(the alpha/beta it derived from), ``k_best.json`` (the k most probable block paths with their
+probability and predicted cost), ``derivation.json``, and with ``diagram: true`` the pictures
+``path_diagram.png``, ``alpha_heatmap.png``, ``beta_heatmap.png``. Returns the manifest body:
+``arch`` (document), ``one_line``, ``official``, ``path``, ``predicted_latency``, ``latency_units``,
+``params``, ``macs`` and the same numbers under ``metrics``.
+
+With ``latency_budget`` the path is the most probable one whose predicted cost stays within the
+budget (``densenas.derive.best_path_within``; the ops stay argmax); a budget no path fits is an error
+that names the cheapest reachable cost.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from densenas.arch import build_model
+from densenas.counting import count_macs, count_params
+from densenas.derive import derive, k_best_paths
+from densenas.latency import ExpectedLatency, LatencyTable, MacsCostModel, load_cost_model
+from densenas.space import SearchSpace, load_space
+from densenas.supernet import SuperNet
+
+__all__ = ["DeriveConfig", "DeriveError", "run_derive", "derive_to_store", "supernet_from_search_outputs",
+           "arch_params_doc", "resolve_cost_model", "ARCH_PARAMS_FORMAT"]
+
+ARCH_PARAMS_FORMAT = "densenas-arch-params"
+# File names the search stage may publish, most specific first (see supernet_from_search_outputs).
+SEARCH_OUTPUT_NAMES = ("arch_params.json", "search_state.pt", "final_state.pt", "supernet.pt", "state.pt")
+
+
+class DeriveError(ValueError):
+    """The derive stage cannot find or read what it needs; the message says what to provide."""
+
+
+class DeriveConfig(BaseModel):
+    """The ``derive`` section."""
+
+    model_config = ConfigDict(extra="forbid")
+    k_best: int = Field(5, ge=1, le=100, description="how many most-probable block paths to list in k_best.json")
+    latency_budget: float | None = Field(None, gt=0, description="derive the most probable path whose predicted "
+                                                                 "cost (cost model units) is within this budget")
+    diagram: bool = Field(True, description="draw path_diagram.png, alpha_heatmap.png, beta_heatmap.png")
+    count_macs: bool = Field(True, description="count params and MACs of the derived network (meta device)")
+
+
+# --------------------------------------------------------------------------- reading alpha / beta
+def arch_params_doc(supernet: SuperNet) -> dict:
+    """The architecture parameters of a super network as a JSON-able document (what derive reads back)."""
+    return {"format": ARCH_PARAMS_FORMAT, "version": 1, "space_hash": supernet.space.space_hash(),
+            "num_classes": int(supernet.num_classes),
+            "mixed_ops": [{"kind": m.kind, "block": int(m.block),
+                           "edge": list(m.edge) if m.kind == "head" else None, "op_names": list(m.op_names)}
+                          for m in supernet.mixed_ops],
+            "alphas": [m.alpha.detach().float().cpu().tolist() for m in supernet.mixed_ops],
+            "betas": [b.detach().float().cpu().tolist() for b in supernet.betas]}
+
+
+def _load_blob(source: Any) -> Any:
+    """bytes / path / JSON text -> a Python object (torch.load for .pt, json for .json)."""
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+        if data.lstrip()[:1] == b"{":
+            return json.loads(data)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    if isinstance(source, (str, Path)):
+        text = str(source)
+        if text.lstrip().startswith("{"):
+            return json.loads(text)
+        p = Path(source)
+        if not p.exists():
+            raise DeriveError(f"search output {text!r} does not exist; pass a search state (.pt), a SuperNet "
+                              "state dict, or an arch_params.json")
+        if p.suffix == ".json":
+            return json.loads(p.read_text())
+        return torch.load(p, map_location="cpu", weights_only=False)
+    return source
+
+
+def supernet_from_search_outputs(space: SearchSpace, search_outputs: Any, num_classes: int | None = None
+                                 ) -> SuperNet:
+    """A ``SuperNet`` of ``space`` on the meta device with the real alphas / betas of ``search_outputs``."""
+    if isinstance(search_outputs, SuperNet):
+        return search_outputs
+    obj = _load_blob(search_outputs)
+    if not isinstance(obj, Mapping):
+        raise DeriveError(f"search output is a {type(obj).__name__}; expected a search state, a SuperNet state "
+                          "dict or an arch_params document")
+    if obj.get("format") == "densenas-search-state":
+        if obj.get("space_hash") not in (None, space.space_hash()):
+            raise DeriveError(f"the search state belongs to space {str(obj['space_hash'])[:12]}, not "
+                              f"{space.space_hash()[:12]} ({space.name}); derive with the space it searched")
+        num_classes = num_classes or int(obj["num_classes"])
+        obj = obj["supernet"]
+    if obj.get("format") == ARCH_PARAMS_FORMAT:
+        if obj.get("space_hash") not in (None, space.space_hash()):
+            raise DeriveError(f"arch params belong to space {str(obj['space_hash'])[:12]}, not "
+                              f"{space.space_hash()[:12]} ({space.name})")
+        alphas = [torch.tensor(a, dtype=torch.float32) for a in obj["alphas"]]
+        betas = [torch.tensor(b, dtype=torch.float32) for b in obj["betas"]]
+        num_classes = num_classes or int(obj.get("num_classes") or 0) or None
+    else:  # a SuperNet state dict: keys of its arch parameters
+        alphas, betas = None, None
+    if num_classes is None:
+        raise DeriveError("the number of classes is unknown: the search output does not record it; pass num_classes")
+    with torch.device("meta"):
+        net = SuperNet(space, num_classes=int(num_classes))
+    if alphas is None:
+        names = [n for n, _ in net.named_arch_parameters()]
+        missing = [n for n in names if n not in obj]
+        if missing:
+            raise DeriveError(f"the search output has no architecture parameters {missing[:4]} (of {len(names)}); "
+                              "it is not a state of this space's SuperNet")
+        alpha_names = [n for n in names if not n.startswith("betas.")]
+        alphas = [obj[n] for n in alpha_names]
+        betas = [obj[f"betas.{i}"] for i in range(len(net.betas))]
+    if len(alphas) != len(net.mixed_ops) or len(betas) != len(net.betas):
+        raise DeriveError(f"search output has {len(alphas)} alphas / {len(betas)} betas, the space's super network "
+                          f"{len(net.mixed_ops)} / {len(net.betas)}: not this space")
+    for m, a in zip(net.mixed_ops, alphas):
+        a = torch.as_tensor(a).detach().float().cpu()
+        if a.shape != m.alpha.shape:
+            raise DeriveError(f"alpha of {m.kind} op at block {m.block} has shape {tuple(a.shape)}, expected "
+                              f"{tuple(m.alpha.shape)}")
+        m.alpha = torch.nn.Parameter(a.clone(), requires_grad=False)
+    for i, b in enumerate(betas):
+        b = torch.as_tensor(b).detach().float().cpu()
+        if b.shape != net.betas[i].shape:
+            raise DeriveError(f"beta of block {i} has shape {tuple(b.shape)}, expected {tuple(net.betas[i].shape)}")
+        net.betas[i] = torch.nn.Parameter(b.clone(), requires_grad=False)
+    return net
+
+
+# --------------------------------------------------------------------------- cost model
+def resolve_cost_model(cost: str | Any, space: SearchSpace, ctx: Any = None, skip_fraction: float = 0.1) -> Any:
+    """``cost``: a cost model object, ``"macs"``, ``"profile"`` (the profile stage's table, via ``ctx``),
+    or a latency-table JSON path."""
+    if not isinstance(cost, str):
+        return cost
+    if cost == "profile":
+        if ctx is None or "profile" not in getattr(ctx, "inputs", {}):
+            raise DeriveError("cost 'profile' needs the profile stage's manifest (run the profile stage, or set "
+                              "search.cost: macs)")
+        table = _profile_table(ctx)
+        table.check_compatible(space)
+        return table
+    return load_cost_model(cost, space, skip_fraction=skip_fraction)
+
+
+def _profile_table(ctx: Any) -> LatencyTable:
+    m = ctx.input("profile")
+    store = ctx.run_store.child("profile")
+    keys = [m[k] for k in ("table", "latency_table", "table_key") if isinstance(m.get(k), str)]
+    keys += sorted(k for k in (m.get("artifacts") or {}) if k.endswith(".json") and "table" in k)
+    for key in keys:
+        key = key.split(store.uri_for(""), 1)[-1] if "://" in key else key
+        try:
+            doc = store.get_json(key)
+        except Exception:
+            continue
+        if isinstance(doc, Mapping) and doc.get("format") == "densenas-latency-table":
+            return LatencyTable.from_dict(doc)
+    raise DeriveError(f"the profile stage's manifest names no latency table (looked at {keys or 'no keys'}); "
+                      "expected a 'table' key or a *table*.json artifact")
+
+
+def _search_outputs_from_ctx(ctx: Any) -> Any:
+    m = ctx.input("search")
+    store = ctx.run_store.child("search")
+    keys = [m[k] for k in ("arch_params", "state", "final_state") if isinstance(m.get(k), str)]
+    arts = list(m.get("artifacts") or {})
+    for name in SEARCH_OUTPUT_NAMES:
+        keys += sorted((k for k in arts if k == name or k.endswith("/" + name)), key=len)
+    for key in keys:
+        if store.exists(key):
+            return store.get_bytes(key)
+    raise DeriveError(f"the search stage's manifest holds none of {', '.join(SEARCH_OUTPUT_NAMES)} (artifacts: "
+                      f"{arts[:8]}); the search stage must publish its alpha/beta (jobs.derive.arch_params_doc)")
+
+
+# --------------------------------------------------------------------------- deriving
+def _mixed_op_label(m: Any) -> str:
+    if m.kind == "head":
+        return f"b{m.edge[1]} head from b{m.edge[0]}"
+    return f"b{m.block} stack {m.layer}"
+
+
+def derive_to_store(cfg: DeriveConfig, supernet: SuperNet, cost_model: Any, store: Any,
+                    progress: Any = None) -> dict:
+    """Derive from ``supernet``'s alpha/beta and write every artifact into ``store``; returns the result."""
+    say = progress or (lambda msg: None)
+    space = supernet.space
+    d = derive(supernet, cost_model, budget=cfg.latency_budget, build_arch=True)
+    arch = d.arch
+    say(f"path {d.path} (p={d.path_prob:.3g}), predicted {d.predicted_cost:.4g} {d.cost_units}: {arch.one_line()}")
+    with torch.no_grad():
+        probs = {e: float(p) for e, p in supernet.edge_probs().items()}
+    latency = ExpectedLatency(supernet, cost_model)
+    k_best = []
+    for rank, (path, prob) in enumerate(k_best_paths(space, probs, cfg.k_best)):
+        k_best.append({"rank": rank, "path": path, "probability": prob,
+                       "predicted_latency": latency.path_cost(path, d.op_choice), "latency_units": latency.units})
+
+    params = macs = None
+    if cfg.count_macs:
+        with torch.device("meta"):
+            model = build_model(arch, num_classes=supernet.num_classes)
+        params = int(count_params(model))
+        macs = int(count_macs(model, space.input_size, space.in_channels))
+    doc = arch.to_dict()
+    store.put_bytes("arch.json", arch.to_json().encode())
+    store.put_bytes("arch.official.txt", (arch.to_official() + "\n").encode())
+    store.put_bytes("arch_one_line.txt", (arch.one_line() + "\n").encode())
+    store.put_json("arch_params.json", arch_params_doc(supernet))
+    store.put_json("k_best.json", {"k": cfg.k_best, "op_choice": d.op_choice, "paths": k_best})
+    derivation = {"path": d.path, "path_prob": d.path_prob, "op_choice": d.op_choice, "blocks": d.blocks,
+                  "predicted_latency": d.predicted_cost, "latency_units": d.cost_units,
+                  "latency_budget": cfg.latency_budget, "official_from_derivation": d.official}
+    store.put_json("derivation.json", derivation)
+    pictures = []
+    if cfg.diagram:
+        pictures = _draw(supernet, d, probs, store)
+        say(f"drew {', '.join(pictures)}")
+    metrics = {"predicted_latency": d.predicted_cost, "path_prob": d.path_prob, "path_length": len(d.path),
+               "num_layers": arch.num_layers}
+    if params is not None:
+        metrics.update(params=params, macs=macs)
+    return {"arch": doc, "one_line": arch.one_line(), "official": arch.to_official(), "path": d.path,
+            "op_choice": d.op_choice, "path_prob": d.path_prob, "predicted_latency": d.predicted_cost,
+            "latency_units": d.cost_units, "params": params, "macs": macs, "k_best": k_best,
+            "pictures": pictures, "metrics": {k: v for k, v in metrics.items() if v is not None}}
+
+
+def _draw(supernet: SuperNet, d: Any, probs: Mapping[tuple[int, int], float], store: Any) -> list[str]:
+    from jobs.diagrams import alpha_heatmap, beta_heatmap, path_diagram
+
+    space = supernet.space
+    heads = {tuple(b_edge): b["head"] for b_edge, b in zip(zip(d.path, d.path[1:]), d.blocks)}
+    stacks = {b["block"]: b["stack"] for b in d.blocks}
+    path_edges = set(zip(d.path, d.path[1:]))
+    on_path = [(m.kind == "head" and tuple(m.edge) in path_edges) or (m.kind == "stack" and m.block in d.path[1:])
+               for m in supernet.mixed_ops]
+    with torch.no_grad():
+        op_probs = [torch.softmax(m.alpha.float(), 0).tolist() for m in supernet.mixed_ops]
+    names = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cost = f", {d.predicted_cost:.3g} {d.cost_units}" if d.predicted_cost is not None else ""
+        files = {
+            "path_diagram.png": path_diagram(space, probs, d.path, Path(tmp) / "path_diagram.png", heads, stacks,
+                                             title=f"derived path {d.path} (p={d.path_prob:.2f}{cost})"),
+            "alpha_heatmap.png": alpha_heatmap([_mixed_op_label(m) for m in supernet.mixed_ops],
+                                               [list(m.op_names) for m in supernet.mixed_ops], op_probs,
+                                               Path(tmp) / "alpha_heatmap.png", chosen=d.op_choice, on_path=on_path),
+            "beta_heatmap.png": beta_heatmap(space, probs, Path(tmp) / "beta_heatmap.png", path=d.path),
+        }
+        for key, path in files.items():
+            store.put_file(key, path)
+            names.append(key)
+    return names
+
+
+def run_derive(cfg: Any, space: Any = None, search_outputs: Any = None, cost_model: Any = None,
+               store: Any = None, ctx: Any = None, num_classes: int | None = None) -> dict:
+    """The derive stage. Two call forms:
+
+    - direct: ``run_derive(DeriveConfig, space, search_outputs, cost_model, store, ctx=None)``;
+      ``cost_model`` is a cost model, ``"macs"``, ``"profile"`` or a table path;
+    - the pipeline's ``fn(sections, ctx)``: ``cfg`` is ``{"space": ..., "derive": DeriveConfig}`` and the
+      second argument the ``StageContext``; the search output, the cost model (``search.cost``) and the
+      class count come from the upstream manifests and the run's config, the store is ``ctx.store``.
+    """
+    from jobs.context import StageContext
+
+    if isinstance(space, StageContext):           # the pipeline's (sections, ctx) form
+        ctx, space = space, None
+    if isinstance(cfg, Mapping):
+        space = space if space is not None else cfg.get("space")
+        cfg = cfg.get("derive", DeriveConfig())
+    if not isinstance(cfg, DeriveConfig):
+        cfg = DeriveConfig.model_validate(cfg.model_dump() if isinstance(cfg, BaseModel) else dict(cfg))
+    full = getattr(ctx, "config", None)
+    if space is None and full is not None:
+        space = full.space
+    if space is None:
+        raise DeriveError("run_derive needs the search space (a preset name, YAML path, dict or SearchSpace)")
+    space = _resolve_space(space)
+    if search_outputs is None:
+        if ctx is None:
+            raise DeriveError("run_derive needs search_outputs (a search state, SuperNet state dict or arch_params "
+                              "document) or a pipeline context whose upstream 'search' manifest names one")
+        search_outputs = _search_outputs_from_ctx(ctx)
+    if num_classes is None and full is not None:
+        num_classes = getattr(getattr(full, "data", None), "classes", None)
+        num_classes = num_classes if isinstance(num_classes, int) else None
+    if cost_model is None:
+        search = getattr(full, "search", None)
+        cost_model = getattr(search, "cost", "macs") if search is not None else "macs"
+    skip = float(getattr(getattr(full, "search", None), "macs_skip_fraction", 0.1))
+    cost_model = resolve_cost_model(cost_model, space, ctx, skip_fraction=skip)
+    store = store if store is not None else getattr(ctx, "store", None)
+    if store is None:
+        raise DeriveError("run_derive needs a store to write into (an ArtifactStore), or a pipeline context")
+    say = ctx.progress if ctx is not None else (lambda msg: print(f"[derive] {msg}", flush=True))
+    net = supernet_from_search_outputs(space, search_outputs, num_classes)
+    say(f"deriving from {len(net.mixed_ops)} alphas / {len(net.betas)} betas of {space.name} "
+        f"({space.space_hash()[:12]}), cost model {getattr(cost_model, 'units', '?')}"
+        + (f", budget {cfg.latency_budget}" if cfg.latency_budget else ""))
+    out = derive_to_store(cfg, net, cost_model, store, progress=say)
+    tracker = getattr(ctx, "tracker", None)
+    if tracker is not None:
+        tracker.log_dict(out["arch"], "arch.json")
+        tracker.log_metrics({k: float(v) for k, v in out["metrics"].items() if _finite(v)})
+    return out
+
+
+def _resolve_space(space: Any) -> SearchSpace:
+    if isinstance(space, SearchSpace):
+        return space
+    if isinstance(space, str) and Path(space).suffix and not Path(space).exists():
+        repo = Path(__file__).resolve().parent.parent
+        if (repo / space).exists():
+            space = str(repo / space)
+    return load_space(space)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
