@@ -31,6 +31,13 @@ class NullTracker:
 
     run_id: str | None = None
     url: str | None = None
+    spec = None          # no TrackerSpec: Ray workers log nothing either
+
+    def stage(self, name: str, fingerprint: str | None = None) -> "NullTracker":
+        return self
+
+    def end(self, status: str = "FINISHED") -> None:
+        pass
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         pass

@@ -204,6 +204,14 @@ def _known_keys(model: type[BaseModel]) -> dict[str, Any]:
     keys: dict[str, Any] = {}
     populate_by_name = bool(model.model_config.get("populate_by_name"))
     for name, field in model.model_fields.items():
+        va = field.validation_alias
+        if va is not None:      # str or AliasChoices (e.g. profile.actors, also spelled workers)
+            choices = [va] if isinstance(va, str) else [c for c in getattr(va, "choices", []) if isinstance(c, str)]
+            for c in choices:
+                keys[c] = field.annotation
+            if populate_by_name or not choices:
+                keys[name] = field.annotation
+            continue
         if field.alias:
             keys[field.alias] = field.annotation
             if populate_by_name:

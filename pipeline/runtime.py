@@ -48,12 +48,11 @@ def open_tracker(cfg: Any, run_id: str) -> Any:
     if not cfg.tracking.enabled:
         return NullTracker()
     try:
-        from cluster import tracking  # noqa: F401
-    except ImportError:
-        print("tracking: cluster/tracking.py is not in this checkout; MLflow logging is off "
+        from pipeline._tracking_adapter import PipelineTracker
+    except ImportError as e:
+        print(f"tracking: cluster/tracking.py cannot be imported ({e}); MLflow logging is off "
               "(the run record keeps stages, metrics and fingerprints)", file=sys.stderr, flush=True)
         return NullTracker()
-    from pipeline._tracking_adapter import PipelineTracker
 
     return PipelineTracker(cfg.tracking.uri, cfg.tracking.experiment, run_id)
 

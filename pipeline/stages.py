@@ -323,7 +323,7 @@ def run_pipeline(cfg: PipelineConfig, *, run_id: str | None = None, stages: Sequ
     record.start(resume=resume)
     tracker = tracker if tracker is not None else open_tracker(cfg, run_id)
     record.set_tracking(tracker, cfg)
-    tracker.log_params({"run_id": run_id, "config_name": cfg.name})
+    tracker.log_params({"run_id": run_id, **cfg.dump()})   # the resolved config, flattened
     tracker.log_dict(cfg.dump(), "config.json")
     printer(f"run {run_id}: store {run_store.uri_for('')}" + (f", MLflow {tracker.url}" if tracker.url else ""))
     for p in planned:
@@ -375,7 +375,7 @@ def _run_one(st: Stage, fp: str, cache_fps: Mapping[str, str], cfg: PipelineConf
         stage_store.delete_prefix(ckpt_prefix)
         has_ckpt = False
     inputs = {u: run_store.get_json(f"{u}/{MANIFEST}") for u in st.upstream}
-    stage_tracker = tracker.stage(st.name) if hasattr(tracker, "stage") else tracker
+    stage_tracker = tracker.stage(st.name, fingerprint=fp) if hasattr(tracker, "stage") else tracker
     caches = {name: store.child(f"cache/{name}/{cfp}") for name, cfp in cache_fps.items()}
     ctx = StageContext(run_id=run_id, stage=st.name, store=stage_store, run_store=run_store, root_store=store,
                        inputs=inputs, fingerprint=fp, resume=resume and has_ckpt,
