@@ -1,0 +1,711 @@
+"""The profile stage: a latency lookup table measured by Ray actors, and how well it predicts whole nets.
+
+``run_profile(cfg, space, store, ctx=None) -> dict``
+
+1. Signatures: every distinct op signature the space needs (``densenas.latency.space_signatures``,
+   from the same space object the super network is built from): stem, first layer, each head op of
+   each edge fed its source block's output, each stacking op, each final 1x1 conv, the classifier.
+   Identical signatures are measured once.
+2. Actors: one ``ProfilerActor`` per device slot -- CPU actors hold ``threads_per_actor`` CPUs and
+   fix torch's thread count to it; GPU actors hold one GPU and time with CUDA events. Eval mode,
+   ``no_grad``, warm-up runs discarded, ``repeats`` timed runs; mean, median, std, p10, p90, count.
+3. Queue: the driver keeps a queue of signature batches and hands one batch to each idle actor
+   (``ray.wait``), so actors on several nodes share the work. An actor that dies has its batch put
+   back at the front of the queue and a replacement started (up to ``max_actor_restarts``); an
+   actor whose batch runs past ``task_timeout_s`` is treated as dead.
+4. Resumable: measurements are saved to the store every ``save_every`` results
+   (``profile_measurements.json``, in ``ctx.checkpoint_store`` under the pipeline), and anything
+   already measured for the same device fingerprint and protocol (warm-up, repeats) is not measured
+   again -- neither from that file nor from an earlier ``latency_table.json`` in the store.
+5. The table (``latency_table.json``, published atomically): ``densenas.latency.LatencyTable`` --
+   entries keyed by signature, the space hash, units, and the device fingerprint
+   (``densenas.profiling.device_fingerprint``: CPU model, threads, GPU name, CUDA/driver, torch,
+   dtype, batch). The search refuses a table of another space or device (``check_compatible``).
+6. Accuracy report: ``report_paths`` random networks of the space (``densenas.latency_report``),
+   each measured end to end by the same actors the same way; predicted (table sum) vs measured,
+   a least-squares correction, ``accuracy_report.json`` and ``latency_scatter.png``. The
+   recommended correction is also stored in the table's ``meta["correction"]``.
+
+CLI: ``python -m jobs.profile --config configs/tiny.yaml [--actors N] [--out URI]`` prints
+``[profile] 37/120 signatures, 2 actors, eta 40 s`` as it goes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+from densenas.latency import LatencyStats, LatencyTable, OpSignature, space_signatures
+from densenas.latency_report import accuracy_report, predict_latency, sample_random_nets
+from densenas.profiling import FINGERPRINT_KEYS, fingerprint_mismatch
+from densenas.space import SearchSpace, load_space
+
+__all__ = [
+    "ProfileConfig",
+    "ProfileError",
+    "ProfilerActor",
+    "Profiler",
+    "run_profile",
+    "scaled_space",
+    "TABLE_KEY",
+    "REPORT_KEY",
+    "SCATTER_KEY",
+    "MEASUREMENTS_KEY",
+    "main",
+]
+
+TABLE_KEY = "latency_table.json"
+REPORT_KEY = "accuracy_report.json"
+SCATTER_KEY = "latency_scatter.png"
+MEASUREMENTS_KEY = "profile_measurements.json"
+MEASUREMENTS_FORMAT = "densenas-profile-measurements/1"
+
+
+class ProfileError(RuntimeError):
+    """The profile stage cannot proceed; the message names the problem and what to do."""
+
+
+class ProfileConfig(BaseModel):
+    """The profile stage's config section (``profile:`` in the experiment YAML).
+
+    ``workers`` / ``threads_per_worker`` are accepted as old spellings of ``actors`` /
+    ``threads_per_actor``.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    device: Literal["cpu", "cuda"] = Field("cpu", description="where the table is measured")
+    actors: int = Field(1, ge=1, validation_alias=AliasChoices("actors", "workers"),
+                        description="profiling actors (device slots) sharing the queue")
+    threads_per_actor: int = Field(1, ge=1, validation_alias=AliasChoices("threads_per_actor", "threads_per_worker"),
+                                   description="torch intra-op threads of a CPU actor (recorded in the table)")
+    batch_size: int = Field(32, ge=1, description="images per forward (paper: 32)")
+    input_size: int | None = Field(None, ge=1, description="profile the space scaled to this input size "
+                                                           "(None: the space's own; the table then belongs "
+                                                           "to the scaled space)")
+    num_classes: int | None = Field(None, ge=1, description="classifier width; None: the pipeline's "
+                                                            "data.classes when it is a count, else 1000")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    warmup: int = Field(20, ge=0, description="discarded runs per signature")
+    repeats: int = Field(2000, ge=1, description="timed runs per signature (paper: 2,000)")
+    report_paths: int = Field(50, ge=0, description="random nets of the accuracy report (0: no report)")
+    seed: int = Field(0, description="seed of the report's random nets")
+    signatures_per_task: int = Field(4, ge=1, description="signatures handed to an actor at a time")
+    save_every: int = Field(20, ge=1, description="save measurements to the store every N results")
+    num_cpus_per_actor: float | None = Field(None, ge=0, description="Ray CPUs per actor (None: threads_per_actor "
+                                                                      "on CPU, 1 on CUDA)")
+    resources_per_actor: dict[str, float] = Field(default_factory=dict,
+                                                  description="extra Ray resources per actor, e.g. {node_type_a: 1}")
+    max_actor_restarts: int = Field(4, ge=0, description="replacement actors started after actor deaths")
+    actor_start_timeout_s: float = Field(300.0, gt=0, description="fail when no actor is ready after this long")
+    task_timeout_s: float = Field(900.0, gt=0, description="a batch running longer marks its actor as hung")
+
+    def ray_resources(self) -> dict[str, float]:
+        """What one actor asks Ray for."""
+        cpus = self.num_cpus_per_actor
+        if cpus is None:
+            cpus = float(self.threads_per_actor) if self.device == "cpu" else 1.0
+        res = {"CPU": float(cpus), **{k: float(v) for k, v in self.resources_per_actor.items()}}
+        if self.device == "cuda":
+            res["GPU"] = 1.0
+        return res
+
+    def protocol(self) -> dict[str, Any]:
+        """The measurement protocol: two measurements are interchangeable only when it matches."""
+        return {"warmup": self.warmup, "repeats": self.repeats}
+
+
+# --------------------------------------------------------------------------- the actor
+class ProfilerActor:
+    """Times signatures and whole networks on one device slot (wrapped with ``ray.remote`` at run time)."""
+
+    def __init__(self, device: str, threads: int, dtype: str, batch: int, warmup: int, repeats: int):
+        import torch
+
+        from densenas.profiling import device_fingerprint, set_cpu_threads
+
+        if device == "cpu":
+            set_cpu_threads(threads)
+        self.device = "cuda:0" if device == "cuda" else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to our GPU
+        self.dtype, self.batch, self.warmup, self.repeats = dtype, batch, warmup, repeats
+        self._fp = device_fingerprint(self.device, threads if device == "cpu" else None, dtype, batch)
+        self._fp["pid"] = os.getpid()
+        try:
+            import ray
+
+            self._fp["node_id"] = ray.get_runtime_context().get_node_id()
+        except Exception:  # outside Ray (tests call the class directly)
+            self._fp["node_id"] = None
+        torch.manual_seed(0)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return dict(self._fp)
+
+    def measure_signatures(self, keys: Sequence[str]) -> list[tuple[str, dict, float]]:
+        """(key, stats, seconds spent) per signature key."""
+        from densenas.profiling import measure_signature_stats
+
+        out = []
+        for key in keys:
+            t0 = time.perf_counter()
+            stats = measure_signature_stats(OpSignature.parse(key), self.device, self.warmup, self.repeats, self.dtype)
+            out.append((key, stats.to_dict(), time.perf_counter() - t0))
+        return out
+
+    def measure_nets(self, items: Sequence[tuple[str, dict]]) -> list[tuple[str, dict, float]]:
+        """(key, stats, seconds) per (key, arch document): the whole network, end to end."""
+        from densenas.arch import Arch, build_model
+        from densenas.profiling import measure_model_stats
+
+        out = []
+        for key, doc in items:
+            t0 = time.perf_counter()
+            arch = Arch.from_dict(doc)
+            shape = (self.batch, arch.in_channels, arch.input_size, arch.input_size)
+            stats = measure_model_stats(lambda: build_model(arch), shape, self.device, self.warmup, self.repeats,
+                                        self.dtype)
+            out.append((key, stats.to_dict(), time.perf_counter() - t0))
+        return out
+
+
+@dataclass
+class _Slot:
+    """One actor of the pool and its state as the driver sees it."""
+
+    index: int
+    handle: Any
+    ready_ref: Any
+    ready: bool = False
+    busy_since: float | None = None
+    fingerprint: dict | None = None
+
+
+@dataclass
+class QueueStats:
+    actor_deaths: int = 0
+    requeued_batches: int = 0
+    replacements: int = 0
+    per_actor_results: Counter = field(default_factory=Counter)
+
+
+# --------------------------------------------------------------------------- space helpers
+def scaled_space(space: SearchSpace, input_size: int | None) -> SearchSpace:
+    """The space with every resolution scaled to ``input_size`` (a different workload, hence hash)."""
+    if input_size is None or input_size == space.input_size:
+        return space
+    doc = space.to_dict()
+    old = space.input_size
+    res = []
+    for r in doc["resolutions"]:
+        if (r * input_size) % old:
+            raise ProfileError(f"input_size {input_size} does not scale the space's resolutions {doc['resolutions']} "
+                               f"(input {old}) to integers; pick a multiple of {old // math.gcd(old, max(doc['resolutions']))}"
+                               " or leave profile.input_size unset")
+        res.append(r * input_size // old)
+    doc.update(input_size=input_size, resolutions=res)
+    try:
+        out = load_space(doc)
+    except ValueError as e:
+        raise ProfileError(f"profile.input_size={input_size} gives an invalid space: {e}") from None
+    out.name = f"{space.name or 'space'}@{input_size}"
+    return out
+
+
+def _num_classes(cfg: ProfileConfig, ctx: Any) -> int:
+    if cfg.num_classes is not None:
+        return cfg.num_classes
+    classes = getattr(getattr(getattr(ctx, "config", None), "data", None), "classes", None)
+    if isinstance(classes, int):
+        return classes
+    if isinstance(classes, (list, tuple)) and classes:
+        return len(classes)
+    return 1000
+
+
+# --------------------------------------------------------------------------- the driver
+class Profiler:
+    """One profile run: actors, the work queue, resumable measurements, the table and the report.
+
+    ``callbacks`` are called after every result with an event dict ``{phase, done, total, slots}``
+    (``slots``: the live ``_Slot`` objects, whose ``.handle`` is the actor) -- for progress sinks,
+    and for tests that kill an actor mid-run.
+    """
+
+    def __init__(self, cfg: ProfileConfig, space: Any, store: Any, ctx: Any = None,
+                 callbacks: Iterable[Callable[[dict], None]] = (), log: Callable[[str], None] | None = None):
+        self.cfg, self.store, self.ctx = cfg, store, ctx
+        self.space = scaled_space(load_space(space), cfg.input_size)
+        self.num_classes = _num_classes(cfg, ctx)
+        self.callbacks = list(callbacks)
+        progress = getattr(ctx, "progress", None)
+        self.log = log or (progress if callable(progress) else (lambda m: print(f"[profile] {m}", flush=True)))
+        ckpt = getattr(ctx, "checkpoint_store", None)
+        self.ckpt_store = ckpt if ckpt is not None else store
+        self.slots: list[_Slot] = []
+        self.qstats = QueueStats()
+        self.fingerprint: dict | None = None
+        self.sig_stats: dict[str, dict] = {}
+        self.net_stats: dict[str, dict] = {}
+        self._unsaved = 0
+        self._next_index = 0
+
+    # ------------------------------------------------------------------ actors
+    def _actor_class(self):
+        import ray
+
+        res = self.cfg.ray_resources()
+        custom = {k: v for k, v in res.items() if k not in ("CPU", "GPU")}
+        return ray.remote(ProfilerActor).options(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0),
+                                                 resources=custom or None, max_restarts=0, max_task_retries=0)
+
+    def _check_resources(self) -> int:
+        """How many actors fit the cluster at all; refuse a request that can never be placed."""
+        import ray
+
+        need = self.cfg.ray_resources()
+        total = ray.cluster_resources()
+        fits = []
+        for k, v in need.items():
+            if v <= 0:
+                continue
+            have = float(total.get(k, 0.0))
+            if have < v:
+                what = ("GPUs: profile.device 'cuda' needs a GPU node (or use device 'cpu')" if k == "GPU"
+                        else f"{k}: lower threads_per_actor / num_cpus_per_actor" if k == "CPU"
+                        else f"custom resource {k!r}: start nodes with it or drop it from resources_per_actor")
+                raise ProfileError(f"one profiling actor needs {v:g} {k} but the Ray cluster has {have:g} {what}; "
+                                   f"a request that can never be placed would wait forever")
+            fits.append(int(have // v))
+        n = min([self.cfg.actors] + fits)
+        if n < self.cfg.actors:
+            self.log(f"the cluster fits {n} actor(s) of {need}, not the {self.cfg.actors} asked for; using {n}")
+        return n
+
+    def _start_actor(self) -> _Slot:
+        cls = self._actor_class()
+        c = self.cfg
+        handle = cls.remote(c.device, c.threads_per_actor, c.dtype, c.batch_size, c.warmup, c.repeats)
+        slot = _Slot(self._next_index, handle, handle.fingerprint.remote())
+        self._next_index += 1
+        self.slots.append(slot)
+        return slot
+
+    def _drop(self, slot: _Slot, why: str, kill: bool = True) -> None:
+        import ray
+
+        if slot in self.slots:
+            self.slots.remove(slot)
+        if kill:
+            try:
+                ray.kill(slot.handle, no_restart=True)
+            except Exception:
+                pass
+        self.log(f"actor {slot.index} dropped: {why}")
+
+    def _replace(self, why: str) -> None:
+        if self.qstats.replacements >= self.cfg.max_actor_restarts:
+            self.log(f"not replacing the lost actor ({why}): max_actor_restarts={self.cfg.max_actor_restarts} used")
+            return
+        self.qstats.replacements += 1
+        slot = self._start_actor()
+        self.log(f"started replacement actor {slot.index} ({why})")
+
+    def _on_ready(self, slot: _Slot) -> None:
+        import ray
+
+        fp = ray.get(slot.ready_ref)
+        slot.ready, slot.fingerprint = True, fp
+        if self.fingerprint is None:
+            self.fingerprint = {k: v for k, v in fp.items() if k not in ("pid", "node_id")}
+            self.log("device: " + ", ".join(f"{k}={fp.get(k)}" for k in ("kind", "name", "threads", "dtype", "batch",
+                                                                          "torch", "cuda", "driver")
+                                             if fp.get(k) is not None))
+            return
+        diff = fingerprint_mismatch(self.fingerprint, fp)
+        if diff:
+            self._drop(slot, f"its device differs from the table's ({'; '.join(diff)}); one table, one device")
+
+    # ------------------------------------------------------------------ the queue
+    def _run_queue(self, phase: str, items: list[Any], method: str, per_task: int,
+                   on_result: Callable[[str, dict], None]) -> None:
+        """Hand ``items`` out in batches to idle actors until every item has a result."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        try:  # ActorUnavailableError is not a RayActorError subclass in every Ray version
+            from ray.exceptions import ActorUnavailableError
+            lost_errors: tuple = (RayActorError, ActorUnavailableError)
+        except ImportError:
+            lost_errors = (RayActorError,)
+        total = len(items)
+        pending = deque(list(items[i:i + per_task]) for i in range(0, total, per_task))
+        inflight: dict[Any, tuple[_Slot, list]] = {}
+        done_count, t0, last_print = 0, time.monotonic(), 0.0
+        no_ready_since = time.monotonic()
+        while pending or inflight:
+            for slot in [s for s in self.slots if s.ready and s.busy_since is None]:
+                if not pending:
+                    break
+                batch = pending.popleft()
+                ref = getattr(slot.handle, method).remote(batch)
+                inflight[ref] = (slot, batch)
+                slot.busy_since = time.monotonic()
+            starting = {s.ready_ref: s for s in self.slots if not s.ready}
+            if not inflight and not starting:
+                raise ProfileError(f"every profiling actor died and no replacement is left "
+                                   f"({self.qstats.actor_deaths} deaths, max_actor_restarts="
+                                   f"{self.cfg.max_actor_restarts}); {done_count}/{total} {phase} measured and "
+                                   "saved -- run again to resume, and check the actors' logs (out of memory?)")
+            if any(s.ready for s in self.slots):
+                no_ready_since = time.monotonic()
+            elif time.monotonic() - no_ready_since > self.cfg.actor_start_timeout_s:
+                raise ProfileError(f"no profiling actor became ready within {self.cfg.actor_start_timeout_s:.0f} s "
+                                   f"(each asks for {self.cfg.ray_resources()}; cluster has "
+                                   f"{ray.available_resources()} free): free resources or lower actors/threads")
+            done, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=2.0)
+            for ref in done:
+                if ref in starting:
+                    slot = starting[ref]
+                    try:
+                        self._on_ready(slot)
+                    except lost_errors as e:
+                        self.qstats.actor_deaths += 1
+                        self._drop(slot, f"died while starting ({type(e).__name__})", kill=False)
+                        self._replace("actor died while starting")
+                    except RayTaskError as e:
+                        raise ProfileError(f"a profiling actor failed to start: {e}") from None
+                    continue
+                slot, batch = inflight.pop(ref)
+                slot.busy_since = None
+                try:
+                    results = ray.get(ref)
+                except lost_errors as e:
+                    self.qstats.actor_deaths += 1
+                    self.qstats.requeued_batches += 1
+                    pending.appendleft(batch)
+                    self._drop(slot, f"died with {len(batch)} {phase} in hand ({type(e).__name__}); re-queued",
+                               kill=False)
+                    self._replace("actor died")
+                    continue
+                except RayTaskError as e:
+                    raise ProfileError(f"measuring {phase} {batch} failed on actor {slot.index}: {e.cause!r}; "
+                                       "this is a bug in the op or the network, not a lost actor") from None
+                for key, stats, _ in results:
+                    on_result(key, stats)
+                    done_count += 1
+                self.qstats.per_actor_results[slot.index] += len(results)
+                now = time.monotonic()
+                if now - last_print > 2.0 or done_count == total:
+                    last_print = now
+                    rate = done_count / max(now - t0, 1e-9)
+                    eta = (total - done_count) / rate if rate > 0 else float("nan")
+                    n_live = sum(1 for s in self.slots if s.ready)
+                    self.log(f"{done_count}/{total} {phase}, {n_live} actors, eta {eta:.0f} s")
+                for cb in self.callbacks:
+                    cb({"phase": phase, "done": done_count, "total": total, "slots": list(self.slots)})
+            # A batch that runs far too long: its actor is hung (a stuck node); kill it and re-queue.
+            now = time.monotonic()
+            for ref, (slot, batch) in list(inflight.items()):
+                if slot.busy_since is not None and now - slot.busy_since > self.cfg.task_timeout_s:
+                    inflight.pop(ref)
+                    self.qstats.actor_deaths += 1
+                    self.qstats.requeued_batches += 1
+                    pending.appendleft(batch)
+                    self._drop(slot, f"batch ran past task_timeout_s={self.cfg.task_timeout_s:.0f} s; re-queued")
+                    self._replace("hung actor")
+
+    # ------------------------------------------------------------------ resumable measurements
+    def _load_previous(self) -> None:
+        """Measurements of an earlier (partial or finished) run with the same device and protocol."""
+        from cluster.storage import StorageError
+
+        fp, proto = self.fingerprint, self.cfg.protocol()
+        sources = []
+        for store, key in ((self.ckpt_store, MEASUREMENTS_KEY), (self.store, TABLE_KEY)):
+            try:
+                if store.exists(key):
+                    sources.append((key, store.get_json(key)))
+            except StorageError as e:
+                self.log(f"ignoring unreadable {key}: {e}")
+        for key, doc in sources:
+            if key == TABLE_KEY:
+                device, meta = doc.get("device", {}), doc.get("meta", {})
+                doc_proto = {k: meta.get(k) for k in proto}
+                sigs, nets = doc.get("entries", {}), {}
+            else:
+                device, doc_proto = doc.get("fingerprint", {}), doc.get("protocol", {})
+                sigs, nets = doc.get("signatures", {}), doc.get("nets", {})
+            diff = fingerprint_mismatch(fp, device)
+            if diff or doc_proto != proto:
+                self.log(f"not reusing {key}: measured on another device or protocol "
+                         f"({'; '.join(diff) or f'protocol {doc_proto} vs {proto}'})")
+                continue
+            for k, v in sigs.items():
+                self.sig_stats.setdefault(k, v)
+            for k, v in nets.items():
+                self.net_stats.setdefault(k, v)
+
+    def _save(self, force: bool = False) -> None:
+        if not force and self._unsaved < self.cfg.save_every:
+            return
+        self.ckpt_store.publish_json(MEASUREMENTS_KEY, {
+            "format": MEASUREMENTS_FORMAT, "fingerprint": self.fingerprint, "protocol": self.cfg.protocol(),
+            "signatures": self.sig_stats, "nets": self.net_stats, "time": time.time()})
+        self._unsaved = 0
+
+    def _record(self, target: dict) -> Callable[[str, dict], None]:
+        def on_result(key: str, stats: dict) -> None:
+            target[key] = stats
+            self._unsaved += 1
+            self._save()
+        return on_result
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict[str, Any]:
+        import ray
+
+        t_start = time.monotonic()
+        cfg, space = self.cfg, self.space
+        if not ray.is_initialized():
+            self.log("no Ray connected; starting a local Ray")
+            ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+        sigs = space_signatures(space, cfg.batch_size, self.num_classes)
+        n_actors = self._check_resources()
+        self.log(f"space {space.name} ({space.space_hash()[:12]}): {len(sigs)} distinct signatures at batch "
+                 f"{cfg.batch_size}, {cfg.warmup} warm-up + {cfg.repeats} timed runs each, {n_actors} "
+                 f"{cfg.device} actor(s) x {cfg.threads_per_actor if cfg.device == 'cpu' else 1} thread(s)")
+        try:
+            for _ in range(n_actors):
+                self._start_actor()
+            # The device fingerprint comes from an actor (the driver may be on a node without the device).
+            deadline = time.monotonic() + cfg.actor_start_timeout_s
+            while self.fingerprint is None:
+                starting = {s.ready_ref: s for s in self.slots if not s.ready}
+                if not starting:
+                    raise ProfileError("every profiling actor died while starting; check the Ray worker logs")
+                done, _ = ray.wait(list(starting), num_returns=1, timeout=max(0.1, deadline - time.monotonic()))
+                if not done:
+                    raise ProfileError(f"no profiling actor started within {cfg.actor_start_timeout_s:.0f} s "
+                                       f"(each asks for {cfg.ray_resources()}); free resources or lower actors")
+                try:
+                    self._on_ready(starting[done[0]])
+                except Exception as e:
+                    self._drop(starting[done[0]], f"failed to start: {e}")
+                    self.qstats.actor_deaths += 1
+                    self._replace("actor failed to start")
+            self._load_previous()
+            todo = [s.key for s in sigs if s.key not in self.sig_stats]
+            reused_sigs = len(sigs) - len(todo)
+            if reused_sigs:
+                self.log(f"reusing {reused_sigs} signatures measured earlier on this device; {len(todo)} to measure")
+            self._run_queue("signatures", todo, "measure_signatures", cfg.signatures_per_task,
+                            self._record(self.sig_stats))
+            self._save(force=bool(todo))
+            table = self._table({s: self.sig_stats[s.key] for s in sigs})
+            table_uri = self._publish_table(table)
+            self.log(f"published {TABLE_KEY}: {len(table)} entries ({table_uri})")
+
+            report, nets_measured, nets_reused = None, 0, 0
+            if cfg.report_paths > 0:
+                report, nets_measured, nets_reused = self._report(table)
+        finally:
+            for slot in list(self.slots):
+                self._kill_quietly(slot)
+            self.slots.clear()
+
+        out: dict[str, Any] = {
+            "latency_table": table_uri,
+            "space_hash": space.space_hash(),
+            "space_name": space.name,
+            "device": self.fingerprint,
+            "batch_size": cfg.batch_size,
+            "num_classes": self.num_classes,
+            "entries": len(table),
+            "units": table.units,
+            "statistic": table.statistic,
+            "measured_signatures": len(todo),
+            "reused_signatures": reused_sigs,
+            "measured_nets": nets_measured,
+            "reused_nets": nets_reused,
+            "actors": n_actors,
+            "actor_deaths": self.qstats.actor_deaths,
+            "requeued_batches": self.qstats.requeued_batches,
+            "replacement_actors": self.qstats.replacements,
+            "wall_s": round(time.monotonic() - t_start, 2),
+            "accuracy_report": None,
+            "latency_scatter": None,
+            "metrics": {"entries": len(table), "measured_signatures": len(todo)},
+        }
+        if report is not None:
+            out["accuracy_report"] = self.store.uri_for(REPORT_KEY)
+            out["latency_scatter"] = self.store.uri_for(SCATTER_KEY)
+            out["recommended_correction"] = report["recommended_correction"]
+            out["metrics"].update({f"plain_{k}": v for k, v in report["plain_sum"].items() if k != "n"})
+            for kind, c in report["corrections"].items():
+                out["metrics"].update({f"{kind}_loo_{k}": v for k, v in c["leave_one_out"].items() if k != "n"})
+        return out
+
+    @staticmethod
+    def _kill_quietly(slot: _Slot) -> None:
+        import ray
+
+        try:
+            ray.kill(slot.handle, no_restart=True)
+        except Exception:
+            pass
+
+    def _table(self, entries: Mapping[OpSignature, dict], correction: dict | None = None) -> LatencyTable:
+        cfg = self.cfg
+        meta = {"warmup": cfg.warmup, "repeats": cfg.repeats, "num_classes": self.num_classes,
+                "input_size": self.space.input_size, "space_name": self.space.name, "actors": cfg.actors,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "fingerprint_keys": list(FINGERPRINT_KEYS)}
+        if correction is not None:
+            meta["correction"] = correction
+        return LatencyTable(dict(entries), self.space.space_hash(), dict(self.fingerprint), units="ms", meta=meta)
+
+    def _publish_table(self, table: LatencyTable) -> str:
+        self.store.publish_json(TABLE_KEY, table.to_dict())
+        return self.store.uri_for(TABLE_KEY)
+
+    def _report(self, table: LatencyTable) -> tuple[dict, int, int]:
+        from jobs.plots import latency_scatter
+
+        cfg, space = self.cfg, self.space
+        nets = sample_random_nets(space, cfg.report_paths, cfg.seed, self.num_classes)
+        predicted = [predict_latency(table, space, n, self.num_classes) for n in nets]
+        todo = [(n.key, n.arch.to_dict()) for n in nets if n.key not in self.net_stats]
+        reused = len(nets) - len(todo)
+        self.log(f"accuracy report: {len(nets)} random nets ({reused} measured earlier), end to end")
+        if todo and not self.slots:
+            raise ProfileError("no live profiling actor is left to measure the report's networks; run again")
+        self._run_queue("nets", todo, "measure_nets", 1, self._record(self.net_stats))
+        self._save(force=bool(todo))
+        measured = [LatencyStats.from_dict(self.net_stats[n.key]).median for n in nets]
+        report = accuracy_report(nets, predicted, measured, units=table.units, extra={
+            "space_hash": space.space_hash(), "device": self.fingerprint, "batch_size": cfg.batch_size,
+            "statistic": table.statistic, "seed": cfg.seed, "protocol": cfg.protocol(),
+            "latency_table": self.store.uri_for(TABLE_KEY)})
+        rec = report["recommended_correction"]
+        correction = None if rec is None else {k: report["corrections"][rec][k] for k in ("kind", "a", "b", "formula")}
+        # The table carries the recommended correction for its users (the search may apply it).
+        self._publish_table(self._table(table.entries, correction))
+        self.store.publish_json(REPORT_KEY, report)
+        with tempfile.TemporaryDirectory() as tmp:
+            png = Path(tmp) / SCATTER_KEY
+            corrected = None if rec is None else [r[f"corrected_{rec}_loo"] for r in report["rows"]]
+            latency_scatter(predicted, measured, png, corrected=corrected, units=table.units,
+                            corrected_label=f"{rec} correction (leave-one-out)",
+                            title=f"{space.name}: {len(nets)} nets, {self.fingerprint.get('name')}")
+            self.store.put_file(SCATTER_KEY, png)
+        p = report["plain_sum"]
+        line = (f"plain sum: {p['within_10pct']:.0%} within +-10%, {p['within_5pct']:.0%} within +-5%, "
+                f"MAPE {p['mape_pct']:.1f}%, Spearman {p['spearman']:.3f}")
+        if rec is not None:
+            c = report["corrections"][rec]["leave_one_out"]
+            line += (f"; {rec} correction (leave-one-out): {c['within_10pct']:.0%} within +-10%, "
+                     f"MAPE {c['mape_pct']:.1f}%")
+        self.log(line)
+        return report, len(todo), reused
+
+
+def run_profile(cfg: ProfileConfig | Mapping[str, Any], space: Any = None, store: Any = None, ctx: Any = None,
+                callbacks: Iterable[Callable[[dict], None]] = ()) -> dict[str, Any]:
+    """Profile ``space`` into ``store``: ``latency_table.json``, ``accuracy_report.json``, ``latency_scatter.png``.
+
+    Returns the table URI (``latency_table``), the report's URIs and ``metrics``, and what was
+    measured or reused. Also callable the pipeline's way, ``run_profile({"space": ..., "profile":
+    ProfileConfig}, ctx)``: the sections dict and a ``StageContext`` (its ``store``).
+    """
+    if space is not None and store is None and ctx is None and hasattr(space, "store") and hasattr(space, "stage"):
+        ctx, space = space, None  # run_profile(sections, ctx)
+    if isinstance(cfg, Mapping) and "profile" in cfg:
+        space = cfg.get("space") if space is None else space
+        cfg = cfg["profile"]
+    if not isinstance(cfg, ProfileConfig):
+        cfg = ProfileConfig.model_validate(dict(cfg) if isinstance(cfg, Mapping) else cfg.model_dump())
+    if store is None:
+        store = getattr(ctx, "store", None)
+    if space is None or store is None:
+        raise ProfileError("run_profile needs a space and a store (or a StageContext with .store)")
+    return Profiler(cfg, space, store, ctx, callbacks).run()
+
+
+# --------------------------------------------------------------------------- CLI
+def _load_yaml(path: str) -> dict:
+    with open(path) as f:
+        doc = yaml.safe_load(f) or {}
+    if not isinstance(doc, dict):
+        raise ProfileError(f"{path} must hold a mapping (an experiment config with a profile: section)")
+    return doc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.profile",
+                                description="Measure a latency table of a search space with Ray actors.")
+    p.add_argument("--config", required=True, help="experiment YAML (its space: and profile: sections), "
+                                                   "or a YAML of the profile section alone (then give --space)")
+    p.add_argument("--space", help="space preset / YAML path (overrides the config's space)")
+    p.add_argument("--actors", type=int, help="override profile.actors")
+    p.add_argument("--repeats", type=int, help="override profile.repeats")
+    p.add_argument("--report-paths", type=int, help="override profile.report_paths")
+    p.add_argument("--out", help="store URI for the artifacts (default: $DENSENAS_STORE or ./runs-store, "
+                                 "under profile/<space>)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray")
+    args = p.parse_args(argv)
+
+    from cluster.storage import open_store
+
+    doc = _load_yaml(args.config)
+    section = doc.get("profile", doc if "space" not in doc else {})
+    section = {k: v for k, v in section.items()}
+    if args.actors is not None:
+        section["actors"] = args.actors
+        section.pop("workers", None)
+    if args.repeats is not None:
+        section["repeats"] = args.repeats
+    if args.report_paths is not None:
+        section["report_paths"] = args.report_paths
+    classes = (doc.get("data") or {}).get("classes")
+    if section.get("num_classes") is None and isinstance(classes, (int, list)) and not isinstance(classes, bool):
+        section["num_classes"] = classes if isinstance(classes, int) else len(classes)
+    try:
+        cfg = ProfileConfig.model_validate(section)
+        space = load_space(args.space or doc.get("space") or "tiny_mbconv")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join(os.environ.get("DENSENAS_STORE") or "runs-store", "profile",
+                                   space.name or space.space_hash()[:12])
+    store = open_store(out)
+
+    import ray
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, ignore_reinit_error=True)
+    else:
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        result = run_profile(cfg, space, store)
+    except ProfileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in result.items() if k != "device"}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""jobs.profile: Ray actors measure a space's latency table (dedupe, resume, actor loss, refusals, report)."""
+import pytest
+
+from cluster.storage import open_store
+from densenas.latency import LatencyTable, LatencyTableError, head_signature, space_signatures
+from densenas.profiling import device_fingerprint
+from densenas.space import load_space
+from jobs.context import StageContext
+from jobs.profile import (MEASUREMENTS_KEY, REPORT_KEY, SCATTER_KEY, TABLE_KEY, ProfileConfig, ProfileError,
+                          Profiler, run_profile, scaled_space)
+
+pytestmark = pytest.mark.ray
+
+TINY = dict(device="cpu", actors=2, threads_per_actor=1, batch_size=1, warmup=1, repeats=3,
+            signatures_per_task=2, save_every=4, num_classes=10, actor_start_timeout_s=90, task_timeout_s=90)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def micro():
+    return load_space("micro_mbconv")
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local, micro, tmp_path_factory):
+    """One profile of micro_mbconv with a 5-net report, shared by the tests that inspect it."""
+    store = open_store(tmp_path_factory.mktemp("profile"))
+    prof = Profiler(ProfileConfig(**TINY, report_paths=5), micro, store, log=lambda m: None)
+    return prof, prof.run(), store
+
+
+def _raw_signature_count(space, batch, num_classes):
+    """Signatures before deduplication: one per (site, op), as the network would instantiate them."""
+    n = 2  # stem, first layer
+    for b in space.blocks[1:]:
+        n += len(space.in_edges(b.index)) * len(space.head_ops) + (len(space.stacking_ops) if b.n_stacking else 0)
+    return n + len(space.final_blocks) + 1
+
+
+@pytest.mark.timeout(180)
+def test_every_distinct_signature_measured_once(first_run, micro):
+    prof, result, store = first_run
+    distinct = space_signatures(micro, 1, 10)
+    # micro has shared shapes (edges 0->1 and 0->2 feed two 8@8 blocks from the same source): dedupe matters
+    assert head_signature(micro, "mbconv_k3_e3", 0, 1, 1) == head_signature(micro, "mbconv_k3_e3", 0, 2, 1)
+    assert _raw_signature_count(micro, 1, 10) > len(distinct)
+    assert result["measured_signatures"] == len(distinct) == result["entries"]
+    assert sum(prof.qstats.per_actor_results.values()) == len(distinct) + result["measured_nets"]
+    table = LatencyTable.from_json(store.get_bytes(TABLE_KEY).decode())
+    assert set(table.entries) == set(distinct)
+    assert all(st.count == 3 for st in table.entries.values())
+    assert table.device["threads"] == 1 and table.device["batch"] == 1 and table.device["dtype"] == "float32"
+    table.check_compatible(micro, device=device_fingerprint("cpu", 1, "float32", 1), num_classes=10)
+
+
+@pytest.mark.timeout(60)
+def test_report_artifacts(first_run):
+    _, result, store = first_run
+    report = store.get_json(REPORT_KEY)
+    assert report["n_nets"] == 5 and len(report["rows"]) == 5
+    for k in ("within_5pct", "within_10pct", "mape_pct", "spearman"):
+        assert k in report["plain_sum"] and f"plain_{k}" in result["metrics"]
+    assert all(r["measured"] > 0 and r["predicted"] > 0 for r in report["rows"])
+    assert set(report["corrections"]) == {"linear", "overhead"}
+    assert store.get_bytes(SCATTER_KEY)[:8] == b"\x89PNG\r\n\x1a\n"
+    table = store.get_json(TABLE_KEY)
+    if report["recommended_correction"]:
+        assert table["meta"]["correction"]["kind"] == report["recommended_correction"]
+
+
+@pytest.mark.timeout(180)
+def test_second_run_measures_nothing_new(first_run, micro):
+    """Resumable: the pipeline's call shape on the same store reuses every measurement."""
+    _, first, store = first_run
+    ctx = StageContext(run_id="r", stage="profile", store=store, run_store=store, printer=lambda m: None)
+    again = run_profile({"space": "micro_mbconv", "profile": ProfileConfig(**TINY, report_paths=5)}, ctx)
+    assert again["measured_signatures"] == 0 and again["reused_signatures"] == first["entries"]
+    assert again["measured_nets"] == 0 and again["reused_nets"] == 5
+    assert again["metrics"]["plain_mape_pct"] == pytest.approx(first["metrics"]["plain_mape_pct"])
+    # Another protocol (more repeats) is another measurement: nothing reused.
+    doc = store.get_json(MEASUREMENTS_KEY)
+    assert doc["protocol"] == {"warmup": 1, "repeats": 3} and len(doc["signatures"]) == first["entries"]
+
+
+@pytest.mark.timeout(180)
+def test_killed_actor_work_requeued_and_table_complete(ray_local, micro, tmp_path):
+    store = open_store(tmp_path)
+    killed = []
+
+    def kill_a_busy_actor(event):
+        if not killed:
+            busy = [s for s in event["slots"] if s.busy_since is not None] or event["slots"]
+            killed.append(busy[0].index)
+            ray_local.kill(busy[0].handle, no_restart=True)
+
+    cfg = ProfileConfig(**{**TINY, "repeats": 5}, report_paths=0, max_actor_restarts=1)
+    result = run_profile(cfg, micro, store, callbacks=[kill_a_busy_actor])
+    assert killed and result["actor_deaths"] >= 1
+    assert result["requeued_batches"] >= 1 and result["replacement_actors"] == 1
+    table = LatencyTable.from_json(store.get_bytes(TABLE_KEY).decode())
+    table.check_compatible(micro, num_classes=10)  # complete: no missing signature
+    assert len(table) == len(space_signatures(micro, 1, 10))
+
+
+@pytest.mark.timeout(60)
+def test_refusals(ray_local, micro, tmp_path):
+    store = open_store(tmp_path)
+    with pytest.raises(ProfileError, match="GPU"):
+        run_profile(ProfileConfig(device="cuda", report_paths=0), micro, store)
+    with pytest.raises(ProfileError, match="CPU"):
+        run_profile(ProfileConfig(threads_per_actor=64, report_paths=0), micro, store)
+    # The search's side: a table of another space, or of another device, is refused.
+    table = LatencyTable({s: {"mean": 1, "median": 1, "std": 0, "p10": 1, "p90": 1, "count": 1}
+                          for s in space_signatures(micro, 1, 10)}, micro.space_hash(),
+                         device_fingerprint("cpu", 1, "float32", 1))
+    with pytest.raises(LatencyTableError, match="search space"):
+        table.check_compatible(load_space("tiny_mbconv"))
+    with pytest.raises(LatencyTableError, match="another device"):
+        table.check_compatible(micro, device={"kind": "cuda", "name": "NVIDIA H100"})
+
+
+def test_config_schema():
+    cfg = ProfileConfig.model_validate({"workers": 3, "threads_per_worker": 2, "repeats": 10})
+    assert (cfg.actors, cfg.threads_per_actor) == (3, 2)
+    assert cfg.ray_resources() == {"CPU": 2.0}
+    assert ProfileConfig(device="cuda").ray_resources() == {"CPU": 1.0, "GPU": 1.0}
+    with pytest.raises(ValueError, match="repeat"):
+        ProfileConfig.model_validate({"repeat": 10})
+    with pytest.raises(ValueError):
+        ProfileConfig(device="tpu")
+    tiny = load_space("tiny_mbconv")
+    assert scaled_space(tiny, 64).blocks[1].resolution == 2 * tiny.blocks[1].resolution
+    with pytest.raises(ProfileError, match="input_size"):
+        scaled_space(tiny, 33)
+    # The pipeline's config section is this model (tiny.yaml uses the workers spelling).
+    from pipeline.config import load_config
+
+    assert load_config("configs/tiny.yaml", check=False).profile.actors == 2
+
+
+def test_cli_help_runs():
+    from jobs.profile import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
