@@ -186,3 +186,40 @@ def test_real_split_stage(tmp_path):
                for k in [s["key"]]) and shard_keys
     rec = run_pipeline(cfg, run_id="s", stages=["split"], printer=lambda m: None)
     assert rec.stages["split"]["state"] == "cached"
+
+
+def test_run_py_runs_as_a_file_and_plans(tmp_path):
+    """`ray job submit --working-dir .` runs pipeline/run.py as a file, from the uploaded copy's directory."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "DENSENAS_STORE": str(tmp_path / "store"), "PYTHONPATH": ""}
+    out = subprocess.run([sys.executable, str(repo / "pipeline" / "run.py"), "--config", str(repo / "configs" / "tiny.yaml"),
+                          "--plan", "--set", "tracking.enabled=false"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = {l.split()[0]: l.split()[1] for l in out.stdout.splitlines() if l.strip()}
+    assert lines["split"] == "run" and lines["sweep"] == "skip"
+
+
+def test_demo_runtime_env_and_submit_command(tmp_path):
+    import os
+    import stat
+
+    import yaml
+
+    from pipeline.demo import JOB_ENV_KEYS, submit_command, write_runtime_env
+
+    stack_env = {k: f"v-{k}" for k in JOB_ENV_KEYS} | {"RAY_DASHBOARD_URL": "http://127.0.0.1:1", "OTHER": "x"}
+    path = write_runtime_env(tmp_path / "rt.yaml", stack_env)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600            # it holds S3 credentials
+    doc = yaml.safe_load(path.read_text())
+    assert doc["env_vars"]["DENSENAS_STORE"] == "v-DENSENAS_STORE" and "OTHER" not in doc["env_vars"]
+    assert {".venv", ".git", ".local-stack"} <= set(doc["excludes"])
+    cmd = submit_command("configs/tiny.yaml", "tiny", stack_env, path)
+    assert cmd[1:5] == ["job", "submit", "--address", "http://127.0.0.1:1"] and "--working-dir" in cmd
+    assert cmd[cmd.index("--") + 1:][1:] == ["pipeline/run.py", "--config", "configs/tiny.yaml", "--run-id", "tiny",
+                                             "--resume"]
