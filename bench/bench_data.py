@@ -34,7 +34,7 @@ from densenas import data as D  # noqa: E402
 from jobs.split import SplitConfig, run_split  # noqa: E402
 
 
-def _images_per_s(make_iter, n_images: int, repeats: int = 2) -> float:
+def _images_per_s(make_iter, n_images: int, repeats: int = 3) -> float:
     """Best of ``repeats`` full passes; ``make_iter()`` gives a fresh iterable per pass."""
     best = float("inf")
     for _ in range(repeats):
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             try:
                 ds = shard_dataset(m, "train", store, train=True, input_size=size, channels=1)
-                ips = _images_per_s(lambda: iter_batches(ds, bs), n, repeats=3)  # 1st pass warms up Ray
+                ips = _images_per_s(lambda: iter_batches(ds, bs), n)  # the 1st pass also warms up Ray
                 rows.append(("Ray Data shard_dataset", "train aug", "local Ray, 2 CPUs", ips))
                 print(f"Ray Data: {ips:.0f} img/s", flush=True)
             finally:
@@ -103,10 +103,10 @@ def main(argv=None) -> int:
     lines = [
         "## Data readers (bench/bench_data.py)\n",
         f"Machine: {cpu}, {os.cpu_count()} cores (shared with other "
-        f"engineers' jobs: two runs differed by up to 1.6x), torch {torch.__version__}, torch threads 1.",
+        f"engineers' jobs: consecutive runs differed by up to 3x), torch {torch.__version__}, torch threads 1.",
         f"Command: `python bench/bench_data.py --per-class {a.per_class} --input-size {size}`",
         f"Data: Fashion-MNIST, 10 classes, {n} search-train images (28x28 grey PNG in Parquet shards of 1000 rows, "
-        f"local store), output {size}x{size}x1, batch {bs}; best of 2 passes (3 for Ray Data, whose first pass includes starting its workers). Split stage: {split_s:.1f} s "
+        f"local store), output {size}x{size}x1, batch {bs}; best of 3 passes (the first Ray Data pass also starts its workers). Split stage: {split_s:.1f} s "
         "(local executor, including reading the 60k+10k idx files).\n",
         "| reader | transform | where | images/s | vs memory (train aug) |",
         "|---|---|---|---:|---:|",

@@ -328,8 +328,12 @@ def _index_shards(cfg: SplitConfig):
 # --------------------------------------------------------------------------------------------
 
 def _logger(ctx) -> Callable[[str], None]:
-    log = getattr(ctx, "log", None)
-    return log if callable(log) else (lambda msg: print(f"[split] {msg}", flush=True))
+    # jobs.context.StageContext carries ``progress``; accept ``log`` too, else print.
+    for name in ("progress", "log"):
+        log = getattr(ctx, name, None)
+        if callable(log):
+            return log
+    return lambda msg: print(f"[split] {msg}", flush=True)
 
 
 def _run_units(jobs: list[tuple[dict, str]], cfg: SplitConfig, store, channels: int, log) -> list[dict]:
