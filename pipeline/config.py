@@ -4,9 +4,10 @@ Each layer owns the section it consumes; this module composes them into ``Pipeli
 
     name, seed, space          the experiment, its seed, the search space (preset / YAML path / dict)
     data                       the split stage          jobs.split.SplitConfig
-    profile                    the profile stage        (jobs.profile.ProfileConfig when it has landed)
+    profile                    the profile stage        jobs.profile.ProfileConfig
     search                     the search stage         densenas.search.SearchConfig
-    derive, retrain, sweep     the later stages         (their jobs/ models when they land)
+    derive                     the derive stage         jobs.derive.DeriveConfig
+    retrain, sweep             the later stages         (their jobs/ models when they import)
     storage {uri}              artifact store: s3://bucket/prefix, file:///path or a plain path
     tracking {uri, experiment} MLflow
     ray {address, ...}         where the job runs
@@ -31,6 +32,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from densenas.search import SearchConfig
+from jobs.derive import DeriveConfig
+from jobs.profile import ProfileConfig
 from jobs.split import SplitConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,32 +57,15 @@ class ConfigError(ValueError):
 def _owned_model(module: str, name: str, fallback: type[BaseModel]) -> type[BaseModel]:
     """The owning layer's model when its module imports, else the local minimal one."""
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        if getattr(e, "name", None) != module:   # the module exists but is broken: say so, do not hide it
+            raise
         return fallback
+    return getattr(mod, name, fallback)
 
 
 # --------------------------------------------------------------------------- sections owned elsewhere
-class _ProfileConfig(BaseModel):
-    # TODO(owner of jobs/profile.py): replace with jobs.profile.ProfileConfig
-    """Latency profiling of every op signature of the space on the target device."""
-
-    model_config = ConfigDict(extra="forbid")
-    device: str = Field("cpu", description="'cpu' or 'cuda'")
-    batch_size: int = Field(1, ge=1)
-    warmup: int = Field(5, ge=0)
-    repeats: int = Field(20, ge=1)
-    workers: int = Field(1, ge=1)
-    threads_per_worker: int = Field(1, ge=1)
-
-
-class _DeriveConfig(BaseModel):
-    # TODO(owner of jobs/derive.py): replace with jobs.derive.DeriveConfig
-    model_config = ConfigDict(extra="forbid")
-    budget: float | None = Field(None, gt=0, description="derive the best path within this predicted cost")
-    diagram: bool = True
-
-
 class _RetrainConfig(BaseModel):
     # TODO(owner of jobs/retrain.py): replace with jobs.retrain.RetrainConfig
     model_config = ConfigDict(extra="forbid")
@@ -110,8 +96,6 @@ class _SweepConfig(BaseModel):
 
 
 DataConfig = SplitConfig
-ProfileConfig = _owned_model("jobs.profile", "ProfileConfig", _ProfileConfig)
-DeriveConfig = _owned_model("jobs.derive", "DeriveConfig", _DeriveConfig)
 RetrainConfig = _owned_model("jobs.retrain", "RetrainConfig", _RetrainConfig)
 SweepConfig = _owned_model("jobs.sweep", "SweepConfig", _SweepConfig)
 

@@ -170,6 +170,13 @@ def _from_manifest(m: Mapping[str, Any]) -> dict:
 
 
 # --------------------------------------------------------------------------- status
+def _ordered(doc: Mapping[str, Any]) -> list[tuple[str, dict]]:
+    """Stages in graph order (``stage_order``), then any others by name."""
+    stages = doc.get("stages", {})
+    order = [n for n in doc.get("stage_order", []) if n in stages]
+    return [(n, stages[n]) for n in order + sorted(set(stages) - set(order))]
+
+
 def list_runs(store: Any) -> list[dict]:
     runs = []
     for key in store.list("runs/_index/"):
@@ -203,7 +210,7 @@ def format_status(doc: Mapping[str, Any]) -> str:
     if ml.get("url") or ml.get("parent_run_id"):
         lines.append(f"MLflow: {ml.get('url') or ml.get('tracking_uri')} (run {ml.get('parent_run_id')})")
     lines.append(f"{'stage':<8} {'state':<11} {'fingerprint':<12} {'duration':>9}  metrics / artifacts")
-    for name, s in doc.get("stages", {}).items():
+    for name, s in _ordered(doc):
         dur = f"{s['duration_s']:.1f}s" if isinstance(s.get("duration_s"), (int, float)) else "-"
         extra = _key_metrics(s.get("metrics") or {})
         if s.get("store_uri"):
@@ -230,7 +237,7 @@ def inspect_run(store: Any, run_id: str) -> dict:
         return None
 
     out: dict[str, Any] = {"run_id": run_id, "status": rec.status, "stages": {
-        n: s.get("state") for n, s in rec.stages.items()}}
+        n: s.get("state") for n, s in _ordered(rec.doc)}}
     d = manifest("derive")
     if d:
         out["derived"] = {k: d.get(k) for k in ("one_line", "official", "arch", "predicted_latency",

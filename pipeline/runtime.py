@@ -2,8 +2,7 @@
 
 Each piece prefers the cluster/ layer's implementation and says so when it falls back:
 
-- ``open_store(uri)``: ``cluster.storage.open_store``; while that module has not landed, a local
-  directory store (plain paths and ``file://`` only).
+- ``open_store(uri)``: ``cluster.storage.open_store``.
 - ``open_tracker(cfg, run_id)``: ``cluster.tracking`` when present and tracking is enabled, else a
   ``NullTracker`` (nothing is logged; the run record still holds everything).
 - ``ensure_ray(ray_cfg)``: inside ``ray job submit`` (or with ``$RAY_ADDRESS``) join that cluster with
@@ -20,27 +19,14 @@ from typing import Any
 
 from jobs.context import NullTracker
 
-__all__ = ["open_store", "open_tracker", "ensure_ray", "node_id", "StoreUnavailable"]
-
-
-class StoreUnavailable(RuntimeError):
-    pass
+__all__ = ["open_store", "open_tracker", "ensure_ray", "node_id"]
 
 
 def open_store(uri: str) -> Any:
-    try:
-        from cluster.storage import open_store as _open
-    except ImportError:
-        _open = None
-    if _open is not None:
-        return _open(uri)
-    if uri.startswith("s3://"):
-        raise StoreUnavailable(f"storage.uri {uri!r} needs cluster/storage.py (S3 client), which is not "
-                               "installed in this checkout; use a local path or file:// URI")
-    from pipeline._localstore import LocalDirStore
+    """``cluster.storage.open_store``: s3://bucket/prefix, file:///path or a plain path."""
+    from cluster.storage import open_store as _open
 
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
-    return LocalDirStore(path)
+    return _open(uri)
 
 
 def open_tracker(cfg: Any, run_id: str) -> Any:

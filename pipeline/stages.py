@@ -321,6 +321,7 @@ def run_pipeline(cfg: PipelineConfig, *, run_id: str | None = None, stages: Sequ
 
     record = RunRecord.open(store, run_id, cfg)
     record.start(resume=resume)
+    record.doc["stage_order"] = [p.stage.name for p in planned]   # JSON stores sort keys; keep graph order
     tracker = tracker if tracker is not None else open_tracker(cfg, run_id)
     record.set_tracking(tracker, cfg)
     tracker.log_params({"run_id": run_id, **cfg.dump()})   # the resolved config, flattened
