@@ -293,11 +293,11 @@ def format_inspect(info: Mapping[str, Any]) -> str:
     sw = info.get("sweep")
     if sw and sw["trials"]:
         lines.append("sweep (Pareto front marked *):")
-        lines.append(f"  {'lambda':>8} {'tau':>6} {'pred. latency':>14} {'accuracy':>9}")
+        lines.append(f"  {'lambda':>8} {'tau':>6} {'pred. latency':>14} {'measured ms':>12} {'accuracy':>9}")
         for t in sorted(sw["trials"], key=lambda t: (t.get("predicted_latency") or 0)):
-            acc = t.get("accuracy")
+            acc, ms, pred = t.get("accuracy"), t.get("measured_latency_ms"), t.get("predicted_latency")
             lines.append(f"{'*' if t.get('pareto') else ' '} {t.get('lambda', '-'):>8} {t.get('tau', '-'):>6} "
-                         f"{t.get('predicted_latency', float('nan')):>14.4g} "
+                         f"{'-' if pred is None else f'{pred:.4g}':>14} {'-' if ms is None else f'{ms:.4g}':>12} "
                          f"{'-' if acc is None else f'{acc:.4f}':>9}")
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ Exit codes: 0 finished, 1 a stage failed, 2 bad config / arguments, 3 stages una
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -43,6 +44,17 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", action="store_true", help="print what would run / be reused, then exit")
 
 
+def _sigterm_as_interrupt() -> None:
+    """`ray job stop` sends SIGTERM: turn it into KeyboardInterrupt so the run record says
+    'interrupted' (and the stage's checkpoint stays for --resume) instead of 'running' forever."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:   # not the main thread (embedded use): leave the default
+        pass
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
@@ -62,7 +74,11 @@ def run_from_args(args: argparse.Namespace) -> int:
             for ps in planned:
                 print(f"{ps.stage.name:<8} {ps.action:<11} {ps.fingerprint[:12]}  {ps.reason}")
             return 0
+        _sigterm_as_interrupt()
         record = run_pipeline(cfg, run_id=args.run_id, stages=stages, resume=args.resume)
+    except KeyboardInterrupt:
+        print("interrupted: the run record says so; rerun with --resume to continue", file=sys.stderr)
+        return 130
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

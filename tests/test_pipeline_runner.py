@@ -223,3 +223,19 @@ def test_demo_runtime_env_and_submit_command(tmp_path):
     assert cmd[1:5] == ["job", "submit", "--address", "http://127.0.0.1:1"] and "--working-dir" in cmd
     assert cmd[cmd.index("--") + 1:][1:] == ["pipeline/run.py", "--config", "configs/tiny.yaml", "--run-id", "tiny",
                                              "--resume"]
+
+
+def test_mlflow_parent_and_stage_runs(tmp_path):
+    """The resolved config goes to an MLflow parent run, each executed stage to a nested run (cluster.tracking)."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = parse_config({**BASE, "storage": {"uri": str(tmp_path / "store")},
+                        "tracking": {"uri": uri, "experiment": "exp"}}, ["search.lambda=0.25"])
+    rec = run_pipeline(cfg, run_id="m", graph=Calls().graph(), printer=lambda m: None)
+    client = mlflow.MlflowClient(uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("exp").experiment_id])}
+    parent = runs["pipeline:m"]
+    assert parent.info.run_id == rec.doc["mlflow"]["parent_run_id"] and parent.data.params["search.lambda"] == "0.25"
+    assert runs["b"].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert runs["b"].data.metrics["val_acc"] == 0.5 and runs["b"].info.run_id == rec.stages["b"]["mlflow_run_id"]
