@@ -25,14 +25,20 @@ from cluster.storage import open_store
 __all__ = ["local_stack", "stack_s3", "stack_mlflow", "s3_store", "TcpProxy", "store_for"]
 
 
+# Several test modules do `from tests.fixtures_stack import *`, which registers a separate
+# session fixture per module: share one stack between them so a session starts each server once.
+_SHARED: dict[str, LocalStack] = {}
+
+
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory):
-    state_dir = tmp_path_factory.mktemp("local-stack")
-    stack = LocalStack(state_dir, StackPorts.free())
+    if "stack" not in _SHARED:
+        _SHARED["stack"] = LocalStack(tmp_path_factory.mktemp("local-stack"), StackPorts.free())
+    stack = _SHARED["stack"]
     try:
         yield stack
     finally:
-        stack.down()  # by PID: SIGTERM, SIGKILL after the grace period
+        stack.down()  # by PID: SIGTERM, SIGKILL after the grace period; a second call is a no-op
 
 
 @pytest.fixture(scope="session")
