@@ -531,8 +531,10 @@ class LocalStack:
         if service == "ray":
             temp_dir = self.ray_temp_dir
             temp_dir.mkdir(parents=True, exist_ok=True)
-            # jobs submitted to this head inherit the store / tracking settings
-            env.update(self.env(("s3", "mlflow", "ray")))
+            # jobs submitted to this head inherit the store / tracking settings of what runs now
+            # (a Ray-only stack must not point jobs at an S3 or MLflow that is not there)
+            running = {s for s in ("s3", "mlflow") if (r := self._record(s)) is not None and r.alive()}
+            env.update(self.env(running | {"ray"}))
             env.pop("RAY_ADDRESS", None)
             env.pop("RAY_DASHBOARD_URL", None)
             env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
