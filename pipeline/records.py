@@ -280,7 +280,7 @@ def format_inspect(info: Mapping[str, Any]) -> str:
     r = info.get("retrained")
     if r:
         m = r["metrics"]
-        acc = next((m[k] for k in ("test_acc", "top1", "accuracy", "val_acc") if k in m), None)
+        acc = next((m[k] for k in ("test_top1", "test_acc", "top1", "accuracy", "val_acc") if k in m), None)
         lines.append(f"retrained: accuracy {acc if acc is None else f'{acc:.4f}'}; "
                      f"measured latency {r.get('measured_latency_ms')} ms; " + _key_metrics(m, 6))
         d_pred = (d or {}).get("predicted_latency")

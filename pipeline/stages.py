@@ -476,37 +476,34 @@ def builtin_graph() -> StageGraph:
     g.register(Stage("split", _split_stage, ("data",), code=("densenas/data.py", "jobs/split.py"),
                      uses_ray=lambda data: data.executor == "ray", description="class subset, per-class split, Parquet shards"))
 
-    # TODO(owner of jobs/profile.py): expose run_profile(cfg: ProfileConfig, ctx) -> manifest
-    # with the latency table JSON under ctx.store.
+    # jobs.profile.run_profile({"space", "profile"}, ctx): latency_table.json + accuracy report.
     fn, why = _import_stage("jobs.profile", "run_profile")
     g.register(Stage("profile", fn, ("space", "profile"), code=PROFILE_CODE,
                      uses_ray=True, unavailable=why, description="latency table of every op signature"))
 
-    # TODO(owner of jobs/search.py): expose run_search(sections: {"space","search"}, ctx) -> manifest.
-    # Keep the weights-only warm-up in ctx.caches["warmup"] (keyed without lambda/tau): load it when
-    # ctx.cache_complete("warmup"), else train it, write it, ctx.mark_cache_complete("warmup").
+    # jobs.search.run_search({"space", "search"}, ctx): Ray Train search. The weights-only warm-up
+    # lives in ctx.caches["warmup"] (keyed without lambda/tau), complete when its _complete.json exists.
     fn, why = _import_stage("jobs.search", "run_search")
     g.register(Stage("search", fn, ("space", "search"), upstream=("split", "profile"),
                      code=("densenas", "jobs/search.py", "jobs/data.py"), uses_ray=True, unavailable=why,
                      caches={"warmup": WARMUP_CACHE},
                      description="super-network search (Ray Train)"))
 
-    # TODO(owner of jobs/derive.py): expose run_derive(cfg, ctx) -> {"arch", "one_line", "official",
-    # "predicted_latency", "latency_units", "params", "macs"} (read by `pipeline inspect`).
+    # jobs.derive.run_derive({"space", "derive"}, ctx) -> {"arch", "one_line", "official",
+    # "predicted_latency", "latency_units", "params", "macs", ...} (read by `pipeline inspect`).
     fn, why = _import_stage("jobs.derive", "run_derive")
     g.register(Stage("derive", fn, ("space", "derive"), upstream=("search", "profile"),
                      code=DERIVE_CODE, unavailable=why,
                      description="Viterbi path + argmax ops -> architecture"))
 
-    # TODO(owner of jobs/retrain.py): expose run_retrain(cfg, ctx) -> {"metrics": {"test_acc", ...},
-    # "measured_latency_ms", ...}.
+    # jobs.retrain.run_retrain(section, ctx) -> {"metrics": {"test_top1", ...}, "measured_latency_ms", ...}.
     fn, why = _import_stage("jobs.retrain", "run_retrain")
     g.register(Stage("retrain", fn, ("retrain",), upstream=("split", "derive", "profile"),
                      code=RETRAIN_CODE, uses_ray=True, unavailable=why,
                      description="train the derived net from scratch, test, measure latency"))
 
-    # TODO(owner of jobs/sweep.py): expose run_sweep(sections: {"space","search","sweep"}, ctx) ->
-    # {"trials": [{lambda, tau, predicted_latency, accuracy, pareto}], ...}.
+    # jobs.sweep.run_sweep({"space", "search", "sweep"}, ctx) -> {"trials": [{lambda, tau,
+    # predicted_latency, measured_latency_ms, accuracy, pareto}], "pareto": [...], "metrics"}.
     fn, why = _import_stage("jobs.sweep", "run_sweep")
     g.register(Stage("sweep", fn, ("space", "search", "sweep"), upstream=("split", "profile"),
                      code=("densenas", "jobs/sweep.py", "jobs/search.py"), uses_ray=True, unavailable=why,
