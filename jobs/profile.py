@@ -99,6 +99,8 @@ class ProfileConfig(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     warmup: int = Field(20, ge=0, description="discarded runs per signature")
     repeats: int = Field(2000, ge=1, description="timed runs per signature (paper: 2,000)")
+    statistic: Literal["median", "mean", "p10", "p90"] = Field(
+        "median", description="what the table serves and the report compares (p10 resists a loaded machine)")
     report_paths: int = Field(50, ge=0, description="random nets of the accuracy report (0: no report)")
     seed: int = Field(0, description="seed of the report's random nets")
     signatures_per_task: int = Field(4, ge=1, description="signatures handed to an actor at a time")
@@ -573,7 +575,8 @@ class Profiler:
                 "fingerprint_keys": list(FINGERPRINT_KEYS)}
         if correction is not None:
             meta["correction"] = correction
-        return LatencyTable(dict(entries), self.space.space_hash(), dict(self.fingerprint), units="ms", meta=meta)
+        return LatencyTable(dict(entries), self.space.space_hash(), dict(self.fingerprint), units="ms",
+                            statistic=cfg.statistic, meta=meta)
 
     def _publish_table(self, table: LatencyTable) -> str:
         self.store.publish_json(TABLE_KEY, table.to_dict())
@@ -592,7 +595,7 @@ class Profiler:
             raise ProfileError("no live profiling actor is left to measure the report's networks; run again")
         self._run_queue("nets", todo, "measure_nets", 1, self._record(self.net_stats))
         self._save(force=bool(todo))
-        measured = [LatencyStats.from_dict(self.net_stats[n.key]).median for n in nets]
+        measured = [getattr(LatencyStats.from_dict(self.net_stats[n.key]), cfg.statistic) for n in nets]
         report = accuracy_report(nets, predicted, measured, units=table.units, extra={
             "space_hash": space.space_hash(), "device": self.fingerprint, "batch_size": cfg.batch_size,
             "statistic": table.statistic, "seed": cfg.seed, "protocol": cfg.protocol(),

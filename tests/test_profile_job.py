@@ -95,8 +95,11 @@ def test_killed_actor_work_requeued_and_table_complete(ray_local, micro, tmp_pat
     killed = []
 
     def kill_a_busy_actor(event):
-        if not killed:
-            busy = [s for s in event["slots"] if s.busy_since is not None] or event["slots"]
+        # A working actor: busy with a batch if one is, else the ready one that just returned (it gets
+        # the next batch at once). Never one still starting: that is another failure path.
+        ready = [s for s in event["slots"] if s.ready]
+        busy = [s for s in ready if s.busy_since is not None] or ready
+        if not killed and busy:
             killed.append(busy[0].index)
             ray_local.kill(busy[0].handle, no_restart=True)
 
