@@ -115,11 +115,13 @@ def supernet_from_search_outputs(space: SearchSpace, search_outputs: Any, num_cl
                               f"{space.space_hash()[:12]} ({space.name}); derive with the space it searched")
         num_classes = num_classes or int(obj["num_classes"])
         obj = obj["supernet"]
-    if obj.get("format") == ARCH_PARAMS_FORMAT:
+    if obj.get("format") == ARCH_PARAMS_FORMAT or ("alphas" in obj and "betas" in obj):
         if obj.get("space_hash") not in (None, space.space_hash()):
             raise DeriveError(f"arch params belong to space {str(obj['space_hash'])[:12]}, not "
                               f"{space.space_hash()[:12]} ({space.name})")
-        alphas = [torch.tensor(a, dtype=torch.float32) for a in obj["alphas"]]
+        # jobs.search writes each alpha as {"kind", "block", "edge", "op_names", "alpha"}; ours as a list.
+        alphas = [torch.tensor(a["alpha"] if isinstance(a, Mapping) else a, dtype=torch.float32)
+                  for a in obj["alphas"]]
         betas = [torch.tensor(b, dtype=torch.float32) for b in obj["betas"]]
         num_classes = num_classes or int(obj.get("num_classes") or 0) or None
     else:  # a SuperNet state dict: keys of its arch parameters
@@ -190,7 +192,7 @@ def _profile_table(ctx: Any) -> LatencyTable:
 def _search_outputs_from_ctx(ctx: Any) -> Any:
     m = ctx.input("search")
     store = ctx.run_store.child("search")
-    keys = [m[k] for k in ("arch_params", "state", "final_state") if isinstance(m.get(k), str)]
+    keys = [m[k] for k in ("arch_params_key", "state_key", "arch_params", "state") if isinstance(m.get(k), str)]
     arts = list(m.get("artifacts") or {})
     for name in SEARCH_OUTPUT_NAMES:
         keys += sorted((k for k in arts if k == name or k.endswith("/" + name)), key=len)
@@ -312,9 +314,11 @@ def run_derive(cfg: Any, space: Any = None, search_outputs: Any = None, cost_mod
             raise DeriveError("run_derive needs search_outputs (a search state, SuperNet state dict or arch_params "
                               "document) or a pipeline context whose upstream 'search' manifest names one")
         search_outputs = _search_outputs_from_ctx(ctx)
+    if num_classes is None and ctx is not None and "search" in getattr(ctx, "inputs", {}):
+        num_classes = (ctx.inputs["search"].get("derived") or {}).get("num_classes")
     if num_classes is None and full is not None:
-        num_classes = getattr(getattr(full, "data", None), "classes", None)
-        num_classes = num_classes if isinstance(num_classes, int) else None
+        classes = getattr(getattr(full, "data", None), "classes", None)
+        num_classes = classes if isinstance(classes, int) else (len(classes) if isinstance(classes, list) else None)
     if cost_model is None:
         search = getattr(full, "search", None)
         cost_model = getattr(search, "cost", "macs") if search is not None else "macs"

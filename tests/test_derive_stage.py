@@ -120,3 +120,16 @@ def test_pipeline_form_reads_the_search_manifest(searched, tmp_path):
     assert run_store.child("derive").exists("arch.json")
     assert out["one_line"] == load_arch(out["arch"]).one_line()
     assert set(out) >= {"arch", "one_line", "official", "predicted_latency", "latency_units", "params", "macs"}
+
+
+def test_reads_the_search_stage_arch_params_format(searched, tmp_path):
+    """jobs.search publishes alphas as [{"kind", "block", "edge", "op_names", "alpha"}, ...] without a class count."""
+    doc = {"space_hash": load_space(SPACE).space_hash(),
+           "alphas": [{"kind": m.kind, "block": m.block, "edge": list(m.edge) if m.kind == "head" else None,
+                       "op_names": list(m.op_names), "alpha": m.alpha.detach().tolist()} for m in searched.mixed_ops],
+           "betas": [b.detach().tolist() for b in searched.betas]}
+    ref = run_derive(DeriveConfig(diagram=False, count_macs=False), SPACE, searched, "macs",
+                     open_store(str(tmp_path / "ref")))
+    out = run_derive(DeriveConfig(diagram=False, count_macs=False), SPACE, json.dumps(doc), "macs",
+                     open_store(str(tmp_path / "doc")), num_classes=5)
+    assert out["arch"] == ref["arch"]
