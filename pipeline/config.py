@@ -5,7 +5,7 @@ Each layer owns the section it consumes; this module composes them into ``Pipeli
     name, seed, space          the experiment, its seed, the search space (preset / YAML path / dict)
     data                       the split stage          jobs.split.SplitConfig
     profile                    the profile stage        jobs.profile.ProfileConfig
-    search                     the search stage         densenas.search.SearchConfig
+    search                     the search stage         jobs.search.SearchJobConfig (flat: SearchConfig + job)
     derive                     the derive stage         jobs.derive.DeriveConfig
     retrain, sweep             the later stages         (their jobs/ models when they import)
     storage {uri}              artifact store: s3://bucket/prefix, file:///path or a plain path
@@ -42,7 +42,7 @@ COST_SOURCES = ("macs", "profile")
 
 __all__ = [
     "ConfigError", "PipelineConfig", "load_config", "parse_config", "apply_overrides", "preflight",
-    "default_store_uri", "default_tracking_uri", "resolve_space", "REPO_ROOT",
+    "default_store_uri", "default_tracking_uri", "resolve_space", "flat_search", "REPO_ROOT",
 ]
 
 
@@ -96,6 +96,9 @@ class _SweepConfig(BaseModel):
 
 
 DataConfig = SplitConfig
+# The search section: jobs.search.SearchJobConfig = densenas' SearchConfig (flat YAML keys: epochs,
+# lambda, tau, ...) plus how the Ray Train job runs (workers, cpus_per_worker, data_cpus, ...).
+SearchSection = _owned_model("jobs.search", "SearchJobConfig", SearchConfig)
 RetrainConfig = _owned_model("jobs.retrain", "RetrainConfig", _RetrainConfig)
 SweepConfig = _owned_model("jobs.sweep", "SweepConfig", _SweepConfig)
 
@@ -143,7 +146,7 @@ class PipelineConfig(BaseModel):
     space: str | dict[str, Any] = Field("tiny_mbconv", description="preset name, YAML path or inline dict")
     data: DataConfig = Field(default_factory=DataConfig)  # type: ignore[valid-type]
     profile: ProfileConfig = Field(default_factory=ProfileConfig)  # type: ignore[valid-type]
-    search: SearchConfig = Field(default_factory=SearchConfig)
+    search: SearchSection = Field(default_factory=SearchSection)  # type: ignore[valid-type]
     derive: DeriveConfig = Field(default_factory=DeriveConfig)  # type: ignore[valid-type]
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)  # type: ignore[valid-type]
     sweep: SweepConfig = Field(default_factory=SweepConfig)  # type: ignore[valid-type]
@@ -167,8 +170,24 @@ class PipelineConfig(BaseModel):
         })
 
     def dump(self) -> dict[str, Any]:
-        """The YAML/JSON form (aliases as in YAML, e.g. ``search.lambda``)."""
-        return self.model_dump(mode="json", by_alias=True)
+        """The YAML/JSON form (aliases as in YAML, e.g. ``search.lambda``; the search section flat)."""
+        out = self.model_dump(mode="json", by_alias=True)
+        out["search"] = flat_search(self.search)
+        return out
+
+    @property
+    def search_core(self) -> SearchConfig:
+        """densenas' ``SearchConfig`` inside the search section (lambda, tau, cost, schedule)."""
+        return getattr(self.search, "search", self.search)
+
+
+def flat_search(section: Any) -> dict[str, Any]:
+    """The search section as flat YAML keys: job fields and SearchConfig fields side by side."""
+    core = getattr(section, "search", None)
+    if isinstance(core, SearchConfig):
+        job = section.model_dump(mode="json", by_alias=True, exclude={"search"})
+        return {**job, **core.dump()}
+    return section.dump() if hasattr(section, "dump") else section.model_dump(mode="json", by_alias=True)
 
 
 # --------------------------------------------------------------------------- unknown keys, with suggestions
@@ -205,11 +224,23 @@ def _known_keys(model: type[BaseModel]) -> dict[str, Any]:
     return keys
 
 
+def _flat_inner(model: type[BaseModel], data: Mapping) -> type[BaseModel] | None:
+    """A model composed around an inner ``search`` model that also accepts the inner keys flat
+    (``jobs.search.SearchJobConfig``): the inner model when ``data`` uses the flat form."""
+    field = model.model_fields.get("search")
+    if field is None or "search" in data or model is PipelineConfig:
+        return None
+    return _model_in(field.annotation)
+
+
 def check_keys(model: type[BaseModel], data: Any, path: str = "") -> None:
     """Raise ``ConfigError`` for the first unknown key, naming its path and the nearest valid key."""
     if not isinstance(data, Mapping):
         return
     known = _known_keys(model)
+    inner = _flat_inner(model, data)
+    if inner is not None:             # flat form (e.g. the search section): the inner model's keys too
+        known = {**_known_keys(inner), **{k: v for k, v in known.items() if k != "search"}}
     for key in data:
         where = f"{path}.{key}" if path else str(key)
         if key not in known:
@@ -224,6 +255,8 @@ def check_keys(model: type[BaseModel], data: Any, path: str = "") -> None:
 
 def _loc_path(model: type[BaseModel], loc: Sequence[Any]) -> str:
     parts = [str(p) for p in loc if not (isinstance(p, str) and "[" in p)]  # drop union tags
+    if parts[:2] == ["search", "search"]:      # the search section's inner SearchConfig is written flat
+        parts = parts[1:]
     return ".".join(p if not p.isdigit() else f"[{p}]" for p in parts).replace(".[", "[")
 
 
@@ -329,7 +362,7 @@ def preflight(cfg: PipelineConfig) -> None:
         raise ConfigError("data.image_size", f"{image_size} is smaller than the space's input_size "
                                              f"{space.input_size} ({space.name}); raise data.image_size or "
                                              "use a space built for this resolution")
-    cost = cfg.search.cost
+    cost = cfg.search_core.cost
     if cost not in COST_SOURCES and "://" not in cost and not Path(cost).exists():
         raise ConfigError("search.cost", f"{cost!r} is neither one of {COST_SOURCES} nor an existing "
                                          "latency-table JSON; use 'profile' for the profile stage's table")

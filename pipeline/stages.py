@@ -193,6 +193,10 @@ def section_payload(cfg: PipelineConfig, section: str) -> Any:
 
         return {"space_hash": resolve_space(cfg.space).space_hash()}
     value = cfg.section(section)
+    if section == "search":
+        from pipeline.config import flat_search
+
+        return flat_search(value)           # flat keys, so cache exclusions name them directly
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json", by_alias=True)
     return value
@@ -437,7 +441,8 @@ def _run_one(st: Stage, fp: str, cache_fps: Mapping[str, str], cfg: PipelineConf
 # Registration points. Each stage module in jobs/ exposes its function; wire it here in a few lines.
 # A stage whose module has not landed is registered as unavailable (it and what depends on it are
 # reported, never silently skipped).
-WARMUP_IRRELEVANT = ("lambda", "lambda_", "tau", "arch", "cost", "macs_skip_fraction", "derive_budget")
+WARMUP_IRRELEVANT = ("lambda", "lambda_", "tau", "arch", "cost", "macs_skip_fraction", "derive_budget",
+                     "max_failures")
 # Code versions: the source files each stage's result depends on (the modules it runs and what they
 # import from densenas/), so an edit elsewhere does not invalidate it. Search hashes all of densenas/.
 PROFILE_CODE = ("densenas/ops.py", "densenas/space.py", "densenas/latency.py", "jobs/profile.py")
