@@ -281,12 +281,17 @@ def format_inspect(info: Mapping[str, Any]) -> str:
     if r:
         m = r["metrics"]
         acc = next((m[k] for k in ("test_top1", "test_acc", "top1", "accuracy", "val_acc") if k in m), None)
-        lines.append(f"retrained: accuracy {acc if acc is None else f'{acc:.4f}'}; "
-                     f"measured latency {r.get('measured_latency_ms')} ms; " + _key_metrics(m, 6))
-        d_pred = (d or {}).get("predicted_latency")
-        if d_pred is not None and r.get("measured_latency_ms") is not None:
-            lines.append(f"  predicted vs measured: {d_pred:.4g} vs {r['measured_latency_ms']:.4g} "
-                         f"{(d or {}).get('latency_units') or ''}")
+        ms = r.get("measured_latency_ms")
+        lines.append(f"retrained: accuracy {'-' if acc is None else f'{acc:.4f}'}; "
+                     f"measured latency {'-' if ms is None else f'{ms:.4g}'} ms; " + _key_metrics(m, 6))
+        d_pred, units = (d or {}).get("predicted_latency"), (d or {}).get("latency_units") or ""
+        if d_pred is not None and ms is not None:
+            if units == "ms":
+                lines.append(f"  predicted vs measured: {d_pred:.4g} ms vs {ms:.4g} ms "
+                             f"({100 * (d_pred - ms) / ms:+.1f}%)")
+            else:   # a MACs proxy is not a latency: show both, compare nothing
+                lines.append(f"  predicted cost {d_pred:.4g} {units} (no latency table: search.cost was not "
+                             f"'profile'); measured {ms:.4g} ms")
         lines.append(f"  artifacts: {r.get('uri')}")
     else:
         lines.append("retrained: none yet (the retrain stage has not finished)")

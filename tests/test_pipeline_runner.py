@@ -161,7 +161,7 @@ def test_status_and_inspect(tmp_path, capsys):
     assert info["derived"]["one_line"] == "k3e3 | k5e6" and info["retrained"]["metrics"]["test_acc"] == 0.875
     shown = format_inspect(info)
     assert "derived architecture: k3e3 | k5e6" in shown and "accuracy 0.8750" in shown
-    assert "predicted vs measured: 1.25 vs 1.5 ms" in shown
+    assert "predicted vs measured: 1.25 ms vs 1.5 ms (-16.7%)" in shown
     assert cli_main(["status", "--store", str(tmp_path / "store")]) == 0
     assert "r1" in capsys.readouterr().out
     assert cli_main(["status", "r1", "--json", "--store", str(tmp_path / "store")]) == 0
