@@ -18,6 +18,9 @@ the final blocks' branches are summed the same way (weighted by p(b->end)) befor
 A mixed op runs only the ops in its choice; with several chosen ops their outputs are mixed by
 softmax over those ops' alphas (with one op, the op's output as is).
 
+``channels_last=True`` (default) keeps weights and activations in NHWC: oneDNN's depthwise convs
+are several times faster that way on CPU. Parameter names and values are unaffected.
+
 ``arch_grad=False`` (the weight step) computes every probability without autograd, so no graph is
 built through alpha/beta and backward does no work for them.
 """
@@ -97,10 +100,12 @@ class SuperBlock(nn.Module):
 class SuperNet(nn.Module):
     """The densely connected super network of a ``SearchSpace`` (see the module docstring)."""
 
-    def __init__(self, space: SearchSpace | str | dict, num_classes: int, bn_affine: bool = False):
+    def __init__(self, space: SearchSpace | str | dict, num_classes: int, bn_affine: bool = False,
+                 channels_last: bool = True):
         super().__init__()
         space = load_space(space)
         self.space, self.num_classes, self.bn_affine = space, int(num_classes), bn_affine
+        self.channels_last = channels_last
         blocks = space.blocks
 
         # Fixed layers. The stem keeps an affine BN like the authors' super net (90,430,100 weights).
@@ -160,6 +165,10 @@ class SuperNet(nn.Module):
             n = len(self.blocks[b.index].heads) + len(self.blocks[b.index].stack)
             self._block_slices.append((k, k + n))
             k += n
+        if channels_last:
+            # Depthwise convs (and their backward) run 3-30x faster in channels_last on CPU oneDNN
+            # (measured, torch 2.14: e.g. dw 7x7 on 144@16, batch 32: 132 ms NCHW vs 36 ms NHWC).
+            self.to(memory_format=torch.channels_last)
 
     # ----------------------------------------------------------------- parameters
     def arch_parameters(self) -> list[nn.Parameter]:
@@ -245,6 +254,8 @@ class SuperNet(nn.Module):
             with torch.no_grad():
                 probs = [F.softmax(b, dim=0) for b in self.betas]
 
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.first_layer(self.stem(x))
         outs: list[torch.Tensor | None] = [x] + [None] * (len(self.blocks) - 1)
         for j in range(1, len(self.blocks)):
