@@ -1,0 +1,57 @@
+"""Resource requests are checked against the cluster before a Train job starts: an impossible request
+fails at once with an error naming what is missing and what the cluster has."""
+import pytest
+
+from jobs.resources import ResourceRequestError, WorkerResources, check_resources
+
+NODES = [{"CPU": 2.0}, {"CPU": 4.0, "GPU": 1.0, "accel": 2.0}]
+
+
+def test_fitting_request_passes_and_returns_totals():
+    totals = check_resources(WorkerResources(2, cpus_per_worker=2), nodes=NODES)
+    assert totals == {"CPU": 6.0, "GPU": 1.0, "accel": 2.0}
+    assert WorkerResources(2, 0.5).scaling_kwargs() == {"num_workers": 2, "use_gpu": False,
+                                                        "resources_per_worker": {"CPU": 0.5}}
+
+
+def test_missing_gpu_names_the_resource_and_the_cluster():
+    with pytest.raises(ResourceRequestError) as e:
+        check_resources(WorkerResources(2, 1, gpus_per_worker=1), nodes=NODES, what="search stage")
+    msg = str(e.value)
+    assert "search stage" in msg and "GPU (needs 2, cluster has 1)" in msg and "CPU=6" in msg
+    assert e.value.missing == {"GPU": 1.0}
+
+
+def test_cpu_reserve_for_data_and_custom_resources_count():
+    with pytest.raises(ResourceRequestError, match=r"CPU \(needs 7, cluster has 6\)"):
+        check_resources(WorkerResources(3, 2), reserve={"CPU": 1}, nodes=NODES)
+    with pytest.raises(ResourceRequestError, match="custom resource"):
+        check_resources(WorkerResources(1, 1, custom={"tpu": 1}), nodes=NODES)
+
+
+def test_bundles_that_cannot_span_nodes_are_refused_even_when_totals_fit():
+    # 2 x 3 CPUs = 6 = the total, but the 2-CPU node cannot hold a 3-CPU worker.
+    with pytest.raises(ResourceRequestError, match="only 1 worker"):
+        check_resources(WorkerResources(2, 3), nodes=NODES)
+
+
+def test_autoscale_turns_the_error_into_a_warning():
+    with pytest.warns(RuntimeWarning, match="autoscale"):
+        check_resources(WorkerResources(8, 1), nodes=NODES, allow_autoscale=True)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_live_cluster_refuses_an_impossible_request_fast():
+    ray = pytest.importorskip("ray")
+    import time
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ResourceRequestError, match=r"GPU \(needs 2, cluster has 0\)"):
+            check_resources(WorkerResources(2, 0.5, gpus_per_worker=1))
+        assert time.monotonic() - t0 < 10
+        check_resources(WorkerResources(2, 0.5), reserve={"CPU": 1})
+    finally:
+        ray.shutdown()
