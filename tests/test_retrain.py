@@ -108,3 +108,39 @@ def test_retrain_stage_on_ray_train(tmp_path):
     assert out["measured_latency_ms"] > 0 and out["node_ids"]
     for key in ("model.pt", "model.ts", "model.onnx", "arch.json", "retrain_record.jsonl", "metrics.json"):
         assert store.exists(key), key
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+def test_latency_on_cuda_uses_cuda_events():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model = build_model(_arch(), num_classes=CLASSES)
+    lat = measure_latency(model, (8, 1, 16, 16), device="cuda", warmup=5, repeats=20)
+    assert lat["device"]["kind"] == "cuda" and lat["device"]["name"] and 0 < lat["median"] < 100
+
+
+@pytest.mark.gpu
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_search_on_nccl_gpu_worker(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    ray = pytest.importorskip("ray")
+    from cluster.storage import open_store
+    from jobs.search import SearchJobConfig, run_search
+    from jobs.split import SplitConfig, run_split
+
+    split_store = open_store(str(tmp_path / "split"))
+    manifest = run_split(SplitConfig(classes=CLASSES, max_per_class=60, test_max_per_class=10, executor="local"),
+                         split_store)
+    ray.init(include_dashboard=False)
+    try:
+        workers = min(2, torch.cuda.device_count())
+        job = SearchJobConfig.model_validate({"workers": workers, "cpus_per_worker": 1, "use_gpu": True,
+                                              "max_failures": 0, "epochs": 2, "warmup_epochs": 1, "batch_size": 16})
+        store = open_store(str(tmp_path / "search"))
+        out = run_search(job, "micro_mbconv", manifest, None, store, split_store=split_store)
+    finally:
+        ray.shutdown()
+    assert out["epochs"] == 2 and len({w["arch_sha256"] for w in out["workers"]}) == 1

@@ -1,0 +1,303 @@
+"""The retrain stage: train the derived network from scratch on Ray Train, test it, time it, export it.
+
+``run_retrain(cfg, arch, split_manifest, store, ctx) -> dict``
+
+- the network is ``densenas.arch.build_model(arch, num_classes)`` from the architecture JSON;
+- data: the split's search-train + search-val shards (the full training data, both augmented) and
+  the held-out test shards, through Ray Data, each worker its own shard; the global batch is split
+  over the workers and gradients are all-reduced (mean) every step (gloo on CPU, NCCL on GPU);
+- recipe (``densenas.retrain.TrainRecipe``): the paper's SGD momentum 0.9, weight decay 4e-5, label
+  smoothing 0.1, cosine schedule as defaults (paper: 240 epochs, batch 1024, lr 0.5);
+- checkpoints every epoch (Ray Train storage = the stage's checkpoint store, ``latest.json`` pointer),
+  ``FailureConfig(max_failures)``, resume after a dead job -- as the search stage does;
+- after the last epoch every rank evaluates its test shard, counts are all-reduced: top-1 / top-5;
+- the driver then measures the real latency on the profile device (batch of the latency table, eval,
+  ``no_grad``, ``densenas.profiling``'s timing; a Ray task with one GPU for ``cuda``), exports
+  TorchScript and ONNX, checks both against the PyTorch outputs, and stores everything.
+
+Outputs (in ``store``): ``model.pt`` (state dict), ``model.ts``, ``model.onnx``, ``arch.json``,
+``retrain_record.jsonl``, ``metrics.json``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from pydantic import Field
+
+from densenas.retrain import TrainRecipe
+from jobs.resources import check_resources, threads_for_cpus
+from jobs.search import (TrainJobResources, _report_checkpoint, _say, allreduce_mean, allreduce_sum, broadcast_module,
+                         capped_batches, latest_checkpoint, numeric_metrics, open_split_store, publish_latest,
+                         steps_per_worker, tracker_info, RankZeroTracker, _load_checkpoint_file, _node_id,
+                         META_FILE)
+
+__all__ = ["RetrainConfig", "run_retrain", "retrain_stage", "latency_setup"]
+
+STATE_FILE = "retrain_state.pt"
+
+
+class RetrainConfig(TrainJobResources, TrainRecipe):
+    """The ``retrain`` section: the training recipe (paper defaults) plus how the Train job runs and
+    how the result is measured."""
+
+    workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks)")
+    measure_latency: bool = Field(True, description="time the trained network on the profile device")
+    latency_device: str | None = Field(None, description="'cpu' / 'cuda'; None: the latency table's device, else cpu")
+    latency_batch: int | None = Field(None, ge=1, description="None: the latency table's batch, else 1")
+    latency_threads: int | None = Field(None, ge=1, description="CPU threads; None: the table's, else 1")
+    latency_warmup: int = Field(10, ge=0)
+    latency_repeats: int = Field(50, ge=1)
+    export: bool = Field(True, description="write TorchScript and ONNX files and check them")
+    seed: int = 0
+
+
+def latency_setup(cfg: RetrainConfig, table: Any = None) -> dict:
+    """(device, batch, threads) for the latency measurement: explicit config, else the table's."""
+    dev = (getattr(table, "device", None) or {}) if table is not None else {}
+    return {"device": cfg.latency_device or dev.get("kind") or "cpu",
+            "batch": cfg.latency_batch or getattr(table, "batch", None) or 1,
+            "threads": cfg.latency_threads or dev.get("threads") or 1}
+
+
+# --------------------------------------------------------------------------- the worker loop
+def _retrain_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from densenas.arch import build_model
+    from densenas.retrain import (build_optimizer, build_scheduler, evaluate, load_retrain_state,
+                                  retrain_state_dict, state_from_bytes, state_to_bytes, train_epoch)
+    from jobs.data import worker_batches
+
+    tctx = ray.train.get_context()
+    rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    cfg = RetrainConfig.model_validate(config["cfg"])
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    model = build_model(config["arch"], num_classes=config["num_classes"], dropout=cfg.dropout).to(device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, config["steps"])
+    epoch, step, history = 0, 0, []
+    data, source = _load_checkpoint_file(STATE_FILE, config["ckpt_store"], config["pointer"])
+    if data is not None:
+        restored = load_retrain_state(state_from_bytes(data, device), model, optimizer, scheduler)
+        epoch, step, history = restored["epoch"], restored["step"], restored["history"]
+        if rank == 0:
+            print(f"[retrain] resumed at epoch {epoch} from {source}", flush=True)
+    broadcast_module(model)
+    sync = allreduce_mean if world > 1 else None
+    tracker = RankZeroTracker(config.get("tracking"), enabled=rank == 0)
+    while epoch < cfg.epochs:
+        batches = capped_batches(worker_batches("train", config["batch"], drop_last=True, device=device),
+                                 config["steps"])
+        r = train_epoch(model, batches, optimizer, scheduler, cfg, device, grad_sync=sync)
+        epoch, step = epoch + 1, step + r["steps"]
+        stats = allreduce_sum(torch.tensor([r["loss"] * r["n"], r["acc"] * r["n"], r["n"]], dtype=torch.float64))
+        record = {"epoch": epoch, "step": step, "lr": r["lr"], "train_loss": float(stats[0] / stats[2]),
+                  "train_acc": float(stats[1] / stats[2]), "seconds": r["seconds"],
+                  "img_per_s": float(stats[2]) / max(r["seconds"], 1e-9)}
+        if epoch == cfg.epochs:  # the held-out test set, once, at the end; every rank its shard
+            test = evaluate(model, worker_batches("test", config["batch"], device=device), device,
+                            reduce=allreduce_sum)
+            record.update(test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"], test_n=test["n"])
+        history.append(record)
+        if rank == 0:
+            print(f"[retrain] epoch {epoch}/{cfg.epochs} loss {record['train_loss']:.4f} acc {record['train_acc']:.3f} "
+                  f"lr {record['lr']:.4g} {record['img_per_s']:.0f} img/s"
+                  + (f" | test top-1 {record['test_top1']:.3f} top-5 {record['test_top5']:.3f}"
+                     if "test_top1" in record else ""), flush=True)
+            state = retrain_state_dict(model, optimizer, scheduler, epoch, step, history,
+                                       extra={"node_id": _node_id(), "world": world})
+            dir_name = f"epoch-{epoch:04d}"
+            _report_checkpoint(numeric_metrics(record), {STATE_FILE: state_to_bytes(state),
+                                                        META_FILE: json.dumps({"epoch": epoch}).encode()}, dir_name)
+            publish_latest(config["ckpt_store"], config["run_name"], dir_name, epoch, [STATE_FILE, META_FILE])
+            tracker.log(numeric_metrics(record, "retrain_"), step=epoch)
+        else:
+            ray.train.report(numeric_metrics(record))
+        config["stage_store"].put_json(f"workers/rank-{rank}.json", {"rank": rank, "node_id": _node_id(),
+                                                                      "epoch": epoch})
+
+
+def _measure_in_task(model_bytes: bytes, arch: Any, num_classes: int, shape: list[int], device: str, threads: int,
+                     warmup: int, repeats: int) -> dict:
+    from densenas.arch import build_model
+    from densenas.retrain import measure_latency
+
+    model = build_model(arch, num_classes=num_classes)
+    model.load_state_dict(torch.load(io.BytesIO(model_bytes), map_location="cpu"))
+    return measure_latency(model, shape, device=device, warmup=warmup, repeats=repeats, threads=threads)
+
+
+# --------------------------------------------------------------------------- the stage
+def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: Mapping | None = None, store: Any = None,
+                ctx: Any = None, *, split_store: Any = None, latency_table: Any = None,
+                checkpoint_store: Any = None) -> dict:
+    """Retrain ``arch`` (an ``Arch``, its JSON/dict, a path or a preset name) on the split's training
+    data as a Ray Train job; test, time and export it; returns the stage's outputs.
+
+    Also callable as the pipeline's stage function ``run_retrain(section, ctx)``: see ``retrain_stage``.
+    """
+    if arch is not None and ctx is None and hasattr(arch, "inputs") and hasattr(arch, "run_store"):
+        return retrain_stage(cfg, arch)  # the runner's calling convention: (section, ctx)
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cluster.storage import ray_storage
+    from densenas.arch import build_model, load_arch
+    from densenas.retrain import check_exports, export_onnx, export_torchscript, state_from_bytes
+    from jobs.data import shard_dataset
+
+    cfg = cfg if isinstance(cfg, RetrainConfig) else RetrainConfig.model_validate(cfg)
+    if split_manifest is None or store is None or arch is None:
+        raise ValueError("run_retrain needs arch, split_manifest and store (or call it as run_retrain(section, ctx))")
+    arch = load_arch(arch)
+    num_classes = int(split_manifest["num_classes"])
+    arch = arch.replace(num_classes=num_classes) if arch.num_classes != num_classes else arch
+    ckpt_store = checkpoint_store or getattr(ctx, "checkpoint_store", None) or store.child("checkpoints")
+    shards = open_split_store(split_manifest, ctx, split_store)
+    counts = split_manifest["counts"]
+    rows = int(counts["train"]) + int(counts["val"])
+    batch, steps = steps_per_worker(rows, cfg.workers, cfg.batch_size)
+    if steps < 1:
+        raise ValueError(f"{rows} training images cannot make one batch per worker for {cfg.workers} workers")
+    if not split_manifest["shards"].get("test"):
+        raise ValueError("the split has no held-out test shards; set data.test_fraction / test_max_per_class > 0")
+    request = cfg.request()
+    check_resources(request, reserve={"CPU": cfg.data_cpus} if cfg.data_cpus else None, what="retrain stage")
+    pointer = latest_checkpoint(ckpt_store)
+    if pointer is not None:
+        _say(f"retrain: resuming from {ckpt_store.uri_for(pointer['dir'])} (epoch {pointer['epoch']})", ctx)
+
+    size, channels = arch.input_size, arch.in_channels
+    train = shard_dataset(split_manifest, "train", shards, train=True, input_size=size, channels=channels).union(
+        shard_dataset(split_manifest, "val", shards, train=True, input_size=size, channels=channels))
+    test = shard_dataset(split_manifest, "test", shards, train=False, input_size=size, channels=channels)
+    run_name = f"retrain-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    storage_path, storage_fs = ray_storage(ckpt_store)
+    loop_config = {"cfg": cfg.model_dump(mode="json"), "arch": arch.to_dict(), "num_classes": num_classes,
+                   "steps": steps, "batch": batch, "threads": threads_for_cpus(cfg.cpus_per_worker),
+                   "ckpt_store": ckpt_store, "stage_store": store, "pointer": pointer, "run_name": run_name,
+                   "tracking": tracker_info(ctx)}
+    trainer = TorchTrainer(
+        _retrain_worker, train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(**request.scaling_kwargs()),
+        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": train, "test": test})
+    _say(f"retrain: {arch.one_line()} | {cfg.workers} worker(s) x {request.per_worker()}, {cfg.epochs} epochs, "
+         f"{steps} steps/epoch at {batch}/worker, lr {cfg.lr}", ctx)
+    t0 = time.time()
+    result = trainer.fit()
+    if getattr(result, "error", None) is not None:
+        raise RuntimeError(f"retrain Train run {run_name} failed: {result.error}") from result.error
+    seconds = time.time() - t0
+
+    pointer = latest_checkpoint(ckpt_store)
+    state = state_from_bytes(ckpt_store.get_bytes(f"{pointer['dir']}/{STATE_FILE}", verify=False))
+    if int(state["epoch"]) != cfg.epochs:
+        raise RuntimeError(f"the last retrain checkpoint is at epoch {state['epoch']}, expected {cfg.epochs}")
+    model = build_model(arch, num_classes=num_classes)
+    model.load_state_dict(state["model"])
+    model.eval()
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    store.put_bytes("model.pt", buf.getvalue())
+    store.put_bytes("arch.json", arch.to_json().encode())
+    history = state["history"]
+    store.put_bytes("retrain_record.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
+    last = history[-1]
+    metrics = {"test_top1": last["test_top1"], "test_top5": last["test_top5"], "test_loss": last["test_loss"],
+               "train_loss": last["train_loss"], "train_acc": last["train_acc"], "epochs": float(state["epoch"]),
+               "retrain_seconds": round(seconds, 2),
+               "train_img_per_s": sum(r["img_per_s"] for r in history) / len(history)}
+    out: dict[str, Any] = {"model_key": "model.pt", "arch_key": "arch.json", "records_key": "retrain_record.jsonl",
+                           "checkpoint": ckpt_store.uri_for(pointer["dir"]),
+                           "node_ids": sorted({store.get_json(k)["node_id"] for k in store.list("workers")
+                                               if k.endswith(".json")})}
+
+    if cfg.measure_latency:
+        setup = latency_setup(cfg, latency_table)
+        shape = [int(setup["batch"]), channels, size, size]
+        resources = {"num_gpus": 1, "num_cpus": 1} if setup["device"] == "cuda" else {"num_cpus": 1}
+        _say(f"retrain: measuring latency on {setup['device']} (batch {setup['batch']}, {setup['threads']} thread(s))", ctx)
+        lat = ray.get(ray.remote(**resources)(_measure_in_task).remote(
+            buf.getvalue(), arch.to_dict(), num_classes, shape, setup["device"], int(setup["threads"]),
+            cfg.latency_warmup, cfg.latency_repeats), timeout=600)
+        out["measured_latency"] = lat
+        out["measured_latency_ms"] = metrics["measured_latency_ms"] = lat["median"]
+        predicted = (arch.metadata or {}).get("predicted_cost")
+        if predicted is not None and (arch.metadata or {}).get("cost_units") == "ms":
+            out["predicted_latency_ms"] = metrics["predicted_latency_ms"] = float(predicted)
+
+    if cfg.export:
+        example = torch.randn(2, channels, size, size)
+        with tempfile.TemporaryDirectory(prefix="densenas-export-") as d:
+            ts = export_torchscript(model, example, Path(d) / "model.ts")
+            onnx_info = export_onnx(model, example, Path(d) / "model.onnx")
+            check = check_exports(model, example, ts, onnx_info["path"])
+            store.put_file("model.ts", ts)
+            store.put_file("model.onnx", onnx_info["path"])
+        out.update(torchscript_key="model.ts", onnx_key="model.onnx", onnx_exporter=onnx_info["exporter"],
+                   export_check=check)
+        metrics.update(torchscript_max_abs_diff=check["torchscript_max_abs_diff"],
+                       onnx_max_abs_diff=check["onnx_max_abs_diff"])
+    out["metrics"] = metrics
+    store.put_json("metrics.json", out)
+    _say(f"retrain: test top-1 {metrics['test_top1']:.3f} top-5 {metrics['test_top5']:.3f} in {seconds:.1f}s", ctx)
+    return out
+
+
+def _derived_arch(ctx) -> Any:
+    """The derive stage's architecture: an inline document, or a key of its store (else search's arch.json)."""
+    for stage in ("derive", "search"):
+        if stage not in ctx.inputs:
+            continue
+        manifest = ctx.inputs[stage]
+        for k in ("arch", "arch_key"):
+            v = manifest.get(k)
+            if isinstance(v, Mapping):
+                return dict(v)
+            if isinstance(v, str) and v.endswith(".json") and ctx.run_store.child(stage).exists(v):
+                return ctx.run_store.child(stage).get_bytes(v).decode()
+            if isinstance(v, str) and v.lstrip().startswith(("{", "[")):
+                return v
+    raise ValueError(f"no architecture found in the upstream manifests ({sorted(ctx.inputs)}); the derive stage "
+                     "should return 'arch' (document) or 'arch_key' (a JSON key in its store)")
+
+
+def retrain_stage(section: Any, ctx) -> dict:
+    """The pipeline's stage function: ``section`` is the ``retrain`` config; the architecture, the split
+    and the latency table come from ``ctx.inputs``."""
+    table = None
+    if "profile" in ctx.inputs:
+        try:
+            table = _profile_table(ctx)
+        except Exception as e:  # noqa: BLE001 -- latency set-up falls back to the config / cpu
+            _say(f"retrain: no latency table from the profile stage ({type(e).__name__}: {e}); timing on the "
+                 "configured device", ctx)
+    cfg = section if isinstance(section, RetrainConfig) else RetrainConfig.model_validate(
+        section.model_dump() if hasattr(section, "model_dump") else section)
+    return run_retrain(cfg, _derived_arch(ctx), ctx.input("split"), ctx.store, ctx, latency_table=table)
+
+
+def _profile_table(ctx) -> Any:
+    from densenas.latency import LatencyTable
+
+    manifest = ctx.input("profile")
+    key = next((manifest[k] for k in ("table_key", "latency_table_key", "latency_table", "table")
+                if isinstance(manifest.get(k), str)), None)
+    if key is None:
+        raise ValueError("the profile manifest names no latency table ('table_key')")
+    return LatencyTable.from_dict(ctx.run_store.child("profile").get_json(key))
