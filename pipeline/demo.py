@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 
@@ -45,12 +46,27 @@ def _ray_cli() -> str:
     return found
 
 
-def submit_command(config: str, run_id: str, stack_env: dict[str, str], runtime_env_file: Path) -> list[str]:
-    """The ``ray job submit`` command line the demo runs (the job's Python is this venv's)."""
+def submit_command(config: str, run_id: str, stack_env: dict[str, str], runtime_env_file: Path, *,
+                   extra_args: Sequence[str] = (), resume: bool = True, wait: bool = True,
+                   submission_id: str | None = None) -> list[str]:
+    """The ``ray job submit`` command line the demo runs (the job's Python is this venv's).
+
+    ``extra_args`` go to pipeline/run.py (e.g. ``--set search.epochs=2``); ``wait=False`` returns
+    once the job is accepted (follow it with ``ray job status / logs``, stop it with ``ray job stop``)."""
     return [_ray_cli(), "job", "submit", "--address", stack_env["RAY_DASHBOARD_URL"],
             "--working-dir", str(REPO_ROOT), "--runtime-env", str(runtime_env_file),
-            "--submission-id", f"{run_id}-{int(time.time())}", "--",
-            sys.executable, "pipeline/run.py", "--config", config, "--run-id", run_id, "--resume"]
+            "--submission-id", submission_id or f"{run_id}-{int(time.time())}",
+            *([] if wait else ["--no-wait"]), "--",
+            sys.executable, "pipeline/run.py", "--config", config, "--run-id", run_id,
+            *(["--resume"] if resume else []), *extra_args]
+
+
+def cli_env(stack_env: dict[str, str]) -> dict[str, str]:
+    """The environment for the ``ray job`` CLI: the stack's (token auth) without ``RAY_ADDRESS``
+    (the CLI talks to the dashboard given by ``--address``; the job joins through its own env)."""
+    env = {**os.environ, **stack_env}
+    env.pop("RAY_ADDRESS", None)
+    return env
 
 
 def write_runtime_env(path: Path, stack_env: dict[str, str]) -> Path:
@@ -88,8 +104,7 @@ def run_demo(config: str = "configs/tiny.yaml", run_id: str | None = None, timeo
     runtime_env = write_runtime_env(stack.state_dir / "demo_runtime_env.yaml", stack_env)
     cmd = submit_command(config, run_id, stack_env, runtime_env)
     print(f"demo: submitting run {run_id!r}:\n  {' '.join(cmd)}", flush=True)
-    env = {**os.environ, **stack_env}
-    env.pop("RAY_ADDRESS", None)    # the CLI talks to the dashboard (--address); the job joins via its own env
+    env = cli_env(stack_env)
     try:
         rc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, timeout=timeout_s).returncode
     except subprocess.TimeoutExpired:

@@ -461,6 +461,46 @@ def _split_stage(section: Any, ctx: StageContext) -> dict:
     return run_split(section, ctx.store, ctx)
 
 
+def _with_table_key(fn: StageFn | None) -> StageFn | None:
+    """The profile manifest names its table as a URI (``latency_table``); its consumers (search,
+    derive, retrain) read a key relative to the profile folder first (``table_key``). Add that key
+    so both forms are in the manifest and every consumer finds the same table."""
+    if fn is None:
+        return None
+
+    def profile_stage(section: Any, ctx: StageContext) -> dict:
+        out = dict(fn(section, ctx) or {})
+        uri = out.get("latency_table")
+        if isinstance(uri, str) and "table_key" not in out:
+            base = ctx.store.uri_for("")
+            key = uri[len(base):].lstrip("/") if uri.startswith(base) else uri
+            if "://" not in key and ctx.store.exists(key):
+                out["table_key"] = key
+        return out
+
+    return profile_stage
+
+
+def _with_search_cost(fn: StageFn | None) -> StageFn | None:
+    """Derive scores the path with the cost model the search used (``search.cost``: 'profile' = the
+    profile stage's table). Pass it explicitly: the search section is written flat but held as
+    ``SearchJobConfig`` (``cfg.search_core.cost``), which ``run_derive`` does not look into."""
+    if fn is None:
+        return None
+
+    def derive_stage(sections: Any, ctx: StageContext) -> dict:
+        core = ctx.config.search_core
+        if core.cost == "macs":
+            from densenas.latency import MacsCostModel
+            from pipeline.config import resolve_space
+
+            space = resolve_space(ctx.config.space)
+            return fn(sections, ctx, cost_model=MacsCostModel(space, skip_fraction=core.macs_skip_fraction))
+        return fn(sections, ctx, cost_model=core.cost)
+
+    return derive_stage
+
+
 def _import_stage(module: str, attr: str) -> tuple[StageFn | None, str | None]:
     import importlib
 
@@ -483,7 +523,7 @@ def builtin_graph() -> StageGraph:
 
     # jobs.profile.run_profile({"space", "profile"}, ctx): latency_table.json + accuracy report.
     fn, why = _import_stage("jobs.profile", "run_profile")
-    g.register(Stage("profile", fn, ("space", "profile"), code=PROFILE_CODE,
+    g.register(Stage("profile", _with_table_key(fn), ("space", "profile"), code=PROFILE_CODE,
                      uses_ray=True, unavailable=why, description="latency table of every op signature"))
 
     # jobs.search.run_search({"space", "search"}, ctx): Ray Train search. The weights-only warm-up
@@ -497,7 +537,7 @@ def builtin_graph() -> StageGraph:
     # jobs.derive.run_derive({"space", "derive"}, ctx) -> {"arch", "one_line", "official",
     # "predicted_latency", "latency_units", "params", "macs", ...} (read by `pipeline inspect`).
     fn, why = _import_stage("jobs.derive", "run_derive")
-    g.register(Stage("derive", fn, ("space", "derive"), upstream=("search", "profile"),
+    g.register(Stage("derive", _with_search_cost(fn), ("space", "derive"), upstream=("search", "profile"),
                      code=DERIVE_CODE, unavailable=why,
                      description="Viterbi path + argmax ops -> architecture"))
 
