@@ -18,7 +18,7 @@ def _err(doc=None, overrides=(), check=True):
 
 def test_shipped_configs_validate():
     tiny = load_config("configs/tiny.yaml")
-    assert tiny.name == "tiny" and tiny.search_core.lambda_ == 0.15 and tiny.search.workers == 2 and tiny.data.max_per_class == 300
+    assert tiny.name == "tiny" and tiny.search_core.lambda_ == 0.15 and tiny.search.workers == 2 and tiny.data.max_per_class == 200
     assert type(tiny.data).__module__ == "jobs.split"          # the owning layer's model, not a copy
     big = load_config("configs/imagenet_mbconv.yaml", check=False)
     assert big.search_core.epochs == 250 and big.search_core.warmup_epochs == 150 and big.data.classes == 100
