@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 __all__ = ["RunRecord", "default_run_id", "list_runs", "format_status", "format_runs", "inspect_run",
            "format_inspect", "RunNotFound"]
@@ -145,8 +145,11 @@ class RunRecord:
         self._event(f"{name}: finished")
         self.save()
 
-    def finish(self) -> None:
-        states = [s.get("state") for s in self.stages.values()]
+    def finish(self, stages: Iterable[str] | None = None) -> None:
+        """Set the run's status from the states of ``stages`` (this invocation's; None: all). A stage
+        left out of this invocation (``--stages``) keeps its entry but does not decide the status."""
+        names = set(self.stages) if stages is None else set(stages)
+        states = [s.get("state") for n, s in self.stages.items() if n in names]
         if any(st == "interrupted" for st in states):
             self.doc["status"] = "interrupted"
         elif any(st in ("failed",) for st in states):

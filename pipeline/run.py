@@ -47,7 +47,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 def _sigterm_as_interrupt() -> None:
     """`ray job stop` sends SIGTERM: turn it into KeyboardInterrupt so the run record says
     'interrupted' (and the stage's checkpoint stays for --resume) instead of 'running' forever."""
+    from pipeline.stages import STOP_REQUESTED
+
     def handler(signum, frame):
+        STOP_REQUESTED.set()
         raise KeyboardInterrupt(f"signal {signum}")
     try:
         signal.signal(signal.SIGTERM, handler)

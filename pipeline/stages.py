@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
+# Set by the entry point's SIGTERM / SIGINT handler: whatever a stage raises after it is an interruption.
+STOP_REQUESTED = threading.Event()
 CHECKPOINTS = "checkpoints"
 # Keys the runner writes into every manifest; a stage's result must not use them.
 RUNNER_KEYS = ("stage", "run_id", "fingerprint", "state", "code_version", "timings", "store_uri", "inputs")
@@ -336,6 +339,7 @@ def run_pipeline(cfg: PipelineConfig, *, run_id: str | None = None, stages: Sequ
     record.save()
 
     failed: StageFailed | None = None
+    participating = [p.stage.name for p in planned if p.action != "skip"]
     try:
         for p in planned:
             st, fp = p.stage, p.fingerprint
@@ -356,11 +360,11 @@ def run_pipeline(cfg: PipelineConfig, *, run_id: str | None = None, stages: Sequ
     except StageFailed as e:
         failed = e
         for d in graph.downstream(e.stage):
-            if record.stages.get(d, {}).get("state") not in ("finished", "cached"):
+            if d in participating and record.stages.get(d, {}).get("state") not in ("finished", "cached"):
                 record.stage_event(d, "blocked", fingerprint=fps[d], reason=f"upstream {e.stage} failed")
         raise
     finally:
-        record.finish()
+        record.finish(participating)
         tracker_end = getattr(tracker, "end", None)
         if callable(tracker_end):
             tracker_end("FAILED" if failed else ("FINISHED" if record.status == "finished" else "KILLED"))
@@ -401,7 +405,11 @@ def _run_one(st: Stage, fp: str, cache_fps: Mapping[str, str], cfg: PipelineConf
         if clash:
             raise PipelineError(f"stage {st.name!r} returned runner-reserved keys {clash}; rename them")
     except BaseException as e:  # noqa: BLE001 -- record KeyboardInterrupt too, then re-raise
-        state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        # A stop request (SIGTERM from `ray job stop`, Ctrl-C) is an interruption, resumable, not a
+        # failure. Once Ray is up its own SIGTERM handler replaces ours and raises SystemExit; the
+        # request may also surface as another error out of Ray (the Train run torn down under it).
+        interrupted = isinstance(e, (KeyboardInterrupt, SystemExit)) or STOP_REQUESTED.is_set()
+        state = "interrupted" if interrupted else "failed"
         record.stage_failed(st.name, state, f"{type(e).__name__}: {e}", traceback.format_exc(limit=8))
         end = getattr(stage_tracker, "end", None)
         if callable(end) and stage_tracker is not tracker:
@@ -409,6 +417,8 @@ def _run_one(st: Stage, fp: str, cache_fps: Mapping[str, str], cfg: PipelineConf
         printer(f"[{st.name}] {state}: {type(e).__name__}: {e}")
         if isinstance(e, KeyboardInterrupt):
             raise
+        if interrupted:
+            raise KeyboardInterrupt(f"stage {st.name} stopped: {type(e).__name__}: {e}") from e
         raise StageFailed(st.name, e) from e
 
     metrics = dict(result.get("metrics") or {})
