@@ -177,3 +177,26 @@ def test_state_dict_round_trip_and_resnet():
     out = r(torch.randn(2, 1, 32, 32), r.sample_choices("alpha2", torch.Generator().manual_seed(0)))
     out.sum().backward()
     assert out.shape == (2, 3) and set(r.classifiers) == {"block_5", "block_6"}
+
+
+def test_memory_format_does_not_change_the_computation():
+    """channels_last (the default, faster on CPU) and NCHW super networks compute the same logits and
+    the same gradients from the same weights: the format is a speed choice, not a change of the method."""
+    torch.manual_seed(0)
+    nhwc = SuperNet("micro_mbconv", 5, channels_last=True)
+    nchw = SuperNet("micro_mbconv", 5, channels_last=False)
+    nchw.load_state_dict(nhwc.state_dict())
+    assert nhwc.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert nchw.stem.conv.weight.is_contiguous()
+    choices = nhwc.sample_choices("alpha2", torch.Generator().manual_seed(2))
+    x = _x(nhwc)
+    outs = []
+    for net in (nhwc, nchw):
+        out = net(x, choices)
+        F.cross_entropy(out, torch.arange(4)).backward()
+        outs.append(out)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    grads = [dict((n, p.grad) for n, p in net.named_parameters() if p.grad is not None) for net in (nhwc, nchw)]
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-4, rtol=1e-3), n
