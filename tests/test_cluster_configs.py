@@ -166,31 +166,65 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert not cv.validate_file(not_yaml).ok
 
 
+_TWO_NODE_DRIVER = """
+import json, sys, time
+import ray
+from tests.multinode_util import wait_for_alive_nodes, wait_for_node_dead
+
+ray.init(address=sys.argv[1], log_to_driver=False)
+wait_for_alive_nodes(2, 30)
+
+@ray.remote(num_cpus=0)
+def node_id():
+    return ray.get_runtime_context().get_node_id()
+
+ids = ray.get([node_id.options(resources={"node_a": 1}).remote(),
+               node_id.options(resources={"node_b": 1}).remote()], timeout=45)
+print(json.dumps({"ids": ids}), flush=True)
+sys.stdin.readline()  # the test stops node b, then tells us to look
+dead = wait_for_node_dead("node_b", timeout_s=30)
+alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+print(json.dumps({"dead": dead["NodeID"], "alive": alive}), flush=True)
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(90)
 def test_two_node_local_cluster_smoke():
     """tests/multinode_util.py: two `ray start` processes form one token-authenticated cluster,
-    tasks pinned by custom resource land on different nodes, and a stopped node is seen dead."""
-    from tests.multinode_util import connect, two_node_cluster, wait_for_node_dead
+    tasks pinned by custom resource land on different nodes, and a stopped node is seen dead.
+
+    The driver runs in a subprocess: Ray's C++ core caches the auth token per process, so a driver
+    connected to this token-authenticated cluster would break later local ``ray.init()`` calls of
+    the pytest process (they start clusters with another token)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.multinode_util import two_node_cluster
 
     with two_node_cluster() as cluster:
         assert cluster.auth_env["RAY_AUTH_MODE"] == "token"
-        with connect(cluster) as ray:
-            @ray.remote(num_cpus=0)
-            def node_id() -> str:
-                return ray.get_runtime_context().get_node_id()
-
-            on_a = node_id.options(resources={"node_a": 1}).remote()
-            on_b = node_id.options(resources={"node_b": 1}).remote()
-            id_a, id_b = ray.get([on_a, on_b], timeout=45)
+        env = {**cluster.driver_env(), "PYTHONPATH": str(REPO)}
+        env.pop("RAY_ADDRESS", None)
+        driver = subprocess.Popen([sys.executable, "-c", _TWO_NODE_DRIVER, cluster.address], cwd=REPO, env=env,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            first = json.loads(driver.stdout.readline() or "{}")
+            id_a, id_b = first["ids"]
             assert id_a != id_b
-
             cluster.stop_node_b()
             assert not cluster.node_b.alive()
-            dead = wait_for_node_dead("node_b", timeout_s=30)
-            assert dead["NodeID"] == id_b
-            assert [n["NodeID"] for n in ray.nodes() if n["Alive"]] == [id_a]
+            driver.stdin.write("go\n")
+            driver.stdin.flush()
+            second = json.loads(driver.stdout.readline() or "{}")
+            assert second["dead"] == id_b
+            assert second["alive"] == [id_a]
+            assert driver.wait(timeout=60) == 0
+        finally:
+            if driver.poll() is None:
+                driver.kill()
     assert not cluster.head.alive()
 
 
