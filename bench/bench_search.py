@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -40,6 +39,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from densenas.latency import describe_device  # noqa: E402
+
 OUT = REPO / "docs" / "benchmarks" / "search.md"
 AUTHORS_STANDALONE = {224: 0.52, 64: 0.30}  # DenseNAS-C, 100 classes, fwd + bwd + SGD
 AUTHORS = {  # shared/reference/authors_code_speed.md (2 threads, this machine type)
@@ -49,14 +50,7 @@ AUTHORS = {  # shared/reference/authors_code_speed.md (2 threads, this machine t
 
 
 def machine() -> str:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = describe_device("cpu")["name"]
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 

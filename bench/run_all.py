@@ -24,17 +24,12 @@ OUTPUT = REPO / "docs" / "benchmarks.md"
 
 
 def machine_summary() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import torch
 
+    from densenas.latency import describe_device
+
+    cpu = describe_device("cpu")["name"]
     return (f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM, "
             f"Python {platform.python_version()}, torch {torch.__version__}")
 

@@ -181,20 +181,9 @@ def start_worker_node(address: str, temp_root: Path, auth_env: dict[str, str], *
                        resources if resources is not None else {name: 1}, timeout_s)
 
 
-def _session_pids(sid: int) -> list[int]:
-    """PIDs in session ``sid``: everything a ``ray start`` we launched with start_new_session
-    spawned, including Ray workers (they get their own process group but keep the session)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
+# Live PIDs in a session (what a `ray start` launched with start_new_session spawned, Ray workers
+# included): the local stack's helper does exactly this.
+from cluster.local import _session_pids  # noqa: E402
 
 
 def _pids_using(path: Path) -> list[int]:
