@@ -149,8 +149,8 @@ def main(argv=None) -> int:
     split_store = open_store(str(work / "split"))
     data_cfg = cfg.data.model_copy(update={"executor": "local"})
     manifest = run_split(data_cfg, split_store)
-    search = cfg.search.model_copy(update={"cost": args.cost})
-    sweep = cfg.sweep.model_copy(update={"lambdas": args.lambdas, "taus": [cfg.search.tau]})
+    search = cfg.search_core.model_copy(update={"cost": args.cost})
+    sweep = cfg.sweep.model_copy(update={"lambdas": args.lambdas, "taus": [search.tau]})
     cost_model = load_cost_model(args.cost, space)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     t0 = time.time()
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
         f"--epochs {args.epochs} --random {args.random} --cost {args.cost}`",
         "",
         f"Setup: space `{space.name}`, data as in `configs/sweep_tiny.yaml` ({manifest['counts']}), search "
-        f"{search.epochs} epochs ({search.warmup_epochs} warm-up, trained once and shared), tau {cfg.search.tau}, "
+        f"{search.epochs} epochs ({search.warmup_epochs} warm-up, trained once and shared), tau {search.tau}, "
         f"cost model {cost_model.units}; each trial: search (Ray Train) -> derive -> {sweep.retrain_epochs}-epoch "
         f"retrain (Ray Train) -> measured latency (batch 1, 1 thread, median of {sweep.latency_repeats}). "
         f"Sweep wall time {sweep_s:.0f} s; comparison retrains {compare_s:.0f} s; total {time.time() - t_all:.0f} s.",
