@@ -153,3 +153,22 @@ def check_resources(request: WorkerResources, reserve: Mapping[str, float] | Non
 def threads_for_cpus(cpus: float) -> int:
     """Whole CPUs a worker's torch should use for ``cpus`` logical CPUs (at least one thread)."""
     return max(1, math.floor(cpus + _EPS))
+
+
+def torch_trainer(worker_fn, loop_config: dict, request: WorkerResources, *, use_gpu: bool, run_name: str,
+                  storage, max_failures: int, datasets: dict):
+    """The TorchTrainer both Train stages (search, retrain) run: gloo on CPU / NCCL on GPU, the
+    validated worker request, checkpoints in the artifact store (``storage`` = ray_storage(store)),
+    FailureConfig restarts from the latest checkpoint, the last two checkpoints kept."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    storage_path, storage_fs = storage
+    return TorchTrainer(
+        worker_fn, train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(**request.scaling_kwargs()),
+        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets=datasets)

@@ -32,7 +32,7 @@ import torch
 from pydantic import Field
 
 from densenas.retrain import TrainRecipe
-from jobs.resources import check_resources, threads_for_cpus
+from jobs.resources import check_resources, threads_for_cpus, torch_trainer
 from jobs.search import (TrainJobResources, _report_checkpoint, _say, allreduce_mean, allreduce_sum, broadcast_module,
                          capped_batches, latest_checkpoint, numeric_metrics, open_split_store, publish_latest,
                          steps_per_worker, tracker_info, RankZeroTracker, _load_checkpoint_file, _node_id,
@@ -149,8 +149,6 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
     if arch is not None and ctx is None and hasattr(arch, "inputs") and hasattr(arch, "run_store"):
         return retrain_stage(cfg, arch)  # the runner's calling convention: (section, ctx)
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from cluster.storage import ray_storage
     from densenas.arch import build_model, load_arch
@@ -188,14 +186,9 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
                    "steps": steps, "batch": batch, "threads": threads_for_cpus(cfg.cpus_per_worker),
                    "ckpt_store": ckpt_store, "stage_store": store, "pointer": pointer, "run_name": run_name,
                    "tracking": tracker_info(ctx)}
-    trainer = TorchTrainer(
-        _retrain_worker, train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(**request.scaling_kwargs()),
-        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": train, "test": test})
+    trainer = torch_trainer(_retrain_worker, loop_config, request, use_gpu=cfg.use_gpu, run_name=run_name,
+                            storage=(storage_path, storage_fs), max_failures=cfg.max_failures,
+                            datasets={"train": train, "test": test})
     _say(f"retrain: {arch.one_line()} | {cfg.workers} worker(s) x {request.per_worker()}, {cfg.epochs} epochs, "
          f"{steps} steps/epoch at {batch}/worker, lr {cfg.lr}", ctx)
     t0 = time.time()

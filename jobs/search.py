@@ -53,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from densenas.search import SearchConfig
 from jobs.context import CACHE_COMPLETE
-from jobs.resources import WorkerResources, check_resources, threads_for_cpus
+from jobs.resources import WorkerResources, check_resources, threads_for_cpus, torch_trainer
 
 __all__ = [
     "SearchJobConfig",
@@ -403,8 +403,6 @@ def run_search(cfg: SearchJobConfig | SearchConfig | Mapping, space: Any = None,
     if space is not None and ctx is None and hasattr(space, "inputs") and hasattr(space, "run_store"):
         return search_stage(cfg, space)  # the runner's calling convention: (sections, ctx)
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from cluster.storage import ray_storage
     from densenas.latency import load_cost_model
@@ -458,14 +456,9 @@ def run_search(cfg: SearchJobConfig | SearchConfig | Mapping, space: Any = None,
         "pointer": pointer, "run_name": run_name, "fail": fail, "tracking": tracker_info(ctx),
     }
     datasets = train_datasets(split_manifest, shards, input_size=space.input_size, channels=space.in_channels)
-    trainer = TorchTrainer(
-        _search_worker, train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(**request.scaling_kwargs()),
-        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=job.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets=datasets)
+    trainer = torch_trainer(_search_worker, loop_config, request, use_gpu=job.use_gpu, run_name=run_name,
+                            storage=(storage_path, storage_fs), max_failures=job.max_failures,
+                            datasets=datasets)
     _say(f"search: {job.workers} worker(s) x {request.per_worker()}, {search.epochs} epochs "
          f"({search.warmup_epochs} warm-up), {steps} weight steps/epoch at {batch}/worker, "
          f"{val_steps} arch steps/epoch; checkpoints in {ckpt_store.uri_for(run_name)}", ctx)
