@@ -64,6 +64,7 @@ SERVICES = ("s3", "mlflow", "ray")
 DEFAULT_BUCKET = "densenas"
 DEFAULT_REGION = "us-east-1"
 DEFAULT_PORT_BASE = 18300
+HEALTH_KEY = "_local_stack/health"   # written and read back by `up` (outside the store prefix)
 STORE_PREFIX = "artifacts"            # DENSENAS_STORE=s3://<bucket>/artifacts
 MLFLOW_ARTIFACT_PREFIX = "mlflow-artifacts"
 START_TIMEOUT_S = {"s3": 45.0, "mlflow": 90.0, "ray": 90.0}
@@ -603,6 +604,29 @@ class LocalStack:
             client.create_bucket(Bucket=self.bucket)
             self._log(f"s3: created bucket {self.bucket!r}")
 
+    def _wait_objects_readable(self, timeout: float) -> None:
+        """Wait until an object can be written and read back. ``list_buckets`` answers from the filer as
+        soon as it starts, but reads and writes need a volume server registered with the master: right
+        after a restart, gets of existing objects fail with InternalError for a few seconds. ``up``
+        returns only once the store is usable for data, so its callers need no retry of their own."""
+        key = HEALTH_KEY
+        deadline = time.monotonic() + timeout
+        detail = ""
+        while True:
+            try:
+                client = self._s3_client()
+                body = f"{time.time():.3f}".encode()
+                client.put_object(Bucket=self.bucket, Key=key, Body=body)
+                if client.get_object(Bucket=self.bucket, Key=key)["Body"].read() == body:
+                    return
+                detail = "read back different bytes"
+            except Exception as exc:  # noqa: BLE001 -- any failure means "not ready yet"
+                detail = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() > deadline:
+                raise StackError(f"s3 answers but objects cannot be written and read back within {timeout:.0f} s "
+                                 f"({detail}). Log tail:\n{self._log_tail('s3')}")
+            time.sleep(0.5)
+
     def up(self, services: Iterable[str] = SERVICES, timeout: Optional[float] = None) -> dict[str, ServiceStatus]:
         """Start (or reuse) the given services; MLflow pulls in S3 (its artifact store)."""
         wanted = set(services)
@@ -628,6 +652,7 @@ class LocalStack:
                 self._log(f"{service}: healthy")
             if service == "s3":
                 self._ensure_bucket()
+                self._wait_objects_readable(timeout or START_TIMEOUT_S[service])
         running = {s for s in SERVICES if (r := self._record(s)) is not None and r.alive()}
         self._write_env_file(running)
         self._log(f"env file: {self.env_file} (source it)")
