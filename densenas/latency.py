@@ -81,6 +81,7 @@ class MissingSignaturesError(LatencyTableError, KeyError):
 
     def __init__(self, missing: Sequence["OpSignature"], where: str = "latency table"):
         self.missing = list(missing)
+        self.where = where
         shown = ", ".join(s.key for s in self.missing[:8])
         more = f" (+{len(self.missing) - 8} more)" if len(self.missing) > 8 else ""
         super().__init__(
@@ -89,6 +90,9 @@ class MissingSignaturesError(LatencyTableError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]
+
+    def __reduce__(self):  # crosses Ray process boundaries: rebuild from the fields, not from args
+        return type(self), (self.missing, self.where)
 
 
 # --------------------------------------------------------------------------- signatures

@@ -109,6 +109,9 @@ class ProfileConfig(BaseModel):
                                                                       "on CPU, 1 on CUDA)")
     resources_per_actor: dict[str, float] = Field(default_factory=dict,
                                                   description="extra Ray resources per actor, e.g. {node_type_a: 1}")
+    placement: Literal["default", "spread"] = Field(
+        "default", description="'spread': actors go to different nodes where they can (Ray's SPREAD scheduling "
+                               "strategy), so one table is measured across a multi-node cluster's nodes")
     max_actor_restarts: int = Field(4, ge=0, description="replacement actors started after actor deaths")
     actor_start_timeout_s: float = Field(300.0, gt=0, description="fail when no actor is ready after this long")
     task_timeout_s: float = Field(900.0, gt=0, description="a batch running longer marks its actor as hung")
@@ -199,6 +202,7 @@ class QueueStats:
     requeued_batches: int = 0
     replacements: int = 0
     per_actor_results: Counter = field(default_factory=Counter)
+    per_node_results: dict = field(default_factory=dict)   # Ray node id -> results measured there
 
 
 # --------------------------------------------------------------------------- space helpers
@@ -269,7 +273,9 @@ class Profiler:
         res = self.cfg.ray_resources()
         custom = {k: v for k, v in res.items() if k not in ("CPU", "GPU")}
         return ray.remote(ProfilerActor).options(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0),
-                                                 resources=custom or None, max_restarts=0, max_task_retries=0)
+                                                 resources=custom or None, max_restarts=0, max_task_retries=0,
+                                                 scheduling_strategy="SPREAD" if self.cfg.placement == "spread"
+                                                 else "DEFAULT")
 
     def _check_resources(self) -> int:
         """How many actors fit the cluster at all; refuse a request that can never be placed."""
@@ -407,6 +413,9 @@ class Profiler:
                     on_result(key, stats)
                     done_count += 1
                 self.qstats.per_actor_results[slot.index] += len(results)
+                node = (slot.fingerprint or {}).get("node_id")
+                if node:  # which nodes did the measuring (a multi-node run proves its actors spread)
+                    self.qstats.per_node_results[node] = self.qstats.per_node_results.get(node, 0) + len(results)
                 now = time.monotonic()
                 if now - last_print > 2.0 or done_count == total:
                     last_print = now
@@ -544,6 +553,8 @@ class Profiler:
             "actor_deaths": self.qstats.actor_deaths,
             "requeued_batches": self.qstats.requeued_batches,
             "replacement_actors": self.qstats.replacements,
+            "node_ids": sorted(self.qstats.per_node_results),
+            "results_per_node": dict(sorted(self.qstats.per_node_results.items())),
             "wall_s": round(time.monotonic() - t_start, 2),
             "accuracy_report": None,
             "latency_scatter": None,

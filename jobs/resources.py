@@ -25,6 +25,10 @@ from typing import Any, Mapping, Sequence
 __all__ = ["ResourceRequestError", "WorkerResources", "cluster_nodes", "check_resources", "threads_for_cpus"]
 
 _EPS = 1e-9
+# Ray placement group strategies (ScalingConfig.placement_strategy). SPREAD is best effort: workers go
+# to different nodes while they can and share a node otherwise (so a job survives losing a node when
+# the rest can hold it); STRICT_SPREAD never shares a node (it waits for enough nodes instead).
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # Ray's bookkeeping resources on every node; never part of a request.
 _INTERNAL = ("memory", "object_store_memory")
 
@@ -47,8 +51,11 @@ class WorkerResources:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     custom: Mapping[str, float] = field(default_factory=dict)
+    placement_strategy: str = "PACK"   # Ray Train's placement group strategy for the worker bundles
 
     def __post_init__(self) -> None:
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.cpus_per_worker < 0 or self.gpus_per_worker < 0 or any(v < 0 for v in self.custom.values()):
@@ -65,7 +72,7 @@ class WorkerResources:
     def scaling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``ray.train.ScalingConfig`` for this request."""
         return {"num_workers": self.workers, "use_gpu": self.gpus_per_worker > 0,
-                "resources_per_worker": self.per_worker()}
+                "resources_per_worker": self.per_worker(), "placement_strategy": self.placement_strategy}
 
 
 def cluster_nodes() -> list[dict[str, float]]:
@@ -136,7 +143,21 @@ def check_resources(request: WorkerResources, reserve: Mapping[str, float] | Non
     else:
         bundles = [request.per_worker()] * request.workers
         placed = _pack(bundles, nodes)
-        if placed < request.workers:
+        if request.placement_strategy == "STRICT_SPREAD":
+            fitting = sum(1 for n in nodes if all(n.get(k, 0.0) + _EPS >= v for k, v in request.per_worker().items()))
+            if fitting < request.workers:
+                problem = (f"{what} asks for {request.workers} worker(s) x {{{_fmt(request.per_worker())}}} with "
+                           f"placement_strategy STRICT_SPREAD (one worker per node), but only {fitting} node(s) can "
+                           f"hold a worker (nodes: {'; '.join(_fmt(n) for n in nodes)}). Use SPREAD (best effort) "
+                           "or add nodes")
+                missing = {"nodes": float(request.workers - fitting)}
+        elif request.placement_strategy == "STRICT_PACK":
+            if not any(_pack(bundles, [n]) == request.workers for n in nodes):
+                problem = (f"{what} asks for {request.workers} worker(s) x {{{_fmt(request.per_worker())}}} with "
+                           f"placement_strategy STRICT_PACK (all on one node), but no node holds them all "
+                           f"(nodes: {'; '.join(_fmt(n) for n in nodes)}). Use PACK or bigger nodes")
+                missing = {"bundles": float(request.workers)}
+        if problem is None and placed < request.workers:
             problem = (f"{what} asks for {request.workers} worker(s) x {{{_fmt(request.per_worker())}}}: the cluster "
                        f"has {_fmt(totals)} in total, but only {placed} worker(s) fit, because a worker cannot span "
                        f"nodes (nodes: {'; '.join(_fmt(n) for n in nodes)}). Lower the per-worker resources or "

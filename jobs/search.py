@@ -46,7 +46,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -74,6 +74,7 @@ STATE_FILE = "search_state.pt"
 WARMUP_STATE = "warmup_state.pt"
 LATEST = "latest.json"
 META_FILE = "meta.json"
+PLACEMENTS = "placements"   # stage store folder: one JSON per worker (re)start
 
 
 # --------------------------------------------------------------------------- config
@@ -87,13 +88,17 @@ class TrainJobResources(BaseModel):
     max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint (-1: forever)")
     data_cpus: float = Field(1.0, ge=0, description="CPUs kept free for Ray Data's decode tasks")
     custom_resources: dict[str, float] = Field(default_factory=dict, description="custom resources per worker")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="where the workers go: PACK fills a node first; SPREAD puts them on different nodes "
+                            "while it can (a lost node's workers restart on the others); STRICT_* never bend")
 
     def request(self) -> WorkerResources:
         return WorkerResources(self.workers, self.cpus_per_worker, 1.0 if self.use_gpu else 0.0,
-                               dict(self.custom_resources))
+                               dict(self.custom_resources), self.placement_strategy)
 
 
-_JOB_FIELDS = ("workers", "cpus_per_worker", "use_gpu", "max_failures", "data_cpus", "custom_resources")
+_JOB_FIELDS = ("workers", "cpus_per_worker", "use_gpu", "max_failures", "data_cpus", "custom_resources",
+               "placement_strategy")
 
 
 class SearchJobConfig(TrainJobResources):
@@ -332,6 +337,11 @@ def _search_worker(config: dict) -> None:
         if rank == 0:
             print(f"[search] resumed at epoch {searcher.epoch} from {source}", flush=True)
     broadcast_module(net)
+    # One record per (re)start of this rank: where it ran and from which epoch. The per-rank file
+    # below is overwritten by each attempt; these keep the history (e.g. a worker group restarted on
+    # the remaining nodes after a node was lost).
+    stage_store.put_json(f"{PLACEMENTS}/{time.time_ns()}-rank-{rank}.json", {
+        "rank": rank, "world": world, "node_id": _node_id(), "start_epoch": searcher.epoch, "time": time.time()})
     fail = FailureInjection.model_validate(config["fail"]) if config.get("fail") else None
     tracker = RankZeroTracker(config.get("tracking"), enabled=rank == 0)
 
@@ -438,6 +448,8 @@ def run_search(cfg: SearchJobConfig | SearchConfig | Mapping, space: Any = None,
                  f"{info.get('steps_per_epoch')}, epoch {info.get('epoch')}; this search needs {steps}, "
                  f"{search.warmup_epochs}: not reused", ctx)
             warm_ready = False
+    if pointer is None:
+        store.delete_prefix(PLACEMENTS)   # a fresh search: earlier runs' placements are not its history
     if pointer is not None:
         _say(f"search: resuming from {ckpt_store.uri_for(pointer['dir'])} (epoch {pointer['epoch']})", ctx)
     elif warm_ready:
@@ -501,6 +513,8 @@ def _finish(job: SearchJobConfig, space, cost_model, num_classes: int, steps: in
     })
     ranks = sorted(k for k in store.list("workers") if k.endswith(".json"))
     workers = [store.get_json(k) for k in ranks]
+    placements = sorted((store.get_json(k) for k in store.list(PLACEMENTS) if k.endswith(".json")),
+                        key=lambda r: (r["time"], r["rank"]))
     last = searcher.history[-1] if searcher.history else {}
     metrics = {k: v for k, v in numeric_metrics(last).items()
                if k in ("val_acc", "train_acc", "val_loss", "train_loss", "expected_latency", "predicted_latency",
@@ -512,7 +526,8 @@ def _finish(job: SearchJobConfig, space, cost_model, num_classes: int, steps: in
         "arch_key": "arch.json" if d.arch is not None else None, "arch_params_key": "arch_params.json",
         "derived": derived, "metrics": metrics, "epochs": searcher.epoch,
         "checkpoint": ckpt_store.uri_for(pointer["dir"]),
-        "node_ids": sorted({w["node_id"] for w in workers}),
+        "node_ids": sorted({w["node_id"] for w in workers} | {r["node_id"] for r in placements}),
+        "placements": [{k: r[k] for k in ("rank", "world", "node_id", "start_epoch")} for r in placements],
         "workers": [{"rank": w["rank"], "node_id": w["node_id"], "epoch": w["epoch"],
                      "arch_sha256": w["digests"][-1]["arch_sha256"] if w["digests"] else None} for w in workers],
     }

@@ -247,7 +247,9 @@ def _evaluate_worker(config: dict) -> None:
         model = build_model(arch, num_classes=config["num_classes"])
         opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, weight_decay=4e-5, nesterov=True)
         epochs = int(config["epochs"])
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+        # Cosine per step, down to ~0 at the last step: a 1-epoch retrain with a per-epoch schedule ends
+        # at full lr, and its BN running statistics then do not match the weights (chance accuracy).
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * int(config.get("steps", 1))))
         for epoch in range(epochs):
             model.train()
             loss_sum = n = 0.0
@@ -256,8 +258,9 @@ def _evaluate_worker(config: dict) -> None:
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()
                 opt.step()
+                if sched.last_epoch < sched.T_max:
+                    sched.step()
                 loss_sum, n = loss_sum + float(loss) * len(y), n + len(y)
-            sched.step()
             model.eval()
             acc = accuracy(model)
             metrics = {**static, "epoch": epoch + 1, "train_loss": loss_sum / max(n, 1), "accuracy": acc}
@@ -372,6 +375,7 @@ def _run_trial(cfg: SweepConfig, point: dict, shared: dict, work: Any) -> dict:
         loop = {"mode": mode, "arch": d["arch"], "num_classes": net.num_classes, "space": space.to_dict(),
                 "path": d["path"], "op_choice": d["op_choice"], "epochs": cfg.retrain_epochs, "lr": cfg.retrain_lr,
                 "batch": cfg.retrain_batch_size, "threads": max(1, int(cfg.cpus_per_worker)),
+                "steps": max(1, int(shared["split_manifest"]["counts"]["train"]) // cfg.retrain_batch_size),
                 "seed": cfg.seed, "accuracy_split": cfg.accuracy_split, "latency_repeats": cfg.latency_repeats,
                 "static": static, "supernet_state": state_bytes if mode == "supernet" else None}
         eval_store = work.child(f"eval/{bkey}")

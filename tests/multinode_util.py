@@ -267,16 +267,18 @@ class LocalCluster:
         shutil.rmtree(self.temp_root, ignore_errors=True)
 
 
-def start_two_node_cluster(*, cpus_per_node: int = 1, include_dashboard: bool = False,
+def start_two_node_cluster(*, cpus_per_node: int = 1, head_cpus: int | None = None,
+                           node_b_cpus: int | None = None, include_dashboard: bool = False,
                            timeout_s: float = START_TIMEOUT_S) -> LocalCluster:
-    """Head with resource ``node_a``, second node with ``node_b``; both joined and alive."""
+    """Head with resource ``node_a``, second node with ``node_b``; both joined and alive.
+    ``head_cpus`` / ``node_b_cpus`` override ``cpus_per_node`` (logical CPUs: may exceed the cores)."""
     temp_root = Path(tempfile.mkdtemp(prefix="rmn", dir="/tmp"))
     auth_env = make_auth_env()
     head = node_b = None
     try:
-        head, address, url = start_head(temp_root, auth_env, num_cpus=cpus_per_node,
+        head, address, url = start_head(temp_root, auth_env, num_cpus=head_cpus or cpus_per_node,
                                         include_dashboard=include_dashboard, timeout_s=timeout_s)
-        node_b = start_worker_node(address, temp_root, auth_env, num_cpus=cpus_per_node,
+        node_b = start_worker_node(address, temp_root, auth_env, num_cpus=node_b_cpus or cpus_per_node,
                                    timeout_s=timeout_s)
     except BaseException:
         for node in (node_b, head):

@@ -11,7 +11,23 @@ def test_fitting_request_passes_and_returns_totals():
     totals = check_resources(WorkerResources(2, cpus_per_worker=2), nodes=NODES)
     assert totals == {"CPU": 6.0, "GPU": 1.0, "accel": 2.0}
     assert WorkerResources(2, 0.5).scaling_kwargs() == {"num_workers": 2, "use_gpu": False,
-                                                        "resources_per_worker": {"CPU": 0.5}}
+                                                        "resources_per_worker": {"CPU": 0.5},
+                                                        "placement_strategy": "PACK"}
+
+
+def test_placement_strategies_are_checked_like_ray_places_them():
+    # STRICT_SPREAD: one worker per node; 3 workers on 2 nodes can never be placed
+    with pytest.raises(ResourceRequestError, match="STRICT_SPREAD .* only 2 node"):
+        check_resources(WorkerResources(3, 1, placement_strategy="STRICT_SPREAD"), nodes=NODES)
+    check_resources(WorkerResources(2, 1, placement_strategy="STRICT_SPREAD"), nodes=NODES)
+    # STRICT_PACK: all on one node; 2 x 2 CPUs fit the 4-CPU node, 2 x 3 CPUs fit none
+    check_resources(WorkerResources(2, 2, placement_strategy="STRICT_PACK"), nodes=NODES)
+    with pytest.raises(ResourceRequestError, match="STRICT_PACK"):
+        check_resources(WorkerResources(2, 2.5, placement_strategy="STRICT_PACK"), nodes=NODES)
+    # SPREAD is best effort: it fits wherever PACK fits
+    check_resources(WorkerResources(3, 1, placement_strategy="SPREAD"), nodes=NODES)
+    with pytest.raises(ValueError, match="placement_strategy"):
+        WorkerResources(1, placement_strategy="ANYWHERE")
 
 
 def test_missing_gpu_names_the_resource_and_the_cluster():
