@@ -1,6 +1,6 @@
 """Benchmark: a 4-point lambda sweep on the tiny config, with retraining, against random paths.
 
-    .venv/bin/python bench/bench_sweep.py [--lambdas 0 0.3 1 3] [--epochs 3] [--random 10] [--cost profile]
+    .venv/bin/python bench/bench_sweep.py [--lambdas 0 0.5 2 8] [--epochs 3] [--random 10] [--cost profile]
                                           [--search-epochs N] [--out DIR]
 
 1. Runs ``jobs.sweep.run_sweep`` (Ray Tune, one shared warm-up, search -> derive -> 1-epoch retrain ->
@@ -143,12 +143,13 @@ def spearman(xs, ys):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(REPO / "configs/sweep_tiny.yaml"))
-    ap.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.3, 1.0, 3.0])
+    ap.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.5, 2.0, 8.0])
     ap.add_argument("--epochs", type=int, default=3, help="retrain epochs of the comparison (derived and random)")
     ap.add_argument("--random", type=int, default=10, help="random nets per derived net")
     ap.add_argument("--cost", default="profile",
                     help="'profile' (profile the space here, as the pipeline does), 'macs' or a latency-table JSON path")
-    ap.add_argument("--search-epochs", type=int, default=None, help="search epochs (default: the config's)")
+    ap.add_argument("--search-epochs", type=int, default=6,
+                    help="search epochs, warm-up included (the config's 4 leave only 2 architecture epochs)")
     ap.add_argument("--rounds", type=int, default=200, help="interleaved re-timing rounds of the derived nets")
     ap.add_argument("--out", default=None, help="working directory (default: a temp dir)")
     ap.add_argument("--doc", default=str(REPO / "docs/benchmarks/sweep.md"))
@@ -247,7 +248,7 @@ def main(argv=None) -> int:
     png = doc.parent / "sweep_pareto.png"
     rows = [dict(r) for r in out["trials"]]
     pareto_plot(rows, png, latency="measured_latency_ms", latency_label="measured latency (ms, batch 1, 1 thread)",
-                accuracy_label="test accuracy (1-epoch retrain in the sweep)", extra=[],
+                accuracy_label=f"test accuracy ({sweep.retrain_epochs}-epoch retrain in the sweep)", extra=[],
                 title=f"lambda sweep on {space.name}: {len(rows)} trials")
     wins = sum(c["derived_acc"] > c["random_median_acc"] for c in comparison)
     cpu = platform.processor() or platform.machine()
@@ -263,7 +264,7 @@ def main(argv=None) -> int:
         "",
         f"Command: `.venv/bin/python bench/bench_sweep.py --lambdas {' '.join(f'{l:g}' for l in args.lambdas)} "
         f"--epochs {args.epochs} --random {args.random} --cost {args.cost}"
-        + (f" --search-epochs {args.search_epochs}" if args.search_epochs is not None else "") + "`",
+        + f" --search-epochs {args.search_epochs}`",
         "",
         f"Setup: space `{space.name}`, data as in `configs/sweep_tiny.yaml` ({manifest['counts']}), search "
         f"{search.epochs} epochs ({search.warmup_epochs} warm-up, trained once and shared), tau {search.tau}, "

@@ -53,9 +53,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 __all__ = ["LocalStack", "StackPorts", "ServiceStatus", "StackError", "default_state_dir", "SERVICES"]
 
@@ -265,6 +265,37 @@ def _pids_mentioning(needle: str) -> list[int]:
             if raw in (entry / "cmdline").read_bytes():
                 pids.append(int(entry.name))
     return pids
+
+
+def stop_process_tree(leader_pid: int, remaining: Callable[[], list[int]], grace_s: float,
+                      log: Callable[[str], None] | None = None) -> None:
+    """Stop a process tree we started (``start_new_session``): SIGTERM to the leader alone, which
+    shuts its children down in order (signalling all of Ray's processes at once makes gcs_server
+    and raylet wait out their own grace periods: measured 20 s instead of 2 s); after half the
+    grace period SIGTERM to whatever ``remaining()`` still lists, and SIGKILL after the other half."""
+    def signal_all(sig: int, pids: list[int]) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+    def wait_gone(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while remaining():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
+
+    left = remaining()
+    signal_all(signal.SIGTERM, [leader_pid] if leader_pid in left else left)
+    if not wait_gone(grace_s / 2):
+        signal_all(signal.SIGTERM, remaining())
+        if not wait_gone(grace_s / 2):
+            left = remaining()
+            if log is not None:
+                log(f"pids {left} ignored SIGTERM for {grace_s:.0f} s, sending SIGKILL")
+            signal_all(signal.SIGKILL, left)
+            wait_gone(5)
 
 
 @dataclass
@@ -688,31 +719,7 @@ class LocalStack:
             return False
         grace = STOP_GRACE_S[service]
         self._log(f"{service}: stopping pid {record.pid} (SIGTERM, SIGKILL after {grace:.0f} s)")
-
-        def signal_all(sig: int, pids: list[int]) -> None:
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, sig)
-
-        def wait_gone(seconds: float) -> bool:
-            deadline = time.monotonic() + seconds
-            while remaining():
-                if time.monotonic() > deadline:
-                    return False
-                time.sleep(0.2)
-            return True
-
-        # 1) the leader alone: it shuts its children down in order (signalling all of Ray's
-        #    processes at once makes gcs_server and raylet wait out their own grace periods)
-        signal_all(signal.SIGTERM, [record.pid] if record.alive() else remaining())
-        if not wait_gone(grace / 2):
-            # 2) stragglers get their own SIGTERM, 3) then SIGKILL
-            signal_all(signal.SIGTERM, remaining())
-            if not wait_gone(grace / 2):
-                left = remaining()
-                self._log(f"{service}: pids {left} ignored SIGTERM for {grace:.0f} s, sending SIGKILL")
-                signal_all(signal.SIGKILL, left)
-                wait_gone(5)
+        stop_process_tree(record.pid, remaining, grace, log=lambda m: self._log(f"{service}: {m}"))
         self._pid_path(service).unlink(missing_ok=True)
         return True
 

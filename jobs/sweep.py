@@ -95,7 +95,7 @@ class SweepConfig(BaseModel):
                                          description="also derive the best path within each budget (cost units)")
     evaluation: Literal["retrain", "supernet"] = Field("retrain", description="retrain the derived net briefly, "
                                                        "or evaluate the super network on the derived path")
-    retrain_epochs: int = Field(1, ge=0, description="retrain epochs (0 means evaluation: supernet)")
+    retrain_epochs: int = Field(3, ge=0, description="retrain epochs (0 means evaluation: supernet)")
     retrain_batch_size: int = Field(64, ge=1)
     retrain_lr: float = Field(0.05, gt=0)
     accuracy_split: Literal["test", "val"] = Field("test", description="where accuracy is measured")

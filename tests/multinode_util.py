@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -181,56 +180,22 @@ def start_worker_node(address: str, temp_root: Path, auth_env: dict[str, str], *
                        resources if resources is not None else {name: 1}, timeout_s)
 
 
-# Live PIDs in a session (what a `ray start` launched with start_new_session spawned, Ray workers
-# included): the local stack's helper does exactly this.
-from cluster.local import _session_pids  # noqa: E402
-
-
-def _pids_using(path: Path) -> list[int]:
-    """PIDs whose command line mentions ``path`` (our private temp dir): the processes we
-    started and any that escaped their process group. Never matches other people's Ray."""
-    needle = str(path).encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
+# What a `ray start` launched with start_new_session spawned, and how to stop such a tree: the
+# local stack's helpers (one implementation for both).
+from cluster.local import _pids_mentioning, _session_pids, stop_process_tree  # noqa: E402
 
 
 def stop_node(node: RayNodeProcess, timeout_s: float = STOP_TIMEOUT_S) -> None:
-    """Stop one node by its PID: SIGTERM to the ``ray start --block`` leader, which shuts its
-    children down in order (about 2 s); then SIGTERM, and finally SIGKILL, to whatever of its
-    session is left. (Signalling every process at once makes gcs_server and raylet wait out
-    their own grace periods: measured 20 s instead of 2 s.)"""
+    """Stop one node by its PID (``cluster.local.stop_process_tree``): SIGTERM to the ``ray start
+    --block`` leader, which shuts its children down in order (about 2 s); then SIGTERM, and finally
+    SIGKILL, to whatever of its session -- or anything naming its private temp dir -- is left."""
     sid = node.pid  # start_new_session=True: session id == process group id == leader's PID
 
     def remaining() -> list[int]:
         node.popen.poll()  # reap the leader so it does not linger as a zombie
-        return sorted(set(_session_pids(sid)) | set(_pids_using(node.temp_dir)))
+        return sorted(set(_session_pids(sid)) | set(_pids_mentioning(str(node.temp_dir))))
 
-    def wait_until_gone(seconds: float) -> bool:
-        deadline = time.monotonic() + seconds
-        while remaining():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.2)
-        return True
-
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(node.pid, signal.SIGTERM)
-    if not wait_until_gone(timeout_s / 2):
-        for pid in remaining():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        if not wait_until_gone(timeout_s / 2):
-            for pid in remaining():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+    stop_process_tree(node.pid, remaining, timeout_s)
     with contextlib.suppress(subprocess.TimeoutExpired):
         node.popen.wait(timeout=5)
 

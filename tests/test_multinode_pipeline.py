@@ -13,7 +13,12 @@ through the job's uploaded working directory.
   restarts the worker group on what is left (the head has room for both workers: SPREAD is best
   effort), and the search continues from its last checkpoint -- no epoch is lost or trained twice --
   and the run finishes (derive, retrain);
-- every URI the run recorded is an ``s3://`` URI: no stage handed another a local path.
+- every URI the run recorded is an ``s3://`` URI: no stage handed another a local path;
+- every stage's artifacts are in the store with their checksums, MLflow holds the parent run and one
+  nested run per stage, and a second submission reuses every stage.
+
+This is also the suite's end-to-end test of a submitted pipeline (tests/test_e2e_pipeline.py has
+the bad-config and stop/resume cases): one full run serves both, to keep the suite's time.
 """
 from __future__ import annotations
 
@@ -88,12 +93,14 @@ def test_pipeline_spans_two_nodes_and_survives_losing_one(local_stack, tmp_path)
         runtime_env = write_runtime_env(tmp_path / "runtime_env.yaml", env)
         cmd = submit_command(CONFIG, run_id, env, runtime_env, extra_args=_sets(overrides), resume=False,
                              submission_id=f"{run_id}-job")
-        job = subprocess.Popen(cmd, cwd=REPO, env=cli_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+        log_path = tmp_path / "job.log"      # a file, not a pipe: nobody reads while we wait
+        log = open(log_path, "w")
+        job = subprocess.Popen(cmd, cwd=REPO, env=cli_env(env), stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
             def search_spread_and_checkpointed():
                 if job.poll() is not None:
-                    raise AssertionError(f"the job ended before node b could be stopped:\n{job.stdout.read()[-6000:]}")
+                    raise AssertionError(f"the job ended before node b could be stopped:\n"
+                                         f"{log_path.read_text()[-6000:]}")
                 search = run_store.child("search")
                 try:
                     placed = [search.get_json(k) for k in search.list("placements") if k.endswith(".json")]
@@ -113,15 +120,26 @@ def test_pipeline_spans_two_nodes_and_survives_losing_one(local_stack, tmp_path)
             assert pointer["epoch"] < SEARCH_EPOCHS
             cluster.stop_node_b()
             assert not cluster.node_b.alive()
-            out, _ = job.communicate(timeout=480)
+            job.wait(timeout=480)
         finally:
             if job.poll() is None:
                 job.kill()
+            log.close()
+        out = log_path.read_text()
         assert job.returncode == 0 and "succeeded" in out, out[-8000:]
+        assert f"run {run_id} (tiny): finished" in out, out[-8000:]
+        record = run_store.get_json("run.json")
+        assert record["status"] == "finished", record
+        manifests = {st: _check_manifest(run_store, st, record["stages"][st]["fingerprint"]) for st in STAGES}
 
-    record = run_store.get_json("run.json")
-    assert record["status"] == "finished", record
-    manifests = {st: _check_manifest(run_store, st, record["stages"][st]["fingerprint"]) for st in STAGES}
+        # a second submission reuses every stage (no Ray work) and says so; node b is gone, the head suffices
+        again = subprocess.run(submit_command(CONFIG, run_id, env, runtime_env, extra_args=_sets(overrides),
+                                              resume=False, submission_id=f"{run_id}-again"),
+                               cwd=REPO, env=cli_env(env), capture_output=True, text=True, timeout=240)
+        assert again.returncode == 0, _tail(again)
+        for stage in STAGES:
+            assert f"[{stage}] cached" in again.stdout, _tail(again)
+
 
     # profiling: both nodes' actors measured signatures of the one table
     profile = manifests["profile"]
@@ -145,7 +163,40 @@ def test_pipeline_spans_two_nodes_and_survives_losing_one(local_stack, tmp_path)
     assert [d["epoch"] for d in rank0["digests"]] == list(range(resumed_at + 1, SEARCH_EPOCHS + 1)), rank0
     assert set(record["stages"]["search"]["node_ids"]) >= {id_a, id_b}
     assert record["stages"]["search"]["attempts"] == 1    # recovered inside Ray Train, not by a re-run
-    assert 0.0 <= manifests["retrain"]["metrics"]["test_top1"] <= 1.0
+    split, derive, retrain = manifests["split"], manifests["derive"], manifests["retrain"]
+    assert split["counts"]["train"] > 0 and split["num_classes"] == 3
+    assert any(k.endswith(".parquet") for k in split["artifacts"])
+    assert profile["table_key"] == "latency_table.json" and profile["units"] == "ms"
+    assert run_store.child("profile").get_json("latency_table.json")["format"] == "densenas-latency-table"
+    assert "arch_params.json" in search["artifacts"]
+    assert search["inputs"] == {"split": split["fingerprint"], "profile": profile["fingerprint"]}
+    # derive scores the path with the search's cost (the profile table, in ms), not a MACs proxy
+    assert derive["latency_units"] == "ms" and derive["predicted_latency"] > 0 and derive["one_line"]
+    assert 0.0 <= retrain["metrics"]["test_top1"] <= 1.0
+    assert retrain["measured_latency_ms"] > 0 or retrain["metrics"].get("measured_latency_ms", 0) > 0
+    # the warm-up cache the search published is complete and shared under cache/warmup/
+    assert store.exists(f"cache/warmup/{search['caches']['warmup']['fingerprint']}/_complete.json")
+    assert run_store.get_json("derive/manifest.json")["timings"] == derive["timings"]   # not redone by `again`
+
+    # MLflow: the parent run and one nested run per stage, finished, tagged with the stage
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(local_stack.mlflow_uri)
+    parent_id = record["mlflow"]["parent_run_id"]
+    assert parent_id, record["mlflow"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["densenas.run_id"] == run_id
+    assert parent.data.params["search.lambda"] == "0.15"
+    exp = client.get_experiment_by_name(run_id)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    by_stage = {r.data.tags.get("densenas.stage"): r for r in runs}
+    assert set(STAGES) <= set(by_stage), sorted(by_stage)
+    for stage in STAGES:
+        r = by_stage[stage]
+        assert r.info.status == "FINISHED", (stage, r.info.status)
+        assert r.data.tags["densenas.fingerprint"] == record["stages"][stage]["fingerprint"]
+        assert record["stages"][stage]["mlflow_run_id"] == r.info.run_id
+    assert "test_top1" in by_stage["retrain"].data.metrics
 
     # every location the run recorded is in the S3 store (no local path handed between nodes)
     docs = {"run.json": record, **{f"{st}/manifest.json": m for st, m in manifests.items()}}
