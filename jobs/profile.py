@@ -203,6 +203,7 @@ class QueueStats:
     replacements: int = 0
     per_actor_results: Counter = field(default_factory=Counter)
     per_node_results: dict = field(default_factory=dict)   # Ray node id -> results measured there
+    actor_nodes: list = field(default_factory=list)         # node id of every actor that became ready
 
 
 # --------------------------------------------------------------------------- space helpers
@@ -334,6 +335,8 @@ class Profiler:
 
         fp = ray.get(slot.ready_ref)
         slot.ready, slot.fingerprint = True, fp
+        if fp.get("node_id"):
+            self.qstats.actor_nodes.append(fp["node_id"])
         if self.fingerprint is None:
             self.fingerprint = {k: v for k, v in fp.items() if k not in ("pid", "node_id")}
             self.log("device: " + ", ".join(f"{k}={fp.get(k)}" for k in ("kind", "name", "threads", "dtype", "batch",
@@ -554,6 +557,7 @@ class Profiler:
             "requeued_batches": self.qstats.requeued_batches,
             "replacement_actors": self.qstats.replacements,
             "node_ids": sorted(self.qstats.per_node_results),
+            "actor_node_ids": sorted(set(self.qstats.actor_nodes)),
             "results_per_node": dict(sorted(self.qstats.per_node_results.items())),
             "wall_s": round(time.monotonic() - t_start, 2),
             "accuracy_report": None,

@@ -35,10 +35,12 @@ from tests.fixtures_stack import store_for
 from tests.test_e2e_pipeline import CONFIG, STAGES, TEST_OVERRIDES, _check_manifest, _sets, _tail, _wait_for
 
 REPO = Path(__file__).resolve().parents[1]
-SEARCH_EPOCHS = 6      # 1 warm-up; node b is stopped after the first checkpoint, so most epochs remain
+SEARCH_EPOCHS = 4      # 1 warm-up; node b is stopped after the first checkpoint, so epochs remain
 
 MULTINODE_OVERRIDES = [
-    "profile.actors=2", "profile.threads_per_actor=1", "profile.placement=spread",
+    # enough work per signature (20 repeats, one per task) that the later-starting actor gets a share
+    "profile.actors=2", "profile.threads_per_actor=1", "profile.placement=spread", "profile.repeats=20",
+    "profile.signatures_per_task=1",
     "search.workers=2", "search.cpus_per_worker=1", "search.data_cpus=1", "search.placement_strategy=SPREAD",
     "search.max_failures=2", f"search.epochs={SEARCH_EPOCHS}", "search.warmup_epochs=1",
 ]
@@ -126,6 +128,7 @@ def test_pipeline_spans_two_nodes_and_survives_losing_one(local_stack, tmp_path)
                 job.kill()
             log.close()
         out = log_path.read_text()
+        print(out[-20000:])                 # shown by pytest when an assertion below fails
         assert job.returncode == 0 and "succeeded" in out, out[-8000:]
         assert f"run {run_id} (tiny): finished" in out, out[-8000:]
         record = run_store.get_json("run.json")
@@ -141,8 +144,9 @@ def test_pipeline_spans_two_nodes_and_survives_losing_one(local_stack, tmp_path)
             assert f"[{stage}] cached" in again.stdout, _tail(again)
 
 
-    # profiling: both nodes' actors measured signatures of the one table
+    # profiling: the actors were placed on both nodes, and both measured signatures of the one table
     profile = manifests["profile"]
+    assert set(profile["actor_node_ids"]) == {id_a, id_b}, profile["actor_node_ids"]
     assert set(profile["node_ids"]) == {id_a, id_b}, profile.get("results_per_node")
     assert all(n > 0 for n in profile["results_per_node"].values())
     assert set(record["stages"]["profile"]["node_ids"]) >= {id_a, id_b}
