@@ -1,6 +1,6 @@
 """Benchmark: a 4-point lambda sweep on the tiny config, with retraining, against random paths.
 
-    .venv/bin/python bench/bench_sweep.py [--lambdas 0 0.5 2 8] [--epochs 3] [--random 10] [--cost profile]
+    .venv/bin/python bench/bench_sweep.py [--lambdas 0.5 2 8 32] [--epochs 3] [--random 10] [--cost profile]
                                           [--search-epochs N] [--out DIR]
 
 1. Runs ``jobs.sweep.run_sweep`` (Ray Tune, one shared warm-up, search -> derive -> 1-epoch retrain ->
@@ -143,7 +143,7 @@ def spearman(xs, ys):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(REPO / "configs/sweep_tiny.yaml"))
-    ap.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.5, 2.0, 8.0])
+    ap.add_argument("--lambdas", type=float, nargs="+", default=[0.5, 2.0, 8.0, 32.0])
     ap.add_argument("--epochs", type=int, default=3, help="retrain epochs of the comparison (derived and random)")
     ap.add_argument("--random", type=int, default=10, help="random nets per derived net")
     ap.add_argument("--cost", default="profile",

@@ -247,8 +247,8 @@ def _evaluate_worker(config: dict) -> None:
         model = build_model(arch, num_classes=config["num_classes"])
         opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, weight_decay=4e-5, nesterov=True)
         epochs = int(config["epochs"])
-        # Cosine per step, down to ~0 at the last step: a 1-epoch retrain with a per-epoch schedule ends
-        # at full lr, and its BN running statistics then do not match the weights (chance accuracy).
+        # Cosine per step, down to ~0 at the last step: a per-epoch schedule never anneals a short
+        # retrain (with 1 epoch it stays at full lr throughout).
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * int(config.get("steps", 1))))
         for epoch in range(epochs):
             model.train()

@@ -35,7 +35,7 @@ from tests.fixtures_stack import store_for
 from tests.test_e2e_pipeline import CONFIG, STAGES, TEST_OVERRIDES, _check_manifest, _sets, _tail, _wait_for
 
 REPO = Path(__file__).resolve().parents[1]
-SEARCH_EPOCHS = 4      # 1 warm-up; node b is stopped after the first checkpoint, so epochs remain
+SEARCH_EPOCHS = 6      # 1 warm-up; node b is stopped after the first checkpoint: epochs (seconds each) remain
 
 MULTINODE_OVERRIDES = [
     # enough work per signature (20 repeats, one per task) that the later-starting actor gets a share
