@@ -1,6 +1,6 @@
 """Benchmark: a 4-point lambda sweep on the tiny config, with retraining, against random paths.
 
-    .venv/bin/python bench/bench_sweep.py [--lambdas 0.5 2 8 32] [--epochs 3] [--random 10] [--cost profile]
+    .venv/bin/python bench/bench_sweep.py [--lambdas 0.1 0.3 1 3] [--epochs 3] [--random 10] [--cost profile]
                                           [--search-epochs N] [--out DIR]
 
 1. Runs ``jobs.sweep.run_sweep`` (Ray Tune, one shared warm-up, search -> derive -> 1-epoch retrain ->
@@ -143,12 +143,12 @@ def spearman(xs, ys):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(REPO / "configs/sweep_tiny.yaml"))
-    ap.add_argument("--lambdas", type=float, nargs="+", default=[0.5, 2.0, 8.0, 32.0])
+    ap.add_argument("--lambdas", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
     ap.add_argument("--epochs", type=int, default=3, help="retrain epochs of the comparison (derived and random)")
     ap.add_argument("--random", type=int, default=10, help="random nets per derived net")
     ap.add_argument("--cost", default="profile",
                     help="'profile' (profile the space here, as the pipeline does), 'macs' or a latency-table JSON path")
-    ap.add_argument("--search-epochs", type=int, default=6,
+    ap.add_argument("--search-epochs", type=int, default=10,
                     help="search epochs, warm-up included (the config's 4 leave only 2 architecture epochs)")
     ap.add_argument("--rounds", type=int, default=200, help="interleaved re-timing rounds of the derived nets")
     ap.add_argument("--out", default=None, help="working directory (default: a temp dir)")
