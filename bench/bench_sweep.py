@@ -174,9 +174,7 @@ def main(argv=None) -> int:
     split_store = open_store(str(work / "split"))
     data_cfg = cfg.data.model_copy(update={"executor": "local"})
     manifest = run_split(data_cfg, split_store)
-    search = cfg.search_core
-    if args.search_epochs is not None:
-        search = search.model_copy(update={"epochs": args.search_epochs})
+    search = cfg.search_core.model_copy(update={"epochs": args.search_epochs})
     sweep = cfg.sweep.model_copy(update={"lambdas": args.lambdas, "taus": [search.tau]})
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     t0 = time.time()
@@ -263,8 +261,7 @@ def main(argv=None) -> int:
         f"{torch.__version__}, Ray {ray.__version__}. Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         f"Command: `.venv/bin/python bench/bench_sweep.py --lambdas {' '.join(f'{l:g}' for l in args.lambdas)} "
-        f"--epochs {args.epochs} --random {args.random} --cost {args.cost}"
-        + f" --search-epochs {args.search_epochs}`",
+        f"--epochs {args.epochs} --random {args.random} --cost {args.cost} --search-epochs {args.search_epochs}`",
         "",
         f"Setup: space `{space.name}`, data as in `configs/sweep_tiny.yaml` ({manifest['counts']}), search "
         f"{search.epochs} epochs ({search.warmup_epochs} warm-up, trained once and shared), tau {search.tau}, "
@@ -300,8 +297,8 @@ def main(argv=None) -> int:
                      f"{c['derived_ms']:.3f} | {c['random_median_ms']:.3f} | <= {100 * c['max_rel_gap']:.1f}% |")
     lines += ["", f"The derived net beats the random median in {wins} of {len(comparison)} points.", ""]
     doc.write_text("\n".join(lines))
-    (doc.parent / "sweep.json").write_text(json.dumps({"trials": trials, "comparison": comparison, "rho": rho, "rho_retimed": rho_retimed,
-                                                       "rho_predicted": rho_pred}, indent=1, default=str))
+    (doc.parent / "sweep.json").write_text(json.dumps({"trials": trials, "comparison": comparison, "rho": rho,
+                                                       "rho_retimed": rho_retimed, "rho_predicted": rho_pred}, indent=1, default=str))
     print("\n".join(lines))
     return 0
 

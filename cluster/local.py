@@ -640,15 +640,14 @@ class LocalStack:
         soon as it starts, but reads and writes need a volume server registered with the master: right
         after a restart, gets of existing objects fail with InternalError for a few seconds. ``up``
         returns only once the store is usable for data, so its callers need no retry of their own."""
-        key = HEALTH_KEY
         deadline = time.monotonic() + timeout
         detail = ""
         while True:
             try:
                 client = self._s3_client()
                 body = f"{time.time():.3f}".encode()
-                client.put_object(Bucket=self.bucket, Key=key, Body=body)
-                if client.get_object(Bucket=self.bucket, Key=key)["Body"].read() == body:
+                client.put_object(Bucket=self.bucket, Key=HEALTH_KEY, Body=body)
+                if client.get_object(Bucket=self.bucket, Key=HEALTH_KEY)["Body"].read() == body:
                     return
                 detail = "read back different bytes"
             except Exception as exc:  # noqa: BLE001 -- any failure means "not ready yet"

@@ -202,7 +202,7 @@ class QueueStats:
     requeued_batches: int = 0
     replacements: int = 0
     per_actor_results: Counter = field(default_factory=Counter)
-    per_node_results: dict = field(default_factory=dict)   # Ray node id -> results measured there
+    per_node_results: Counter = field(default_factory=Counter)   # Ray node id -> results measured there
     actor_nodes: list = field(default_factory=list)         # node id of every actor that became ready
 
 
@@ -418,7 +418,7 @@ class Profiler:
                 self.qstats.per_actor_results[slot.index] += len(results)
                 node = (slot.fingerprint or {}).get("node_id")
                 if node:  # which nodes did the measuring (a multi-node run proves its actors spread)
-                    self.qstats.per_node_results[node] = self.qstats.per_node_results.get(node, 0) + len(results)
+                    self.qstats.per_node_results[node] += len(results)
                 now = time.monotonic()
                 if now - last_print > 2.0 or done_count == total:
                     last_print = now

@@ -448,12 +448,13 @@ def run_search(cfg: SearchJobConfig | SearchConfig | Mapping, space: Any = None,
                  f"{info.get('steps_per_epoch')}, epoch {info.get('epoch')}; this search needs {steps}, "
                  f"{search.warmup_epochs}: not reused", ctx)
             warm_ready = False
-    if pointer is None:
-        store.delete_prefix(PLACEMENTS)   # a fresh search: earlier runs' placements are not its history
     if pointer is not None:
         _say(f"search: resuming from {ckpt_store.uri_for(pointer['dir'])} (epoch {pointer['epoch']})", ctx)
-    elif warm_ready:
-        _say(f"search: starting from the cached warm-up ({search.warmup_epochs} epochs) at {warm_store.uri_for('')}", ctx)
+    else:
+        store.delete_prefix(PLACEMENTS)   # a fresh search: earlier runs' placements are not its history
+        if warm_ready:
+            _say(f"search: starting from the cached warm-up ({search.warmup_epochs} epochs) at "
+                 f"{warm_store.uri_for('')}", ctx)
     fail = None
     if inject_failure is not None:
         fail = FailureInjection.model_validate(inject_failure).model_dump()

@@ -249,7 +249,7 @@ def _evaluate_worker(config: dict) -> None:
         epochs = int(config["epochs"])
         # Cosine per step, down to ~0 at the last step: a per-epoch schedule never anneals a short
         # retrain (with 1 epoch it stays at full lr throughout).
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * int(config.get("steps", 1))))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * config["steps"])
         for epoch in range(epochs):
             model.train()
             loss_sum = n = 0.0
@@ -336,7 +336,7 @@ def _run_trial(cfg: SweepConfig, point: dict, shared: dict, work: Any) -> dict:
     from cluster.storage import ray_storage
     from jobs.data import train_datasets
     from jobs.derive import DeriveConfig, derive_to_store, supernet_from_search_outputs
-    from jobs.search import SearchJobConfig, run_search
+    from jobs.search import SearchJobConfig, run_search, steps_per_worker
 
     space, cost_model = shared["space"], shared["cost_model"]
     drill = cfg.fail_trial
@@ -375,7 +375,8 @@ def _run_trial(cfg: SweepConfig, point: dict, shared: dict, work: Any) -> dict:
         loop = {"mode": mode, "arch": d["arch"], "num_classes": net.num_classes, "space": space.to_dict(),
                 "path": d["path"], "op_choice": d["op_choice"], "epochs": cfg.retrain_epochs, "lr": cfg.retrain_lr,
                 "batch": cfg.retrain_batch_size, "threads": max(1, int(cfg.cpus_per_worker)),
-                "steps": max(1, int(shared["split_manifest"]["counts"]["train"]) // cfg.retrain_batch_size),
+                "steps": max(1, steps_per_worker(int(shared["split_manifest"]["counts"]["train"]), 1,
+                                                 cfg.retrain_batch_size)[1]),
                 "seed": cfg.seed, "accuracy_split": cfg.accuracy_split, "latency_repeats": cfg.latency_repeats,
                 "static": static, "supernet_state": state_bytes if mode == "supernet" else None}
         eval_store = work.child(f"eval/{bkey}")
