@@ -42,6 +42,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", default=None,
                    help="comma-separated stages to run (their upstream must be finished); default: all enabled")
     p.add_argument("--plan", action="store_true", help="print what would run / be reused, then exit")
+    p.add_argument("--force", action="store_true",
+                   help="replace finished stages of this run id that were made with another config (without it "
+                        "such a rerun is refused; the finished result stays valid until the rerun finishes)")
+    p.add_argument("--debug", action="store_true", help="on an error, print the traceback too")
 
 
 def _sigterm_as_interrupt() -> None:

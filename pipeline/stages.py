@@ -19,7 +19,13 @@ Runner rules (``run_pipeline``):
 
 - manifest ``runs/<run_id>/<stage>/manifest.json`` exists, state ``finished``, same fingerprint:
   the stage is *cached* (skipped);
-- otherwise a stale manifest is deleted first, the stage runs with ``ctx.resume`` true when
+- a *finished* manifest with another fingerprint is never replaced silently: the run is refused
+  before any work (``PipelineError``) unless ``force`` (``--force``) is given. With ``force`` the
+  old manifest stays in place while the stage reruns, beside a ``replacing.json`` marker; the new
+  manifest replaces it only when the rerun finished. After a failed forced rerun the old manifest
+  counts as cached only if every artifact it lists still has its recorded sha256 (the rerun may
+  have overwritten some); otherwise the stage runs again;
+- an unfinished manifest is deleted first, the stage runs with ``ctx.resume`` true when
   ``--resume`` was given and its checkpoint prefix ``<stage>/checkpoints/<fp16>/`` holds objects
   (without ``--resume`` that prefix is cleared: a fresh start); the manifest is published LAST;
 - a stage that raises leaves no manifest; the run record says ``failed`` with the error, and the
@@ -48,11 +54,14 @@ from pipeline.records import RunRecord, default_run_id
 from pipeline.runtime import ensure_ray, node_id, open_store, open_tracker
 
 __all__ = [
-    "Stage", "CacheSpec", "StageGraph", "StageFailed", "PipelineError", "run_pipeline", "plan",
+    "Stage", "CacheSpec", "StageGraph", "StageFailed", "PipelineError", "ReplaceRefused", "run_pipeline", "plan",
+    "refuse_replacing",
     "code_version", "section_payload", "stage_fingerprints", "builtin_graph", "MANIFEST", "RUNNER_KEYS",
 ]
 
 MANIFEST = "manifest.json"
+# Written beside a finished manifest while a --force rerun replaces it; removed once the new one is published.
+REPLACING = "replacing.json"
 # Set by the entry point's SIGTERM / SIGINT handler: whatever a stage raises after it is an interruption.
 STOP_REQUESTED = threading.Event()
 CHECKPOINTS = "checkpoints"
@@ -62,6 +71,10 @@ RUNNER_KEYS = ("stage", "run_id", "fingerprint", "state", "code_version", "timin
 
 class PipelineError(RuntimeError):
     """A pipeline-level problem (graph, selection, upstream missing), raised before work starts."""
+
+
+class ReplaceRefused(PipelineError):
+    """A rerun would replace finished stages made with another config (pass --force, or a new --run-id)."""
 
 
 class StageFailed(RuntimeError):
@@ -243,19 +256,39 @@ class PlannedStage:
     fingerprint: str
     action: str            # run | cached | unavailable | blocked | skip (not selected / disabled)
     reason: str = ""
+    replaces: str | None = None   # fingerprint of the finished manifest a "run" would replace
 
 
-def _manifest_ok(run_store: Any, name: str, fp: str) -> dict | None:
+def _read_manifest(run_store: Any, name: str) -> dict | None:
     key = f"{name}/{MANIFEST}"
-    if not run_store.exists(key):
-        return None
     try:
+        if not run_store.exists(key):
+            return None
         m = run_store.get_json(key)
     except Exception:
         return None
-    if m.get("state") == "finished" and m.get("fingerprint") == fp:
-        return m
-    return None
+    return m if isinstance(m, dict) else None
+
+
+def _artifacts_intact(stage_store: Any, manifest: Mapping[str, Any]) -> bool:
+    """Every artifact the manifest lists still has the recorded sha256 (read back from the store)."""
+    for key, meta in (manifest.get("artifacts") or {}).items():
+        want = meta.get("sha256") if isinstance(meta, Mapping) else None
+        try:
+            if not want or hashlib.sha256(stage_store.get_bytes(key, verify=False)).hexdigest() != want:
+                return False
+        except Exception:
+            return False
+    return True
+
+
+def _manifest_ok(run_store: Any, name: str, fp: str) -> dict | None:
+    m = _read_manifest(run_store, name)
+    if m is None or m.get("state") != "finished" or m.get("fingerprint") != fp:
+        return None
+    if run_store.exists(f"{name}/{REPLACING}") and not _artifacts_intact(run_store.child(name), m):
+        return None    # a forced rerun stopped half way and changed outputs this manifest lists
+    return m
 
 
 def plan(graph: StageGraph, cfg: PipelineConfig, run_store: Any, selected: Sequence[str] | None = None
@@ -290,16 +323,35 @@ def plan(graph: StageGraph, cfg: PipelineConfig, run_store: Any, selected: Seque
             action, reason = "unavailable", st.unavailable or "no implementation registered"
         else:
             action, reason = "run", ""
+        replaces = None
+        if action == "run":
+            old = _read_manifest(run_store, st.name)
+            if old is not None and old.get("state") == "finished" and old.get("fingerprint") != fp:
+                replaces = str(old.get("fingerprint"))
+                reason = f"replaces the finished result {replaces[:12]} (made with another config)"
+            elif old is not None and old.get("state") == "finished":
+                reason = "its finished outputs were changed by a failed --force rerun"
         state[st.name] = action
-        out.append(PlannedStage(st, fp, action, reason))
+        out.append(PlannedStage(st, fp, action, reason, replaces))
     return out, fps, cache_fps
+
+
+def refuse_replacing(planned: Sequence[PlannedStage], run_id: str) -> None:
+    """``ReplaceRefused`` when the plan would replace finished stages made with another config."""
+    hit = [p for p in planned if p.replaces]
+    if hit:
+        names = ", ".join(p.stage.name for p in hit)
+        raise ReplaceRefused(
+            f"run {run_id!r} already has finished {names} made with a different config; rerunning would "
+            f"replace {'it' if len(hit) == 1 else 'them'}. Use a new --run-id to keep both, or --force to replace "
+            f"(the finished result stays valid until the rerun finishes)")
 
 
 # --------------------------------------------------------------------------- running
 def _artifact_index(store: Any) -> dict[str, dict]:
     out = {}
     for key in store.list(""):
-        if key == MANIFEST or key.startswith(f"{CHECKPOINTS}/"):
+        if key in (MANIFEST, REPLACING) or key.startswith(f"{CHECKPOINTS}/"):
             continue
         data = store.get_bytes(key)
         out[key] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "uri": store.uri_for(key)}
@@ -311,13 +363,14 @@ def _numeric(d: Mapping[str, Any]) -> dict[str, float]:
 
 
 def run_pipeline(cfg: PipelineConfig, *, run_id: str | None = None, stages: Sequence[str] | None = None,
-                 resume: bool = False, graph: StageGraph | None = None, store: Any = None,
+                 resume: bool = False, force: bool = False, graph: StageGraph | None = None, store: Any = None,
                  tracker: Any = None, printer: Callable[[str], None] = lambda m: print(m, flush=True),
                  ) -> RunRecord:
     """Run (or skip, or resume) the stages of ``graph`` for ``cfg``; returns the final run record.
 
     Raises ``StageFailed`` when a stage raises (after recording it), ``PipelineError`` for a bad
-    selection before any work starts.
+    selection, or (``ReplaceRefused``) for finished stages of another config without ``force``,
+    before any work starts.
     """
     cfg = cfg.resolved()
     graph = graph or builtin_graph()
@@ -325,6 +378,8 @@ def run_pipeline(cfg: PipelineConfig, *, run_id: str | None = None, stages: Sequ
     store = store if store is not None else open_store(cfg.storage.uri)
     run_store = store.child(f"runs/{run_id}")
     planned, fps, cache_fps = plan(graph, cfg, run_store, stages)
+    if not force:
+        refuse_replacing(planned, run_id)
 
     record = RunRecord.open(store, run_id, cfg)
     record.start(resume=resume)
@@ -374,7 +429,12 @@ def run_pipeline(cfg: PipelineConfig, *, run_id: str | None = None, stages: Sequ
 def _run_one(st: Stage, fp: str, cache_fps: Mapping[str, str], cfg: PipelineConfig, run_id: str, store: Any,
              run_store: Any, record: RunRecord, tracker: Any, resume: bool, printer) -> dict:
     stage_store = run_store.child(st.name)
-    if stage_store.exists(MANIFEST):     # stale: other fingerprint or unfinished; never mistaken for done
+    old = _read_manifest(run_store, st.name)
+    if old is not None and old.get("state") == "finished":
+        # --force (or outputs changed by an earlier failed forced rerun): the finished manifest stays
+        # until the new one is published; the marker tells later plans to verify its artifacts.
+        stage_store.publish_json(REPLACING, {"from": old.get("fingerprint"), "to": fp, "started_at": time.time()})
+    elif stage_store.exists(MANIFEST):   # unfinished: never mistaken for done
         stage_store.delete(MANIFEST)
     ckpt_prefix = f"{CHECKPOINTS}/{fp[:16]}"
     ckpt_store = stage_store.child(ckpt_prefix)
@@ -438,6 +498,8 @@ def _run_one(st: Stage, fp: str, cache_fps: Mapping[str, str], cfg: PipelineConf
     }
     stage_tracker.log_metrics(_numeric(metrics))
     stage_store.publish_json(MANIFEST, manifest)   # LAST: its presence means the stage is complete
+    if stage_store.exists(REPLACING):
+        stage_store.delete(REPLACING)
     record.stage_finished(st.name, manifest)
     end = getattr(stage_tracker, "end", None)
     if callable(end) and stage_tracker is not tracker:

@@ -97,7 +97,10 @@ def test_finished_stages_are_cached(tmp_path):
     rec = run(cfg_for(tmp_path), calls)
     assert calls.calls == [] and {s["state"] for s in rec.stages.values()} == {"cached"}
     calls.calls.clear()
-    rec = run(cfg_for(tmp_path, "search.lambda=0.3"), calls)     # only b and what follows re-run
+    with pytest.raises(PipelineError, match="already has finished b, derive, retrain"):
+        run(cfg_for(tmp_path, "search.lambda=0.3"), calls)        # another config: refused, nothing runs
+    assert calls.calls == []
+    rec = run(cfg_for(tmp_path, "search.lambda=0.3"), calls, force=True)   # only b and what follows re-run
     assert calls.calls == ["b", "derive", "retrain"] and rec.stages["a"]["state"] == "cached"
 
 
