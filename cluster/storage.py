@@ -185,6 +185,9 @@ class ArtifactStore:
     def _raw_publish(self, key: str, data: bytes, sha: str) -> None:
         raise NotImplementedError
 
+    def _raw_put_if_absent(self, key: str, data: bytes, sha: str) -> bool:
+        raise NotImplementedError
+
     def child(self, prefix: str) -> "ArtifactStore":
         raise NotImplementedError
 
@@ -268,6 +271,14 @@ class ArtifactStore:
         sha = sha256_bytes(data)
         self._raw_publish(key, data, sha)
         return sha
+
+    def put_json_if_absent(self, key: str, obj: Any) -> bool:
+        """Create ``key`` only if no object has that key (a conditional put); True if this call created it.
+
+        The building block of a lease: of two writers racing for the same key, one gets True."""
+        key = validate_key(key)
+        data = _json_bytes(obj)
+        return self._raw_put_if_absent(key, data, sha256_bytes(data))
 
     def put_tree(self, prefix: str, local_dir: str | os.PathLike) -> dict[str, str]:
         """Upload every file under ``local_dir`` to ``prefix/<relative path>``; returns {rel: sha256}."""
@@ -395,6 +406,27 @@ class LocalStore(ArtifactStore):
 
     def _raw_publish(self, key, data, sha):
         self._raw_put(key, data, sha)  # temp file + rename is already atomic locally
+
+    def _raw_put_if_absent(self, key, data, sha):
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.densenas-tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(tmp, path)     # atomic, and fails when the name exists: the conditional put
+            except FileExistsError:
+                return False
+            self._atomic_write(self._sidecar(path), lambda h: h.write(sha.encode() + b"\n"))
+            return True
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc} (check permissions and free disk space)") from exc
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
     def _recorded(self, path: Path) -> Optional[str]:
         sidecar = self._sidecar(path)
@@ -694,6 +726,23 @@ class S3Store(ArtifactStore):
                 self.client.delete_object(Bucket=self.bucket, Key=tmp)
             except Exception:  # a stray temp key is hidden from list() and harmless
                 pass
+
+    def _raw_put_if_absent(self, key, data, sha):
+        import botocore.exceptions as bex
+
+        def put():
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                       Metadata={CHECKSUM_META_KEY: sha}, IfNoneMatch="*")
+                return True
+            except bex.ClientError as exc:   # 412: the key exists; 409: a concurrent conditional put won
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise
+
+        return self._call("conditional put", key, put)
 
     def _raw_get(self, key):
         def fetch():

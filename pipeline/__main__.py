@@ -34,10 +34,18 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(args.config, run_id=args.run_id, timeout_s=args.timeout)
 
     from pipeline.config import default_store_uri
-    from pipeline.records import RunNotFound, RunRecord, format_inspect, format_runs, format_status, inspect_run, list_runs
+    from pipeline.records import (InvalidRunId, RunNotFound, RunRecord, effective_status, format_inspect, format_runs,
+                                  format_status, inspect_run, list_runs, validate_run_id)
+    from cluster.storage import StorageError
     from pipeline.runtime import open_store
 
-    store = open_store(args.store or default_store_uri())
+    try:
+        if args.run_id:
+            validate_run_id(args.run_id)
+        store = open_store(args.store or default_store_uri())
+    except (InvalidRunId, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.command == "status":
             if not args.run_id:
@@ -45,12 +53,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(runs, indent=1) if args.json else format_runs(runs))
                 return 0
             doc = RunRecord.load(store, args.run_id).doc
+            shown = effective_status(store, args.run_id, doc.get("status"))
+            if shown != doc.get("status"):      # the driver is gone: its running stages are not running
+                doc["status"] = shown
+                for s in doc.get("stages", {}).values():
+                    if s.get("state") == "running":
+                        s["state"] = "interrupted"
             print(json.dumps(doc, indent=1, default=str) if args.json else format_status(doc))
             return 0
         info = inspect_run(store, args.run_id)
         print(json.dumps(info, indent=1, default=str) if args.json else format_inspect(info))
         return 0
-    except RunNotFound as e:
+    except (RunNotFound, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -133,7 +133,8 @@ class RayConfig(BaseModel):
                                                   "($RAY_ADDRESS) when there is one, else a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (None: all)")
     num_gpus: int | None = Field(None, ge=0)
-    init_timeout_s: float = Field(120, gt=0)
+    init_timeout_s: float = Field(10, gt=0, description="how long a given Ray address may take to answer before "
+                                                        "the run fails (checked before any work)")
 
 
 class PipelineConfig(BaseModel):
@@ -306,7 +307,9 @@ def parse_config(doc: Mapping[str, Any], overrides: Iterable[str] = ()) -> Pipel
     """Validate a config dict (after ``--set`` overrides); errors are ``ConfigError``."""
     if not isinstance(doc, Mapping):
         raise ConfigError("<config>", f"must be a mapping of sections, got {type(doc).__name__}")
+    check_expansion(doc)
     doc = apply_overrides(dict(doc), overrides)
+    check_expansion(doc)
     check_keys(PipelineConfig, doc)
     try:
         return PipelineConfig.model_validate(doc)
@@ -314,16 +317,77 @@ def parse_config(doc: Mapping[str, Any], overrides: Iterable[str] = ()) -> Pipel
         raise _format_validation(err, PipelineConfig) from None
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = (), check: bool = True) -> PipelineConfig:
-    """Read, override, validate and (``check=True``) preflight a config YAML."""
+MAX_CONFIG_BYTES = 1 << 20        # a config is a few KB; a bigger file is a mistake (or an attack)
+MAX_CONFIG_VALUES = 100_000       # values after expanding YAML aliases (a 600-byte "billion laughs" gives 10^9)
+
+
+def _expanded_size(doc: Any, limit: int) -> int:
+    """How many values ``doc`` holds with every alias expanded, counted without expanding (shared
+    nodes are counted by reference); stops at ``limit`` + 1. A cycle (``&a [*a]``) counts as over."""
+    memo: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        key = id(node)
+        if key in memo:
+            return memo[key]
+        if key in active:
+            return limit + 1
+        active.add(key)
+        total = 1
+        items = list(node.keys()) + list(node.values()) if isinstance(node, dict) else node
+        for item in items:
+            total += size(item)
+            if total > limit:
+                break
+        active.discard(key)
+        memo[key] = total = min(total, limit + 1)
+        return total
+
+    return size(doc)
+
+
+def check_expansion(doc: Any, where: str = "<config>") -> None:
+    """``ConfigError`` when a YAML document expands (through aliases) beyond ``MAX_CONFIG_VALUES`` values."""
+    if _expanded_size(doc, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+        raise ConfigError(where, f"expands to more than {MAX_CONFIG_VALUES:,} values through YAML anchors/aliases "
+                                 "(or refers to itself); write the values out instead of nesting aliases")
+
+
+def read_config_file(path: str | Path) -> Any:
+    """The YAML document of a config file, with one-line ``ConfigError``s for every way reading it fails."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(str(path), "config file does not exist (try configs/tiny.yaml)")
+    if p.is_dir():
+        raise ConfigError(str(path), "is a directory; give a YAML file such as configs/tiny.yaml")
     try:
-        doc = yaml.safe_load(p.read_text()) or {}
+        size = p.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(str(path), f"is {size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,} bytes "
+                                         "(did you pass a data file?)")
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot be read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), f"is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); save it as "
+                                     "UTF-8 YAML") from None
+    try:
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(str(path), f"not valid YAML: {e}") from None
-    cfg = parse_config(doc, overrides)
+        first = " ".join(str(e).split())
+        raise ConfigError(str(path), f"not valid YAML: {first}") from None
+    check_expansion(doc, str(path))
+    return {} if doc is None else doc
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = (), check: bool = True) -> PipelineConfig:
+    """Read, override, validate and (``check=True``) preflight a config YAML."""
+    cfg = parse_config(read_config_file(path), overrides)
     if check:
         preflight(cfg)
     return cfg

@@ -11,31 +11,194 @@ run.json (format ``densenas-run/1``), rewritten (atomically) at every stage tran
 
 A pointer ``runs/_index/<run_id>.json`` (name, created, status) lets ``status`` list runs without
 listing every artifact of every run.
+
+Ownership: ``runs/<run_id>/lease.json`` (``RunLease``) is created with a conditional put (create only
+if absent) by the driver that runs the run, and its ``heartbeat_at`` is renewed every
+``ttl_s / 4`` seconds by a thread. A second live submission of the same run id is refused at once,
+naming the holder (``LeaseHeld``). A lease whose heartbeat is older than ``ttl_s`` belongs to a lost
+driver (``kill -9``, a dead node): ``status`` shows the run as ``interrupted (driver lost)`` and the
+next submission (``--resume`` to continue from the checkpoints) takes the lease over. A clean end,
+failure or interruption deletes the lease.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
+import threading
 import time
-from typing import Any, Iterable, Mapping
+import uuid
+from typing import Any, Callable, Iterable, Mapping
 
-__all__ = ["RunRecord", "default_run_id", "list_runs", "format_status", "format_runs", "inspect_run",
-           "format_inspect", "RunNotFound"]
+__all__ = ["RunRecord", "default_run_id", "validate_run_id", "list_runs", "format_status", "format_runs",
+           "inspect_run", "format_inspect", "RunNotFound", "InvalidRunId", "RunLease", "LeaseHeld",
+           "effective_status", "run_exists", "DRIVER_LOST"]
 
 FORMAT = "densenas-run/1"
 STATES_DONE = ("finished", "cached")
+RUN_ID_MAX = 100
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+LEASE = "lease.json"
+DEFAULT_LEASE_TTL_S = 120.0
+DRIVER_LOST = "interrupted (driver lost)"
 
 
 class RunNotFound(LookupError):
     pass
 
 
+class InvalidRunId(ValueError):
+    pass
+
+
+class LeaseHeld(RuntimeError):
+    """Another live driver holds the run id."""
+
+
+def validate_run_id(run_id: str) -> str:
+    """A run id is one path segment: letters, digits, ``_ . -``, starting with a letter or digit, at
+    most ``RUN_ID_MAX`` characters (it names a store prefix and MLflow runs)."""
+    if not isinstance(run_id, str) or not run_id:
+        raise InvalidRunId("run id is empty; give --run-id NAME (letters, digits, _ . -)")
+    if len(run_id) > RUN_ID_MAX:
+        raise InvalidRunId(f"run id is {len(run_id)} characters long; the limit is {RUN_ID_MAX}: choose a shorter "
+                           "--run-id")
+    if not _RUN_ID.match(run_id) or ".." in run_id:
+        raise InvalidRunId(f"run id {run_id!r} may only hold letters, digits, '_', '.', '-' (no '/', no '..') and "
+                           "must start with a letter or digit; choose another --run-id")
+    return run_id
+
+
 def default_run_id(name: str) -> str:
     """A stable run id from the config name, so rerunning a config reuses its run (and its cache)."""
-    rid = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")
+    rid = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")[:RUN_ID_MAX]
     if not rid:
-        raise ValueError(f"config name {name!r} gives an empty run id; pass --run-id")
-    return rid
+        raise InvalidRunId(f"config name {name!r} gives an empty run id; pass --run-id")
+    return validate_run_id(rid)
+
+
+def run_exists(store: Any, run_id: str) -> bool:
+    return bool(store.exists(f"runs/{run_id}/run.json"))
+
+
+def _lease_ttl() -> float:
+    return float(os.environ.get("DENSENAS_LEASE_TTL_S") or DEFAULT_LEASE_TTL_S)
+
+
+def _holder_text(doc: Mapping[str, Any]) -> str:
+    job = doc.get("ray_job") or doc.get("submission_id")
+    return (f"pid {doc.get('pid')} on {doc.get('host')}" + (f" (Ray job {job})" if job else "")
+            + f", started {_iso(doc.get('acquired_at'))}")
+
+
+class RunLease:
+    """The lease on ``runs/<run_id>/`` held by the driver running it (see the module doc)."""
+
+    def __init__(self, store: Any, run_id: str, ttl_s: float | None = None,
+                 log: Callable[[str], None] = lambda m: None):
+        self.store = store
+        self.run_id = run_id
+        self.key = f"runs/{run_id}/{LEASE}"
+        self.ttl_s = float(ttl_s if ttl_s is not None else _lease_ttl())
+        self.token = uuid.uuid4().hex
+        self.log = log
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.doc = {"token": self.token, "run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                    "ray_job": os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID"),
+                    "acquired_at": _now(), "heartbeat_at": _now(), "ttl_s": self.ttl_s}
+
+    @staticmethod
+    def read(store: Any, run_id: str) -> dict | None:
+        try:
+            doc = store.get_json(f"runs/{run_id}/{LEASE}", verify=False)
+        except Exception:
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    @staticmethod
+    def is_stale(doc: Mapping[str, Any], now: float | None = None) -> bool:
+        age = (now or time.time()) - float(doc.get("heartbeat_at") or 0)
+        return age > float(doc.get("ttl_s") or DEFAULT_LEASE_TTL_S)
+
+    def acquire(self) -> "RunLease":
+        """Take the lease, or raise ``LeaseHeld`` naming the live holder; a stale lease is taken over."""
+        for _ in range(3):
+            if self.store.put_json_if_absent(self.key, self.doc):
+                return self._confirmed()
+            cur = self.read(self.store, self.run_id)
+            if cur is None:          # released between our put and our read: try again
+                continue
+            if cur.get("token") == self.token:   # our own put, retried after a lost reply
+                return self._confirmed()
+            if not self.is_stale(cur):
+                age = time.time() - float(cur.get("heartbeat_at") or 0)
+                raise LeaseHeld(
+                    f"run {self.run_id!r} is being run by {_holder_text(cur)}; its last heartbeat was {age:.0f} s ago. "
+                    f"Wait for it (python -m pipeline status {self.run_id}), stop it (ray job stop), or use "
+                    f"another --run-id")
+            self.log(f"lease: the driver of run {self.run_id!r} ({_holder_text(cur)}) stopped sending heartbeats "
+                     f"{time.time() - float(cur.get('heartbeat_at') or 0):.0f} s ago; taking the run over")
+            self.store.put_json(self.key, self.doc)
+            time.sleep(0.2)      # another taker racing us overwrites within this window: check who won
+            return self._confirmed()
+        raise LeaseHeld(f"run {self.run_id!r}: could not take its lease (it changed hands repeatedly); retry")
+
+    def _confirmed(self) -> "RunLease":
+        cur = self.read(self.store, self.run_id)
+        if cur is None or cur.get("token") != self.token:
+            holder = _holder_text(cur) if cur else "nobody"
+            raise LeaseHeld(f"run {self.run_id!r} was taken over at the same moment by {holder}; retry later")
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{self.run_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        interval = max(self.ttl_s / 4.0, 0.2)
+        while not self._stop.wait(interval):
+            try:
+                cur = self.read(self.store, self.run_id)
+                if cur is not None and cur.get("token") != self.token:
+                    self.lost = True
+                    self.log(f"lease: run {self.run_id!r} was taken over by {_holder_text(cur)}; this driver no "
+                             "longer owns it")
+                    return
+                self.doc["heartbeat_at"] = _now()
+                self.store.put_json(self.key, self.doc)
+            except Exception as e:  # noqa: BLE001 -- a store blip must not kill the run; retried next beat
+                self.log(f"lease: heartbeat failed ({type(e).__name__}: {e}); retrying")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self.lost:
+            return
+        try:
+            cur = self.read(self.store, self.run_id)
+            if cur is not None and cur.get("token") == self.token:
+                self.store.delete(self.key)
+        except Exception as e:  # noqa: BLE001 -- a lease left behind goes stale and is taken over
+            self.log(f"lease: could not release ({type(e).__name__}: {e}); it expires in {self.ttl_s:.0f} s")
+
+    def __enter__(self) -> "RunLease":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def effective_status(store: Any, run_id: str, status: str | None) -> str:
+    """The record's status, except a ``running`` run whose driver is gone (no lease, or a lease whose
+    heartbeat stopped) is ``interrupted (driver lost)``."""
+    if status != "running":
+        return str(status)
+    lease = RunLease.read(store, run_id)
+    if lease is None or RunLease.is_stale(lease):
+        return DRIVER_LOST
+    return status
 
 
 def _now() -> float:
@@ -185,7 +348,9 @@ def list_runs(store: Any) -> list[dict]:
     for key in store.list("runs/_index/"):
         if key.endswith(".json"):
             try:
-                runs.append(store.get_json(key))
+                doc = store.get_json(key)
+                doc["status"] = effective_status(store, doc.get("run_id"), doc.get("status"))
+                runs.append(doc)
             except Exception:
                 continue
     return sorted(runs, key=lambda r: r.get("updated_at") or 0, reverse=True)
@@ -196,7 +361,7 @@ def format_runs(runs: list[dict]) -> str:
         return "no runs yet (start one: python pipeline/run.py --config configs/tiny.yaml)"
     lines = [f"{'run id':<24} {'name':<20} {'status':<11} updated"]
     for r in runs:
-        lines.append(f"{r['run_id']:<24} {str(r.get('name')):<20} {str(r.get('status')):<11} "
+        lines.append(f"{r['run_id']:<24} {str(r.get('name')):<20} {str(r.get('status')):<25} "
                      f"{_iso(r.get('updated_at'))}")
     return "\n".join(lines)
 

@@ -7,13 +7,15 @@
 Inside `ray job submit` (or with $RAY_ADDRESS) the Ray stages join that cluster
 (``ray.init(address="auto")``); with none, a local Ray is started, and only when a stage that uses
 Ray actually has to run. A bad config fails here, before any work, with the key path and the rule.
-Exit codes: 0 finished, 1 a stage failed, 2 bad config / arguments, 3 stages unavailable (not landed).
+Exit codes: 0 finished, 1 a stage failed, 2 bad config / arguments / a pre-work check failed (one line
+naming the key or file; ``--debug`` adds the traceback), 3 stages unavailable (not landed).
 """
 from __future__ import annotations
 
 import argparse
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):   # run as a file (ray job submit): make the repo importable
@@ -21,7 +23,8 @@ if __package__ in (None, ""):   # run as a file (ray job submit): make the repo 
 
 from pipeline.config import ConfigError, load_config  # noqa: E402
 from pipeline.records import format_status  # noqa: E402
-from pipeline.stages import PipelineError, StageFailed, builtin_graph, plan, run_pipeline  # noqa: E402
+from pipeline.stages import (PipelineError, StageFailed, builtin_graph, plan, refuse_replacing,  # noqa: E402
+                             run_pipeline)
 
 
 def build_parser(prog: str = "python pipeline/run.py") -> argparse.ArgumentParser:
@@ -62,37 +65,71 @@ def _sigterm_as_interrupt() -> None:
         pass
 
 
+def _fail(args: argparse.Namespace, message: str, code: int = 2) -> int:
+    """One line on stderr (the traceback too with --debug); the exit code."""
+    print(f"error: {message}", file=sys.stderr)
+    if getattr(args, "debug", False) and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+    return code
+
+
 def run_from_args(args: argparse.Namespace) -> int:
+    from cluster.storage import StorageError
+    from pipeline.checks import CheckFailed, open_store_checked, prework_checks
+    from pipeline.records import InvalidRunId, LeaseHeld, RunLease, default_run_id, run_exists, validate_run_id
+
+    try:
+        run_id = validate_run_id(args.run_id) if args.run_id else None
+    except InvalidRunId as e:
+        return _fail(args, f"--run-id: {e}")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"error: config {args.config}: {e}", file=sys.stderr)
-        return 2
+        return _fail(args, f"config {args.config}: {e}")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    record_written = False
     try:
+        run_id = run_id or default_run_id(cfg.name)
+        resolved = cfg.resolved()
+        graph = builtin_graph()
+        # Everything that can be checked before work is checked here, --plan included: the store and
+        # tracking server answer, the run id is free, nothing finished would be replaced, the data,
+        # tables and resources fit. Each failure is one line naming the key / file and what to do.
+        store = open_store_checked(resolved)
+        run_store = store.child(f"runs/{run_id}")
+        if args.resume and not run_exists(store, run_id):
+            raise PipelineError(f"--resume: there is no run {run_id!r} in {store.uri_for('runs/')} to resume; check "
+                                f"--run-id (python -m pipeline status lists the runs), or drop --resume to start it")
+        planned, _, _ = plan(graph, resolved, run_store, stages)
+        if not args.force:
+            refuse_replacing(planned, run_id)
+        held = RunLease.read(store, run_id)
+        if held is not None and not RunLease.is_stale(held) and args.plan:
+            print(f"note: run {run_id!r} is being run now by pid {held.get('pid')} on {held.get('host')}; "
+                  "a submission would be refused", file=sys.stderr)
+        prework_checks(resolved, planned, log=lambda m: print(m, file=sys.stderr, flush=True))
         if args.plan:
-            from pipeline.records import default_run_id
-            from pipeline.runtime import open_store
-
-            resolved = cfg.resolved()
-            store = open_store(resolved.storage.uri)
-            run_store = store.child(f"runs/{args.run_id or default_run_id(cfg.name)}")
-            planned, _, _ = plan(builtin_graph(), resolved, run_store, stages)
             for ps in planned:
                 print(f"{ps.stage.name:<8} {ps.action:<11} {ps.fingerprint[:12]}  {ps.reason}")
             return 0
         _sigterm_as_interrupt()
-        record = run_pipeline(cfg, run_id=args.run_id, stages=stages, resume=args.resume)
+        record_written = True
+        record = run_pipeline(cfg, run_id=run_id, stages=stages, resume=args.resume, force=args.force, graph=graph,
+                              store=store)
     except KeyboardInterrupt:
-        print("interrupted: the run record says so; rerun with --resume to continue", file=sys.stderr)
+        print("interrupted: " + ("the run record says so; rerun with --resume to continue" if record_written
+                                 else "before any stage started; nothing was written"), file=sys.stderr)
         return 130
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (PipelineError, CheckFailed, ConfigError, InvalidRunId, LeaseHeld, StorageError) as e:
+        return _fail(args, str(e))
     except StageFailed as e:
         print(f"error: {e}\nfix it and rerun the same command: finished stages are reused, the failed one "
               f"re-runs (add --resume to continue it from its checkpoint)", file=sys.stderr)
+        if args.debug:
+            traceback.print_exception(e.error)
         return 1
+    except Exception as e:  # noqa: BLE001 -- one line, never a bare traceback (unless --debug)
+        return _fail(args, f"{type(e).__name__}: {e} (rerun with --debug for the traceback)", 1)
     print(format_status(record.doc))
     if record.status == "incomplete":
         print("note: some stages could not run (see 'unavailable' / 'blocked' above)", file=sys.stderr)

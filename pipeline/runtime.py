@@ -58,6 +58,11 @@ def ensure_ray(ray_cfg: Any, log=print) -> None:
             address = "auto"     # we are a `ray job submit` entrypoint, or pointed at a cluster
         kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
         if address:
+            from pipeline.checks import probe_ray_address
+
+            target = os.environ.get("RAY_ADDRESS") if address == "auto" else address
+            if target and target != "auto":   # ray.init waits minutes on a dead address: fail in init_timeout_s
+                probe_ray_address(target, ray_cfg.init_timeout_s)
             log(f"ray: joining cluster at {address}")
             ray.init(address=address, **kwargs)
         else:

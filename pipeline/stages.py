@@ -50,7 +50,7 @@ from pydantic import BaseModel
 
 from jobs.context import StageContext
 from pipeline.config import REPO_ROOT, PipelineConfig
-from pipeline.records import RunRecord, default_run_id
+from pipeline.records import InvalidRunId, RunLease, RunRecord, default_run_id, run_exists, validate_run_id
 from pipeline.runtime import ensure_ray, node_id, open_store, open_tracker
 
 __all__ = [
@@ -374,13 +374,29 @@ def run_pipeline(cfg: PipelineConfig, *, run_id: str | None = None, stages: Sequ
     """
     cfg = cfg.resolved()
     graph = graph or builtin_graph()
-    run_id = run_id or default_run_id(cfg.name)
+    try:
+        run_id = validate_run_id(run_id) if run_id else default_run_id(cfg.name)
+    except InvalidRunId as e:
+        raise PipelineError(str(e)) from None
     store = store if store is not None else open_store(cfg.storage.uri)
+    if resume and not run_exists(store, run_id):
+        raise PipelineError(f"--resume: there is no run {run_id!r} in {store.uri_for('runs/')} to resume; check "
+                            f"--run-id (python -m pipeline status lists the runs), or drop --resume to start it")
     run_store = store.child(f"runs/{run_id}")
     planned, fps, cache_fps = plan(graph, cfg, run_store, stages)
     if not force:
         refuse_replacing(planned, run_id)
 
+    lease = RunLease(store, run_id, log=printer).acquire()   # LeaseHeld: another live driver runs it
+    try:
+        return _run_planned(cfg, graph, planned, fps, cache_fps, run_id, store, run_store, resume, tracker, printer)
+    finally:
+        lease.release()
+
+
+def _run_planned(cfg: PipelineConfig, graph: StageGraph, planned: list[PlannedStage], fps: dict[str, str],
+                 cache_fps: dict[str, dict[str, str]], run_id: str, store: Any, run_store: Any, resume: bool,
+                 tracker: Any, printer: Callable[[str], None]) -> RunRecord:
     record = RunRecord.open(store, run_id, cfg)
     record.start(resume=resume)
     record.doc["stage_order"] = [p.stage.name for p in planned]   # JSON stores sort keys; keep graph order

