@@ -2,7 +2,8 @@
 
 1. Start (or reuse) the local stack (``cluster.local``: SeaweedFS S3 + MLflow server + Ray head,
    all on loopback; state in ``.local-stack/``, or ``$DENSENAS_STACK_DIR``).
-2. Submit ``pipeline/run.py --config configs/tiny.yaml --run-id tiny --resume`` with
+2. Submit ``pipeline/run.py --config configs/tiny.yaml --run-id tiny [--resume]`` (``--resume`` when
+   the run already exists in the store) with
    ``ray job submit --working-dir .`` -- the same command a user runs against a real cluster --
    with the stack's env for the CLI (``RAY_AUTH_MODE=token``, the token path) and a runtime_env
    (written to a 0600 file, not the command line) carrying AWS_* / MLFLOW_TRACKING_URI /
@@ -102,7 +103,8 @@ def run_demo(config: str = "configs/tiny.yaml", run_id: str | None = None, timeo
         return 2
     stack_env = stack.env()
     runtime_env = write_runtime_env(stack.state_dir / "demo_runtime_env.yaml", stack_env)
-    cmd = submit_command(config, run_id, stack_env, runtime_env)
+    # --resume continues an existing run (and is an error for a run id that never existed)
+    cmd = submit_command(config, run_id, stack_env, runtime_env, resume=_run_exists(run_id, stack_env))
     print(f"demo: submitting run {run_id!r}:\n  {' '.join(cmd)}", flush=True)
     env = cli_env(stack_env)
     try:
@@ -115,6 +117,17 @@ def run_demo(config: str = "configs/tiny.yaml", run_id: str | None = None, timeo
     print(f"\ndemo: job exited with {rc} after {time.monotonic() - t0:.0f} s", flush=True)
     _where_to_look(run_id, stack_env)
     return rc
+
+
+def _run_exists(run_id: str, stack_env: dict[str, str]) -> bool:
+    from pipeline.records import run_exists
+    from pipeline.runtime import open_store
+
+    os.environ.update({k: stack_env[k] for k in JOB_ENV_KEYS if k in stack_env})
+    try:
+        return run_exists(open_store(stack_env.get("DENSENAS_STORE", "")), run_id)
+    except Exception:  # noqa: BLE001 -- the job's own checks report an unusable store
+        return False
 
 
 def _where_to_look(run_id: str, stack_env: dict[str, str]) -> None:

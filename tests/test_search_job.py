@@ -54,7 +54,9 @@ def test_search_ranks_agree_killed_worker_resumes_and_new_run_continues(cluster,
     store = open_store(str(tmp_path / "stage"))
     warm = open_store(str(tmp_path / "warmup"))
     marker = tmp_path / "killed-once"
-    out = run_search(SearchJobConfig.model_validate(JOB), "micro_mbconv", manifest, None, store,
+    # A killed rank may take the other down with it (gloo "connection reset", a failed health check):
+    # under load that is a second group failure, so the drill allows a few; the guarantee is the resume.
+    out = run_search(SearchJobConfig.model_validate({**JOB, "max_failures": 3}), "micro_mbconv", manifest, None, store,
                      split_store=split_store, warmup_store=warm,
                      inject_failure={"rank": 1, "epoch": 2, "step": 2, "marker": str(marker)})
     assert marker.exists(), "the failure drill did not fire"
