@@ -69,8 +69,8 @@ class StageTracker(_HandleFacade):
 class PipelineTracker(_HandleFacade):
     """The parent run of one pipeline run."""
 
-    def __init__(self, uri: str | None, experiment: str, run_id: str):
-        tracker = Tracker(uri, experiment)
+    def __init__(self, uri: str | None, experiment: str, run_id: str, spool_dir: str | Path | None = None):
+        tracker = Tracker(uri, experiment, spool_dir=spool_dir)   # spool_dir: the run's own (pipeline.runtime)
         super().__init__(tracker, tracker.start_run(f"pipeline:{run_id}", tags=standard_tags(run_id=run_id)))
         self.pipeline_run_id = run_id
 

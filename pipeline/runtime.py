@@ -3,23 +3,26 @@
 Each piece prefers the cluster/ layer's implementation and says so when it falls back:
 
 - ``open_store(uri)``: ``cluster.storage.open_store``.
-- ``open_tracker(cfg, run_id)``: ``cluster.tracking`` when present and tracking is enabled, else a
-  ``NullTracker`` (nothing is logged; the run record still holds everything).
+- ``open_tracker(cfg, run_id, store)``: ``cluster.tracking`` when present and tracking is enabled, else a
+  ``NullTracker`` (nothing is logged; the run record still holds everything). Its spool (MLflow
+  operations kept while the server is down) is the run's own: ``tracking_spool_dir``.
 - ``ensure_ray(ray_cfg)``: inside ``ray job submit`` (or with ``$RAY_ADDRESS``) join that cluster with
   ``address="auto"``; else the configured address; else start a local Ray. Started lazily: a run
   whose stages are all cached never starts Ray.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from jobs.context import NullTracker
 
-__all__ = ["open_store", "open_tracker", "ensure_ray", "node_id"]
+__all__ = ["open_store", "open_tracker", "tracking_spool_dir", "ensure_ray", "node_id"]
 
 
 def open_store(uri: str) -> Any:
@@ -29,8 +32,26 @@ def open_store(uri: str) -> Any:
     return _open(uri)
 
 
-def open_tracker(cfg: Any, run_id: str) -> Any:
-    """A tracker for the pipeline run (parent run), or a ``NullTracker`` with the reason printed."""
+def tracking_spool_dir(store: Any, run_id: str, uri: str) -> Path:
+    """Where the run's MLflow operations wait while its tracking server is down: keyed by the tracking
+    URI and the run, so a spool is replayed only into the server it was meant for, by the same run.
+
+    A local store keeps it under the run's own directory (``runs/<run_id>/.densenas-tracking-spool/<uri
+    key>/``, hidden from store listings); an object store cannot hold a locked append-only file, so
+    there it is ``$DENSENAS_SPOOL_DIR`` (default ``~/.cache/densenas/tracking-spool``)
+    ``/<uri key>/<run_id>/`` on the driver's machine."""
+    key = hashlib.sha256(str(uri).encode()).hexdigest()[:16]
+    root = getattr(store, "root", None)
+    if isinstance(root, Path):
+        return root / "runs" / run_id / ".densenas-tracking-spool" / key
+    base = os.environ.get("DENSENAS_SPOOL_DIR") or str(Path.home() / ".cache" / "densenas" / "tracking-spool")
+    return Path(base).expanduser() / key / run_id
+
+
+def open_tracker(cfg: Any, run_id: str, store: Any = None) -> Any:
+    """A tracker for the pipeline run (parent run), or a ``NullTracker`` with the reason printed.
+
+    With ``store`` its spool is the run's own (``tracking_spool_dir``)."""
     if not cfg.tracking.enabled:
         return NullTracker()
     try:
@@ -40,7 +61,8 @@ def open_tracker(cfg: Any, run_id: str) -> Any:
               "(the run record keeps stages, metrics and fingerprints)", file=sys.stderr, flush=True)
         return NullTracker()
 
-    return PipelineTracker(cfg.tracking.uri, cfg.tracking.experiment, run_id)
+    spool = tracking_spool_dir(store, run_id, cfg.tracking.uri) if store is not None else None
+    return PipelineTracker(cfg.tracking.uri, cfg.tracking.experiment, run_id, spool_dir=spool)
 
 
 _RAY_LOCK = threading.Lock()

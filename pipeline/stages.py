@@ -400,7 +400,7 @@ def _run_planned(cfg: PipelineConfig, graph: StageGraph, planned: list[PlannedSt
     record = RunRecord.open(store, run_id, cfg)
     record.start(resume=resume)
     record.doc["stage_order"] = [p.stage.name for p in planned]   # JSON stores sort keys; keep graph order
-    tracker = tracker if tracker is not None else open_tracker(cfg, run_id)
+    tracker = tracker if tracker is not None else open_tracker(cfg, run_id, store)
     record.set_tracking(tracker, cfg)
     tracker.log_params({"run_id": run_id, **cfg.dump()})   # the resolved config, flattened
     tracker.log_dict(cfg.dump(), "config.json")

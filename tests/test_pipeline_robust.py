@@ -425,3 +425,36 @@ def test_every_embedded_config_fits_two_cpus(path):
 
 def test_embedded_configs_found():
     assert {p.name for p in _embedded_pipeline_configs()} >= {"tiny.yaml", "sweep_tiny.yaml"}
+
+
+# --------------------------------------------------------------------------- item 4: the run's own spool
+def test_tracking_spool_belongs_to_its_server_and_run(tmp_path, monkeypatch):
+    """MLflow down: the run's operations are spooled under the run's own directory, keyed by the tracking
+    URI; another run from the same working directory, to another server, neither sees nor replays them."""
+    from pipeline.runtime import tracking_spool_dir
+    from tests.test_pipeline_runner import Calls
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    dead = f"http://127.0.0.1:{_closed_port()}"
+    cfg = parse_config({**BASE, "storage": {"uri": str(tmp_path / "store")}, "tracking": {"uri": dead}})
+    run_pipeline(cfg, run_id="down", graph=Calls().graph(), printer=lambda m: None)
+    store = open_store(str(tmp_path / "store"))
+    spool = tracking_spool_dir(store, "down", dead)
+    assert spool.parent.parent.name == "down" and spool.is_relative_to(tmp_path / "store" / "runs" / "down")
+    spooled = sorted(spool.glob("spool-*.jsonl"))
+    assert spooled and sum(len(p.read_text().splitlines()) for p in spooled) > 10
+    assert not (tmp_path / ".densenas-tracking").exists()
+    assert "down/.densenas" not in " ".join(store.list("runs/down"))          # hidden from the store's listings
+    before = {p: p.read_text() for p in spooled}
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    cfg2 = parse_config({**BASE, "storage": {"uri": str(tmp_path / "store")}, "tracking": {"uri": other}})
+    run_pipeline(cfg2, run_id="elsewhere", graph=Calls().graph(), printer=lambda m: None)
+    assert {p: p.read_text() for p in sorted(spool.glob("spool-*.jsonl"))} == before   # not replayed elsewhere
+    import mlflow
+
+    client = mlflow.MlflowClient(other)
+    names = {r.info.run_name for e in client.search_experiments() for r in client.search_runs([e.experiment_id])}
+    assert "pipeline:down" not in names and "pipeline:elsewhere" in names
+    assert tracking_spool_dir(store, "down", other) != spool
