@@ -151,3 +151,91 @@ def test_cli_up_status_down_with_ray(tmp_path):
             except OSError:
                 pass
     assert not leftovers, leftovers
+
+
+# Methods a tokenless client tries on each Ray port: one per gRPC service Ray serves (GCS, raylet,
+# object manager, core workers, dashboard agent). Without the token each must be refused
+# (UNAUTHENTICATED) before any handler runs; UNIMPLEMENTED means "not this port's service".
+_GRPC_PROBES = ("/ray.rpc.NodeInfoGcsService/GetAllNodeInfo", "/ray.rpc.JobInfoGcsService/GetAllJobInfo",
+                "/ray.rpc.NodeManagerService/GetNodeStats", "/ray.rpc.ObjectManagerService/Pull",
+                "/ray.rpc.CoreWorkerService/GetCoreWorkerStats", "/ray.rpc.ReporterService/GetTraceback",
+                "/ray.rpc.MetricsAgentService/HealthCheck")
+
+
+def _tokenless_verdict(port: int) -> str:
+    """How a port answers a client without the token: 'grpc-refused', 'http-refused', or what it gave."""
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for method in _GRPC_PROBES:
+            try:
+                channel.unary_unary(method)(b"", timeout=3)
+                return f"grpc-answered {method}"
+            except grpc.RpcError as e:
+                code = e.code()
+                if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    return "grpc-refused"
+                if code == grpc.StatusCode.UNIMPLEMENTED:
+                    continue
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    break               # not gRPC (an HTTP server): try HTTP below
+                return f"grpc-{code.name} {method}"
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=3)
+        return "http-answered"
+    except urllib.error.HTTPError as e:
+        return "http-refused" if e.code in (401, 403) else f"http-{e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        return f"no-answer ({e})"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_ports_are_loopback_or_refuse_tokenless_clients(tmp_path):
+    """Ray has no flag to bind its gRPC servers to loopback (``--node-ip-address 127.0.0.1`` sets the
+    address it advertises; GCS, raylet, object manager and workers listen on every interface). So each
+    port of the stack's Ray that listens beyond 127.0.0.1 must refuse a client without the token."""
+    stack = LocalStack(tmp_path / "stack", StackPorts.free(), verbose=False)
+    try:
+        stack.up(("ray",))
+        import time as _time
+
+        _time.sleep(5)     # the dashboard agent and its children open their ports after `up` returns
+        leader = stack.status()["ray"].pid
+        from cluster.local import _pids_mentioning, _session_pids
+
+        pids = set(_session_pids(leader)) | set(_pids_mentioning(str(stack.ray_temp_dir)))
+        exposed: dict[int, str] = {}
+        for pid in pids:
+            for addr, port in _listening(pid):
+                if addr not in ("0100007F", "00000000000000000000000001000000"):
+                    exposed[port] = addr
+        verdicts = {port: _tokenless_verdict(port) for port in sorted(exposed)}
+        print("non-loopback Ray ports:", verdicts)
+        open_ports = {p: v for p, v in verdicts.items() if not v.endswith("refused")}
+        assert not open_ports, f"Ray ports that serve a client without the token: {open_ports}"
+    finally:
+        stack.down()
+
+
+def _listening(pid: int) -> set[tuple[str, int]]:
+    """(local address hex, port) of the LISTEN sockets owned by ``pid``."""
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        return set()
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:
+                addr, port = fields[1].split(":")
+                out.add((addr, int(port, 16)))
+    return out

@@ -458,3 +458,64 @@ def test_tracking_spool_belongs_to_its_server_and_run(tmp_path, monkeypatch):
     names = {r.info.run_name for e in client.search_experiments() for r in client.search_runs([e.experiment_id])}
     assert "pipeline:down" not in names and "pipeline:elsewhere" in names
     assert tracking_spool_dir(store, "down", other) != spool
+
+
+OFFLINE_DRIVER = r"""
+import sys
+from pipeline.config import parse_config
+from pipeline.stages import run_pipeline
+from tests.test_pipeline_runner import Calls
+
+store, uri, exp, run_id = sys.argv[1:5]
+cfg = parse_config({"name": "t", "space": "micro_mbconv", "storage": {"uri": store},
+                    "tracking": {"uri": uri, "experiment": exp}})
+print("STATUS", run_pipeline(cfg, run_id=run_id, graph=Calls().graph(), printer=lambda m: None).status, flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_spool_is_replayed_only_into_its_server_by_its_run(stack_mlflow, tmp_path):
+    """A run whose MLflow is down spools; a run to another tracking URI from the same directory leaves
+    that spool alone; when the server is back, the same run's next submission replays it there."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.runtime import tracking_spool_dir
+    from tests.fixtures_stack import TcpProxy
+
+    exp = f"spool-{os.getpid()}-{int(time.time())}"
+    proxy = TcpProxy(stack_mlflow.ports.mlflow)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}
+
+    def drive(uri, run_id):
+        out = subprocess.run([sys.executable, "-c", OFFLINE_DRIVER, str(tmp_path / "store"), uri, exp, run_id],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0 and "STATUS finished" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+
+    try:
+        proxy.cut()
+        drive(proxy.url, "r")
+        spool = tracking_spool_dir(open_store(str(tmp_path / "store")), "r", proxy.url)
+        files = {p: p.read_text() for p in spool.glob("spool-*.jsonl")}
+        assert files and all(files.values())
+        drive(stack_mlflow.mlflow_uri, "other")            # same server, another URI key and run: not replayed
+        assert {p: p.read_text() for p in spool.glob("spool-*.jsonl")} == files
+        client = MlflowClient(stack_mlflow.mlflow_uri)
+        exp_id = client.get_experiment_by_name(exp).experiment_id
+        names = {r.info.run_name for r in client.search_runs([exp_id])}
+        assert "pipeline:other" in names and "pipeline:r" not in names
+        proxy.restore()
+        drive(proxy.url, "r")                              # all cached; its tracker replays the spool
+    finally:
+        proxy.close()
+    assert not [p for p in spool.glob("spool-*.jsonl") if p.read_text().strip()]
+    runs = client.search_runs([exp_id])
+    offline = [r for r in runs if r.info.run_name == "pipeline:r"]
+    assert len(offline) == 2, [r.info.run_name for r in runs]      # the offline run and the rerun
+    stage_b = [r for r in runs if r.info.run_name == "b" and r.data.tags.get("mlflow.parentRunId") in
+               {o.info.run_id for o in offline}]
+    assert stage_b and stage_b[0].data.metrics["val_acc"] == 0.5
