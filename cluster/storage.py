@@ -731,6 +731,10 @@ class S3Store(ArtifactStore):
         import botocore.exceptions as bex
 
         def put():
+            # HEAD first: a server that ignores If-None-Match still refuses an existing key (only two
+            # writers racing within one request's time could both win there)
+            if self._raw_exists(key):
+                return False
             try:
                 self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
                                        Metadata={CHECKSUM_META_KEY: sha}, IfNoneMatch="*")

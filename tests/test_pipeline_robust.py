@@ -519,3 +519,20 @@ def test_spool_is_replayed_only_into_its_server_by_its_run(stack_mlflow, tmp_pat
     stage_b = [r for r in runs if r.info.run_name == "b" and r.data.tags.get("mlflow.parentRunId") in
                {o.info.run_id for o in offline}]
     assert stage_b and stage_b[0].data.metrics["val_acc"] == 0.5
+
+
+@pytest.mark.slow
+def test_lease_on_the_s3_store(s3_store):
+    """The conditional put and the lease on the embedded S3 server (SeaweedFS)."""
+    from pipeline.records import LeaseHeld, RunLease
+
+    assert s3_store.put_json_if_absent("runs/x/lease.json", {"a": 1}) is True
+    assert s3_store.put_json_if_absent("runs/x/lease.json", {"a": 2}) is False
+    assert s3_store.get_json("runs/x/lease.json") == {"a": 1}
+    held = RunLease(s3_store, "r", ttl_s=2.0).acquire()
+    try:
+        with pytest.raises(LeaseHeld, match="is being run by pid"):
+            RunLease(s3_store, "r", ttl_s=2.0).acquire()
+    finally:
+        held.release()
+    assert RunLease.read(s3_store, "r") is None
