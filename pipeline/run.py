@@ -42,6 +42,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", default=None,
                    help="comma-separated stages to run (their upstream must be finished); default: all enabled")
     p.add_argument("--plan", action="store_true", help="print what would run / be reused, then exit")
+    p.add_argument("--verbose", action="store_true",
+                   help="keep Ray Train's per-report lines, Ray Data's progress bars and library INFO logs")
 
 
 def _sigterm_as_interrupt() -> None:
@@ -59,6 +61,8 @@ def _sigterm_as_interrupt() -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    from jobs.console import configure
+    configure(verbose=getattr(args, "verbose", False))
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
