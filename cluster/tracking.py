@@ -822,7 +822,7 @@ def rank0_attach(spec: Optional[TrackerSpec], rank: Optional[int] = None) -> tup
 
 def registered_model_name(experiment: str) -> str:
     """The Model Registry name of an experiment's derived networks (one registered model per experiment)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{experiment}-densenas") or "densenas"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{experiment}-net")
 
 
 def _now_ms() -> int:
