@@ -657,7 +657,12 @@ def run_profile(cfg: ProfileConfig | Mapping[str, Any], space: Any = None, store
         store = getattr(ctx, "store", None)
     if space is None or store is None:
         raise ProfileError("run_profile needs a space and a store (or a StageContext with .store)")
-    return Profiler(cfg, space, store, ctx, callbacks).run()
+    from jobs.diagrams import log_pictures
+    from jobs.epochs import ProgressMetrics
+
+    out = Profiler(cfg, space, store, ctx, [*callbacks, ProgressMetrics(ctx)]).run()
+    log_pictures(ctx, store, [SCATTER_KEY])
+    return out
 
 
 # --------------------------------------------------------------------------- CLI

@@ -35,8 +35,9 @@ from densenas.retrain import TrainRecipe
 from jobs.resources import check_resources, threads_for_cpus, torch_trainer
 from jobs.search import (TrainJobResources, _report_checkpoint, _say, allreduce_mean, allreduce_sum, broadcast_module,
                          capped_batches, latest_checkpoint, numeric_metrics, open_split_store, publish_latest,
-                         steps_per_worker, tracker_info, RankZeroTracker, _load_checkpoint_file, _node_id,
-                         META_FILE)
+                         steps_per_worker, _load_checkpoint_file, _node_id, META_FILE)
+from jobs.epochs import EpochCurves, describe_retrain, retrain_epoch_metrics, stage_tracking
+from jobs.registry import log_retrained_model
 
 __all__ = ["RetrainConfig", "run_retrain", "retrain_stage", "latency_setup"]
 
@@ -94,7 +95,9 @@ def _retrain_worker(config: dict) -> None:
             print(f"[retrain] resumed at epoch {epoch} from {source}", flush=True)
     broadcast_module(model)
     sync = allreduce_mean if world > 1 else None
-    tracker = RankZeroTracker(config.get("tracking"), enabled=rank == 0)
+    curves = EpochCurves(config.get("tracking"), retrain_epoch_metrics, rank, stage="retrain", total=cfg.epochs,
+                         start=epoch, describe=describe_retrain)
+    curves.catch_up(history)
     while epoch < cfg.epochs:
         batches = capped_batches(worker_batches("train", config["batch"], drop_last=True, device=device),
                                  config["steps"])
@@ -110,21 +113,18 @@ def _retrain_worker(config: dict) -> None:
             record.update(test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"], test_n=test["n"])
         history.append(record)
         if rank == 0:
-            print(f"[retrain] epoch {epoch}/{cfg.epochs} loss {record['train_loss']:.4f} acc {record['train_acc']:.3f} "
-                  f"lr {record['lr']:.4g} {record['img_per_s']:.0f} img/s"
-                  + (f" | test top-1 {record['test_top1']:.3f} top-5 {record['test_top5']:.3f}"
-                     if "test_top1" in record else ""), flush=True)
             state = retrain_state_dict(model, optimizer, scheduler, epoch, step, history,
                                        extra={"node_id": _node_id(), "world": world})
             dir_name = f"epoch-{epoch:04d}"
             _report_checkpoint(numeric_metrics(record), {STATE_FILE: state_to_bytes(state),
                                                         META_FILE: json.dumps({"epoch": epoch}).encode()}, dir_name)
             publish_latest(config["ckpt_store"], config["run_name"], dir_name, epoch, [STATE_FILE, META_FILE])
-            tracker.log(numeric_metrics(record, "retrain_"), step=epoch)
+            curves.log(record)
         else:
             ray.train.report(numeric_metrics(record))
         config["stage_store"].put_json(f"workers/rank-{rank}.json", {"rank": rank, "node_id": _node_id(),
                                                                       "epoch": epoch})
+    curves.close()
 
 
 def _measure_in_task(model_bytes: bytes, arch: Any, num_classes: int, shape: list[int], device: str, threads: int,
@@ -185,7 +185,7 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
     loop_config = {"cfg": cfg.model_dump(mode="json"), "arch": arch.to_dict(), "num_classes": num_classes,
                    "steps": steps, "batch": batch, "threads": threads_for_cpus(cfg.cpus_per_worker),
                    "ckpt_store": ckpt_store, "stage_store": store, "pointer": pointer, "run_name": run_name,
-                   "tracking": tracker_info(ctx)}
+                   "tracking": stage_tracking(ctx)}
     trainer = torch_trainer(_retrain_worker, loop_config, request, use_gpu=cfg.use_gpu, run_name=run_name,
                             storage=(storage_path, storage_fs), max_failures=cfg.max_failures,
                             datasets={"train": train, "test": test})
@@ -247,6 +247,7 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
         metrics.update(torchscript_max_abs_diff=check["torchscript_max_abs_diff"],
                        onnx_max_abs_diff=check["onnx_max_abs_diff"])
     out["metrics"] = metrics
+    out["registered_model"] = log_retrained_model(ctx, model, arch, store, metrics, torch.randn(2, channels, size, size))
     store.put_json("metrics.json", out)
     _say(f"retrain: test top-1 {metrics['test_top1']:.3f} top-5 {metrics['test_top5']:.3f} in {seconds:.1f}s", ctx)
     return out

@@ -27,8 +27,8 @@ Warm-up cache: the weights-only warm-up does not depend on lambda / tau / the co
 end state is published to ``warmup_store`` (``warmup_state.pt`` then ``_complete.json`` last); a
 later search with only lambda/tau changed starts from it instead of re-training the warm-up.
 
-Metrics: every epoch's record goes to ``ray.train.report`` (numbers only) and, from rank 0, to
-MLflow (``tracking={"uri", "run_id"}``; failures are printed once and never stop the search).
+Metrics: every epoch's record goes to ``ray.train.report`` (numbers only) and, from rank 0, to the
+stage's MLflow run through ``jobs.epochs.EpochCurves`` (cluster.tracking; step = epoch, each once).
 
 Outputs (in ``store``): ``search_state.pt`` (final state), ``search_record.jsonl`` (per-epoch
 records), ``derived.json`` / ``arch.json`` (the derived network), ``arch_params.json`` (alpha and
@@ -53,6 +53,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from densenas.search import SearchConfig
 from jobs.context import CACHE_COMPLETE
+from jobs.console import verbose
+from jobs.epochs import (EVOLUTION, EpochCurves, describe_search, finish_search_pictures, save_arch_snapshot,
+                         search_epoch_metrics, stage_tracking)
 from jobs.resources import WorkerResources, check_resources, threads_for_cpus, torch_trainer
 
 __all__ = [
@@ -65,7 +68,6 @@ __all__ = [
     "capped_batches",
     "latest_checkpoint",
     "publish_latest",
-    "RankZeroTracker",
     "open_split_store",
     "steps_per_worker",
 ]
@@ -228,43 +230,9 @@ def _load_checkpoint_file(name: str, ckpt_store, pointer: dict | None) -> tuple[
     return None, ""
 
 
-class RankZeroTracker:
-    """Per-epoch metrics to MLflow from rank 0 only. Tracking trouble is printed once, never raised."""
-
-    def __init__(self, tracking: Mapping[str, Any] | None, enabled: bool):
-        self.uri = (tracking or {}).get("uri")
-        self.run_id = (tracking or {}).get("run_id")
-        self.enabled = bool(enabled and self.uri and self.run_id)
-        self._client = None
-
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
-        if not self.enabled:
-            return
-        try:
-            from mlflow.entities import Metric
-            from mlflow.tracking import MlflowClient
-
-            if self._client is None:
-                self._client = MlflowClient(tracking_uri=self.uri)
-            now = int(time.time() * 1000)
-            self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, int(step))
-                                                         for k, v in metrics.items()])
-        except Exception as e:  # noqa: BLE001 -- tracking must never fail training
-            print(f"tracking: MLflow logging disabled for this run ({type(e).__name__}: {e})", flush=True)
-            self.enabled = False
-
-
 def numeric_metrics(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return {f"{prefix}{k}": float(v) for k, v in record.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
-
-
-def tracker_info(ctx) -> dict | None:
-    """{"uri", "run_id"} of the stage's MLflow run (from ``ctx.tracker``), or None."""
-    tracker = getattr(ctx, "tracker", None)
-    run_id = getattr(tracker, "run_id", None)
-    uri = getattr(tracker, "tracking_uri", None) or getattr(tracker, "uri", None)
-    return {"uri": uri, "run_id": run_id} if run_id and uri else None
 
 
 def open_split_store(split_manifest: Mapping, ctx=None, split_store=None):
@@ -325,7 +293,7 @@ def _search_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     torch.manual_seed(search.seed)
     net = SuperNet(config["space"], num_classes=config["num_classes"])
-    log = (lambda m: print(f"[search rank 0] {m}", flush=True)) if rank == 0 else None
+    log = (lambda m: print(f"[search rank 0] {m}", flush=True)) if rank == 0 and verbose() else None
     searcher = Searcher(net, search, config["cost_model"], steps_per_epoch=config["steps"], device=device,
                         grad_sync=allreduce_mean if world > 1 else None, log=log)
     ckpt_store, stage_store, warm_store = config["ckpt_store"], config["stage_store"], config["warmup_store"]
@@ -343,7 +311,9 @@ def _search_worker(config: dict) -> None:
     stage_store.put_json(f"{PLACEMENTS}/{time.time_ns()}-rank-{rank}.json", {
         "rank": rank, "world": world, "node_id": _node_id(), "start_epoch": searcher.epoch, "time": time.time()})
     fail = FailureInjection.model_validate(config["fail"]) if config.get("fail") else None
-    tracker = RankZeroTracker(config.get("tracking"), enabled=rank == 0)
+    curves = EpochCurves(config.get("tracking"), search_epoch_metrics, rank, stage="search", total=search.epochs,
+                         start=searcher.epoch, describe=describe_search)
+    curves.catch_up(searcher.history)
 
     def on_step(step: int) -> None:
         if fail and rank == fail.rank and searcher.epoch == fail.epoch and step == fail.step:
@@ -381,9 +351,11 @@ def _search_worker(config: dict) -> None:
             _report_checkpoint(metrics, {STATE_FILE: buf.getvalue(),
                                          META_FILE: json.dumps({"epoch": epoch}).encode()}, dir_name)
             publish_latest(ckpt_store, config["run_name"], dir_name, epoch, [STATE_FILE, META_FILE])
-            tracker.log(metrics, step=epoch)
+            save_arch_snapshot(stage_store, record, net)
+            curves.log(record)
         else:
             ray.train.report(metrics)
+    curves.close()
 
 
 # --------------------------------------------------------------------------- the stage
@@ -452,6 +424,7 @@ def run_search(cfg: SearchJobConfig | SearchConfig | Mapping, space: Any = None,
         _say(f"search: resuming from {ckpt_store.uri_for(pointer['dir'])} (epoch {pointer['epoch']})", ctx)
     else:
         store.delete_prefix(PLACEMENTS)   # a fresh search: earlier runs' placements are not its history
+        store.delete_prefix(EVOLUTION)
         if warm_ready:
             _say(f"search: starting from the cached warm-up ({search.warmup_epochs} epochs) at "
                  f"{warm_store.uri_for('')}", ctx)
@@ -466,7 +439,7 @@ def run_search(cfg: SearchJobConfig | SearchConfig | Mapping, space: Any = None,
         "steps": steps, "batch": batch, "val_steps": val_steps, "val_batch": val_batch,
         "threads": threads_for_cpus(job.cpus_per_worker), "ckpt_store": ckpt_store, "stage_store": store,
         "warmup_store": warm_store if search.warmup_epochs > 0 else None, "warmup_ready": warm_ready,
-        "pointer": pointer, "run_name": run_name, "fail": fail, "tracking": tracker_info(ctx),
+        "pointer": pointer, "run_name": run_name, "fail": fail, "tracking": stage_tracking(ctx),
     }
     datasets = train_datasets(split_manifest, shards, input_size=space.input_size, channels=space.in_channels)
     trainer = torch_trainer(_search_worker, loop_config, request, use_gpu=job.use_gpu, run_name=run_name,
@@ -510,7 +483,7 @@ def _finish(job: SearchJobConfig, space, cost_model, num_classes: int, steps: in
         "alphas": [{"kind": m.kind, "block": m.block, "edge": list(m.edge) if m.kind == "head" else None,
                     "op_names": list(m.op_names), "alpha": m.alpha.detach().tolist()} for m in net.mixed_ops],
         "betas": [b.detach().tolist() for b in net.betas],
-        "edge_probs": {f"{i}-{j}": float(p) for (i, j), p in net.edge_probs().items()},
+        "edge_probs": {f"{i}-{j}": float(p.detach()) for (i, j), p in net.edge_probs().items()},
     })
     ranks = sorted(k for k in store.list("workers") if k.endswith(".json"))
     workers = [store.get_json(k) for k in ranks]
@@ -521,6 +494,7 @@ def _finish(job: SearchJobConfig, space, cost_model, num_classes: int, steps: in
                if k in ("val_acc", "train_acc", "val_loss", "train_loss", "expected_latency", "predicted_latency",
                         "alpha_entropy", "beta_entropy", "macs", "params")}
     metrics.update(epochs=float(searcher.epoch), search_seconds=round(seconds, 2))
+    finish_search_pictures(store, ctx)
     _say(f"search: done in {seconds:.1f}s; derived path {d.path}: {d.official}", ctx)
     return {
         "state_key": STATE_FILE, "records_key": "search_record.jsonl", "derived_key": "derived.json",

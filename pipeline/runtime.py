@@ -40,7 +40,7 @@ def open_tracker(cfg: Any, run_id: str) -> Any:
               "(the run record keeps stages, metrics and fingerprints)", file=sys.stderr, flush=True)
         return NullTracker()
 
-    return PipelineTracker(cfg.tracking.uri, cfg.tracking.experiment, run_id)
+    return PipelineTracker(cfg.tracking.uri, cfg.tracking.experiment, run_id, config=cfg.dump())
 
 
 _RAY_LOCK = threading.Lock()
