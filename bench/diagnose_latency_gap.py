@@ -24,7 +24,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from densenas.arch import build_model  # noqa: E402
-from densenas.latency import build_signature_module  # noqa: E402
+from densenas.latency import LatencyStats, build_signature_module  # noqa: E402
 from densenas.latency_model import (MeasurementProtocol, arch_signatures, fit_calibration,  # noqa: E402
                                     measure_net_latency, time_forward)
 from densenas.latency_report import accuracy_metrics, net_signatures, sample_random_nets  # noqa: E402
@@ -74,7 +73,7 @@ def in_context_layers(net, protocol: MeasurementProtocol) -> list[float]:
         head(x)
         if rep >= protocol.warmup:
             samples[-1].append((clock() - t0) * 1e3)
-    return [statistics.median(s) for s in samples]
+    return [getattr(LatencyStats.from_samples(s), protocol.statistic) for s in samples]
 
 
 def _busy_other_core(stop, arch_doc, batch):
@@ -96,13 +95,15 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--statistic", default="median", choices=["median", "p10", "mean"])
     p.add_argument("--concurrent-nets", type=int, default=6)
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
     set_cpu_threads(args.threads)
     space = load_space(args.space)
-    proto = MeasurementProtocol(batch=args.batch, threads=args.threads, warmup=args.warmup, repeats=args.repeats)
+    proto = MeasurementProtocol(batch=args.batch, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+                                statistic=args.statistic)
     nets = sample_random_nets(space, args.nets, args.seed, args.classes)
     load_before = _uptime()
     t_start = time.time()
@@ -112,14 +113,15 @@ def main() -> int:
     def alone_ms(sig):
         if sig not in alone:
             m = build_signature_module(sig)
-            alone[sig] = time_forward(m, (sig.batch, sig.c_in, sig.resolution, sig.resolution), proto).median
+            alone[sig] = time_forward(m, (sig.batch, sig.c_in, sig.resolution, sig.resolution), proto)
+            alone[sig] = getattr(alone[sig], proto.statistic)
         return alone[sig]
 
     rows = []
     by_kind = defaultdict(list)  # op kind -> in-context / alone ratios
     for n, net in enumerate(nets):
         model = build_model(net.arch, num_classes=args.classes)
-        whole = measure_net_latency(model, proto)["median"]
+        whole = measure_net_latency(model, proto)["value"]
         sigs_all = net_signatures(space, net, args.batch, args.classes)
         table_sum = sum(alone_ms(s) for s in sigs_all)
         units = arch_signatures(net.arch, args.batch)
@@ -143,7 +145,7 @@ def main() -> int:
 
     # The noise floor: each whole net again.
     for r, net in zip(rows, nets):
-        r["whole_again_ms"] = measure_net_latency(build_model(net.arch, num_classes=args.classes), proto)["median"]
+        r["whole_again_ms"] = measure_net_latency(build_model(net.arch, num_classes=args.classes), proto)["value"]
 
     # Another process on the other core (two actors on two cores).
     conc = []
@@ -155,7 +157,7 @@ def main() -> int:
         time.sleep(3.0)
         try:
             for r, net in list(zip(rows, nets))[:args.concurrent_nets]:
-                m = measure_net_latency(build_model(net.arch, num_classes=args.classes), proto)["median"]
+                m = measure_net_latency(build_model(net.arch, num_classes=args.classes), proto)["value"]
                 conc.append({"key": r["key"], "alone_ms": r["whole_ms"], "concurrent_ms": m})
         finally:
             stop.set()

@@ -306,6 +306,20 @@ class LatencyModel(LatencyTable):
         return cls(table.entries, table.space_hash, table.device, table.units, table.statistic, meta,
                    calibration=calibration, fixed_key=stem.key)
 
+    @classmethod
+    def from_plain(cls, table: LatencyTable) -> "LatencyModel":
+        """The model a table document describes (its ``meta['latency_model']``)."""
+        rec = table.meta.get("latency_model") or {}
+        if not isinstance(rec, Mapping) or "calibration" not in rec or "fixed_key" not in rec:
+            raise LatencyTableError(f"bad meta['latency_model'] in the latency table: {rec!r}; expected "
+                                    "{calibration, fixed_key}")
+        return cls(table.entries, table.space_hash, table.device, table.units, table.statistic, table.meta,
+                   calibration=rec["calibration"], fixed_key=rec["fixed_key"])
+
+    def raw_table(self) -> LatencyTable:
+        meta = {k: v for k, v in self.meta.items() if k != "latency_model"}
+        return LatencyTable(self.entries, self.space_hash, self.device, self.units, self.statistic, meta)
+
     def raw_lookup(self, sig: OpSignature) -> float:
         return LatencyTable.lookup(self, sig)
 
@@ -329,13 +343,9 @@ class LatencyModel(LatencyTable):
 
 
 def model_from_doc(doc: Mapping[str, Any]) -> LatencyTable:
-    """A ``LatencyModel`` when the table document carries a calibration, else the plain table."""
-    table = LatencyTable.from_dict(doc)
-    rec = table.meta.get("latency_model")
-    if not rec:
-        return table
-    return LatencyModel(table.entries, table.space_hash, table.device, table.units, table.statistic, table.meta,
-                        calibration=rec.get("calibration") or {}, fixed_key=rec.get("fixed_key", ""))
+    """A ``LatencyModel`` when the table document carries a calibration, else the plain table
+    (``LatencyTable.from_dict`` does the same)."""
+    return LatencyTable.from_dict(doc)
 
 
 # --------------------------------------------------------------------------- architectures
@@ -373,3 +383,49 @@ def predict_arch_latency(arch: Any, table: LatencyTable) -> float:
     if isinstance(table, LatencyModel):
         return table.predict_signatures(sigs)
     return float(sum(table.lookup(s) for s in sigs))
+
+
+# --------------------------------------------------------------------------- CLI
+def cli_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m densenas.latency predict --table T --arch A.json``: the prediction and the table's protocol."""
+    import argparse
+    import json
+    import sys
+
+    from densenas.arch import ArchError, load_arch
+
+    p = argparse.ArgumentParser(prog="python -m densenas.latency",
+                                description="Latency tables and the latency model of DenseNAS.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("predict", help="predict an architecture's latency from a latency table")
+    pr.add_argument("--table", required=True, help="latency_table.json (the profile stage's artifact)")
+    pr.add_argument("--arch", required=True, help="architecture JSON file, JSON text or preset name")
+    pr.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    try:
+        table = LatencyTable.from_json(args.table)
+        arch = load_arch(args.arch)
+        if table.meta.get("num_classes") and arch.num_classes != table.meta["num_classes"]:
+            arch = arch.replace(num_classes=int(table.meta["num_classes"]))
+        value = predict_arch_latency(arch, table)
+    except (LatencyTableError, ArchError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    proto = (table.device or {}).get("protocol")
+    model = "latency model (calibrated)" if isinstance(table, LatencyModel) else "plain table sum (no calibration)"
+    if args.json:
+        print(json.dumps({"predicted_ms": value, "model": model, "protocol": proto,
+                          "device": {k: table.device.get(k) for k in ("kind", "name", "threads", "torch")},
+                          "calibration": table.calibration.to_dict() if isinstance(table, LatencyModel) else None}))
+        return 0
+    print(f"predicted latency: {value:.4f} ms ({model})")
+    print(f"device: {table.device.get('name')} ({table.device.get('kind')}, torch {table.device.get('torch')})")
+    if proto:
+        print("protocol: " + ", ".join(f"{k}={v}" for k, v in proto.items()))
+    else:
+        print("protocol: not recorded (a table made before protocols were recorded)")
+    if isinstance(table, LatencyModel):
+        c = table.calibration
+        print(f"calibration: {c.scale:.4f} * sum(units) + {c.layer_ms:.4f} ms * units + {c.fixed_ms:.4f} ms "
+              f"(fitted on {c.fitted_on.get('n_nets', '?')} nets)")
+    return 0
