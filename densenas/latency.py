@@ -64,6 +64,7 @@ __all__ = [
     "load_cost_model",
     "expected_latency",
     "signature_macs",
+    "predict_latency",
 ]
 
 CLASSIFIER = "classifier"
@@ -418,8 +419,14 @@ class LatencyTable:
         for k in ("space_hash", "device", "entries"):
             if k not in doc:
                 raise LatencyTableError(f"latency table lacks {k!r}")
-        return cls(doc["entries"], doc["space_hash"], doc["device"], doc.get("units", "ms"),
-                   doc.get("statistic", "median"), doc.get("meta"))
+        table = cls(doc["entries"], doc["space_hash"], doc["device"], doc.get("units", "ms"),
+                    doc.get("statistic", "median"), doc.get("meta"))
+        if type(table) is LatencyTable and table.meta.get("latency_model"):
+            # A table with a fitted calibration is served as the latency model (densenas.latency_model).
+            from densenas.latency_model import LatencyModel
+
+            return LatencyModel.from_plain(table)
+        return table
 
     @classmethod
     def from_json(cls, source: str | Path) -> "LatencyTable":
@@ -697,3 +704,21 @@ def _weakrefable(obj: Any) -> bool:
         return True
     except TypeError:
         return False
+
+
+def predict_latency(arch: Any, table: "LatencyTable | str | Path") -> float:
+    """The latency model's prediction (ms) for an architecture document (anything ``load_arch`` takes)
+    on the table's device under the table's protocol. See ``densenas.latency_model``."""
+    from densenas.latency_model import predict_arch_latency
+
+    if isinstance(table, (str, Path)):
+        table = LatencyTable.from_json(table)
+    return predict_arch_latency(arch, table)
+
+
+if __name__ == "__main__":  # python -m densenas.latency predict --table T --arch A.json
+    import sys
+
+    from densenas.latency_model import cli_main
+
+    sys.exit(cli_main())

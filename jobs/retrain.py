@@ -60,11 +60,27 @@ class RetrainConfig(TrainJobResources, TrainRecipe):
 
 
 def latency_setup(cfg: RetrainConfig, table: Any = None) -> dict:
-    """(device, batch, threads) for the latency measurement: explicit config, else the table's."""
-    dev = (getattr(table, "device", None) or {}) if table is not None else {}
-    return {"device": cfg.latency_device or dev.get("kind") or "cpu",
-            "batch": cfg.latency_batch or getattr(table, "batch", None) or 1,
-            "threads": cfg.latency_threads or dev.get("threads") or 1}
+    """The measurement protocol of the retrain stage's latency (``densenas.latency_model``): the latency
+    table's own when it records one -- so the measured number is comparable with the model's prediction
+    -- else the config's. An explicit ``latency_device/batch/threads`` that contradicts the table's
+    protocol is refused (``ProtocolMismatchError``) before any training, not silently compared."""
+    from densenas.latency_model import MeasurementProtocol, ProtocolMismatchError, table_protocol
+
+    asked = {k: v for k, v in (("device", cfg.latency_device), ("batch", cfg.latency_batch),
+                               ("threads", cfg.latency_threads)) if v is not None}
+    if table is not None and (getattr(table, "device", None) or {}).get("protocol"):
+        proto = table_protocol(table)
+        diff = [f"retrain.latency_{k}={v!r} vs the table's {getattr(proto, k)!r}" for k, v in asked.items()
+                if v != getattr(proto, k)]
+        if diff:
+            raise ProtocolMismatchError(f"{'; '.join(diff)}: the measured latency would not be comparable with the "
+                                        "latency model's prediction; unset retrain.latency_* to measure under the "
+                                        "table's protocol")
+        return proto.to_dict()
+    device = asked.get("device") or ((getattr(table, "device", None) or {}).get("kind")) or "cpu"
+    return MeasurementProtocol(device=device, batch=asked.get("batch") or getattr(table, "batch", None) or 1,
+                               threads=(asked.get("threads") or 1) if device == "cpu" else None,
+                               warmup=cfg.latency_warmup, repeats=cfg.latency_repeats).to_dict()
 
 
 # --------------------------------------------------------------------------- the worker loop
@@ -127,14 +143,13 @@ def _retrain_worker(config: dict) -> None:
     curves.close()
 
 
-def _measure_in_task(model_bytes: bytes, arch: Any, num_classes: int, shape: list[int], device: str, threads: int,
-                     warmup: int, repeats: int) -> dict:
+def _measure_in_task(model_bytes: bytes, arch: Any, num_classes: int, protocol: dict) -> dict:
     from densenas.arch import build_model
-    from densenas.retrain import measure_latency
+    from densenas.latency_model import measure_net_latency
 
     model = build_model(arch, num_classes=num_classes)
     model.load_state_dict(torch.load(io.BytesIO(model_bytes), map_location="cpu"))
-    return measure_latency(model, shape, device=device, warmup=warmup, repeats=repeats, threads=threads)
+    return measure_net_latency(model, protocol)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -156,6 +171,7 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
     from jobs.data import shard_dataset
 
     cfg = cfg if isinstance(cfg, RetrainConfig) else RetrainConfig.model_validate(cfg)
+    protocol = latency_setup(cfg, latency_table) if cfg.measure_latency else None  # refuses a mismatch up front
     if split_manifest is None or store is None or arch is None:
         raise ValueError("run_retrain needs arch, split_manifest and store (or call it as run_retrain(section, ctx))")
     arch = load_arch(arch)
@@ -221,18 +237,26 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
                                                if k.endswith(".json")})}
 
     if cfg.measure_latency:
-        setup = latency_setup(cfg, latency_table)
-        shape = [int(setup["batch"]), channels, size, size]
-        resources = {"num_gpus": 1, "num_cpus": 1} if setup["device"] == "cuda" else {"num_cpus": 1}
-        _say(f"retrain: measuring latency on {setup['device']} (batch {setup['batch']}, {setup['threads']} thread(s))", ctx)
+        resources = ({"num_gpus": 1, "num_cpus": 1} if protocol["device"] == "cuda"
+                     else {"num_cpus": min(float(protocol["threads"]), ray.cluster_resources().get("CPU", 1.0))})
+        _say("retrain: measuring latency under the table's protocol (" + ", ".join(
+            f"{k} {protocol[k]}" for k in ("device", "batch", "threads", "dtype", "memory_format", "statistic")) + ")",
+             ctx)
         lat = ray.get(ray.remote(**resources)(_measure_in_task).remote(
-            buf.getvalue(), arch.to_dict(), num_classes, shape, setup["device"], int(setup["threads"]),
-            cfg.latency_warmup, cfg.latency_repeats), timeout=600)
+            buf.getvalue(), arch.to_dict(), num_classes, protocol), timeout=600)
         out["measured_latency"] = lat
-        out["measured_latency_ms"] = metrics["measured_latency_ms"] = lat["median"]
+        out["measured_latency_ms"] = metrics["measured_latency_ms"] = lat["value"]
         predicted = (arch.metadata or {}).get("predicted_cost")
-        if predicted is not None and (arch.metadata or {}).get("cost_units") == "ms":
+        if latency_table is not None:  # the latency model's prediction of this net (as derive's path cost)
+            from densenas.latency import LatencyTableError, predict_latency
+
+            try:
+                predicted = predict_latency(arch, latency_table)
+            except LatencyTableError as e:
+                _say(f"retrain: the latency table cannot predict this net ({e})", ctx)
+        if predicted is not None and (latency_table is not None or (arch.metadata or {}).get("cost_units") == "ms"):
             out["predicted_latency_ms"] = metrics["predicted_latency_ms"] = float(predicted)
+            out["latency_error_pct"] = metrics["latency_error_pct"] = 100 * (predicted - lat["value"]) / lat["value"]
 
     if cfg.export:
         example = torch.randn(2, channels, size, size)
