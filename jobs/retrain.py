@@ -4,7 +4,8 @@
 
 - the network is ``densenas.arch.build_model(arch, num_classes)`` from the architecture JSON;
 - data: the split's search-train + search-val shards (the full training data, both augmented) and
-  the held-out test shards, through Ray Data, each worker its own shard; the global batch is split
+  the held-out test shards, each worker its own disjoint rows (``data_loading: memory``: read and
+  decoded once, see ``jobs.data``; ``ray_data``: streamed every epoch); the global batch is split
   over the workers and gradients are all-reduced (mean) every step (gloo on CPU, NCCL on GPU);
 - recipe (``densenas.retrain.TrainRecipe``): the paper's SGD momentum 0.9, weight decay 4e-5, label
   smoothing 0.1, cosine schedule as defaults (paper: 240 epochs, batch 1024, lr 0.5);
@@ -91,11 +92,12 @@ def _retrain_worker(config: dict) -> None:
     from densenas.arch import build_model
     from densenas.retrain import (build_optimizer, build_scheduler, evaluate, load_retrain_state,
                                   retrain_state_dict, state_from_bytes, state_to_bytes, train_epoch)
-    from jobs.data import worker_batches
+    from jobs.data import open_worker_streams
 
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     torch.set_num_threads(config["threads"])
+    streams = open_worker_streams(config["data"], rank, world)
     cfg = RetrainConfig.model_validate(config["cfg"])
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     torch.manual_seed(cfg.seed)
@@ -115,7 +117,7 @@ def _retrain_worker(config: dict) -> None:
                          start=epoch, describe=describe_retrain)
     curves.catch_up(history)
     while epoch < cfg.epochs:
-        batches = capped_batches(worker_batches("train", config["batch"], drop_last=True, device=device),
+        batches = capped_batches(streams.batches("train", config["batch"], epoch, drop_last=True, device=device),
                                  config["steps"])
         r = train_epoch(model, batches, optimizer, scheduler, cfg, device, grad_sync=sync)
         epoch, step = epoch + 1, step + r["steps"]
@@ -124,7 +126,7 @@ def _retrain_worker(config: dict) -> None:
                   "train_acc": float(stats[1] / stats[2]), "seconds": r["seconds"],
                   "img_per_s": float(stats[2]) / max(r["seconds"], 1e-9)}
         if epoch == cfg.epochs:  # the held-out test set, once, at the end; every rank its shard
-            test = evaluate(model, worker_batches("test", config["batch"], device=device), device,
+            test = evaluate(model, streams.batches("test", config["batch"], epoch, device=device), device,
                             reduce=allreduce_sum)
             record.update(test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"], test_n=test["n"])
         history.append(record)
@@ -168,7 +170,7 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
     from cluster.storage import ray_storage
     from densenas.arch import build_model, load_arch
     from densenas.retrain import check_exports, export_onnx, export_torchscript, state_from_bytes
-    from jobs.data import shard_dataset
+    from jobs.data import DataSpec, Stream, trainer_datasets
 
     cfg = cfg if isinstance(cfg, RetrainConfig) else RetrainConfig.model_validate(cfg)
     protocol = latency_setup(cfg, latency_table) if cfg.measure_latency else None  # refuses a mismatch up front
@@ -187,24 +189,24 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
     if not split_manifest["shards"].get("test"):
         raise ValueError("the split has no held-out test shards; set data.test_fraction / test_max_per_class > 0")
     request = cfg.request()
-    check_resources(request, reserve={"CPU": cfg.data_cpus} if cfg.data_cpus else None, what="retrain stage")
+    check_resources(request, reserve=cfg.reserve(), what="retrain stage")
     pointer = latest_checkpoint(ckpt_store)
     if pointer is not None:
         _say(f"retrain: resuming from {ckpt_store.uri_for(pointer['dir'])} (epoch {pointer['epoch']})", ctx)
 
     size, channels = arch.input_size, arch.in_channels
-    train = shard_dataset(split_manifest, "train", shards, train=True, input_size=size, channels=channels).union(
-        shard_dataset(split_manifest, "val", shards, train=True, input_size=size, channels=channels))
-    test = shard_dataset(split_manifest, "test", shards, train=False, input_size=size, channels=channels)
+    data = DataSpec(cfg.data_loading, dict(split_manifest), shards, size, channels, seed=cfg.seed,
+                    streams={"train": Stream(("train", "val"), augment=True, shuffle=True),
+                             "test": Stream(("test",), augment=False, shuffle=False)})
     run_name = f"retrain-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     storage_path, storage_fs = ray_storage(ckpt_store)
     loop_config = {"cfg": cfg.model_dump(mode="json"), "arch": arch.to_dict(), "num_classes": num_classes,
                    "steps": steps, "batch": batch, "threads": threads_for_cpus(cfg.cpus_per_worker),
                    "ckpt_store": ckpt_store, "stage_store": store, "pointer": pointer, "run_name": run_name,
-                   "tracking": stage_tracking(ctx)}
+                   "tracking": stage_tracking(ctx), "data": data}
     trainer = torch_trainer(_retrain_worker, loop_config, request, use_gpu=cfg.use_gpu, run_name=run_name,
                             storage=(storage_path, storage_fs), max_failures=cfg.max_failures,
-                            datasets={"train": train, "test": test})
+                            datasets=trainer_datasets(data))
     _say(f"retrain: {arch.one_line()} | {cfg.workers} worker(s) x {request.per_worker()}, {cfg.epochs} epochs, "
          f"{steps} steps/epoch at {batch}/worker, lr {cfg.lr}", ctx)
     t0 = time.time()

@@ -7,7 +7,9 @@ Each Train worker runs ``densenas.search.Searcher`` unchanged. Data parallelism,
 - every rank builds the super network from the same seed and then takes rank 0's tensors
   (broadcast), so all start identical;
 - the global batch ``search.batch_size`` is split evenly over the workers; each worker reads its own
-  shard of the split stage's Parquet shards through Ray Data (``ray.train.get_dataset_shard``);
+  disjoint rows of the split stage's Parquet shards: by default once, into memory, with batch order
+  and augmentation seeded by (seed, epoch, rank, stream) (``data_loading: memory``, see
+  ``jobs.data``), or streamed through Ray Data every epoch (``data_loading: ray_data``);
 - ``Searcher(grad_sync=...)`` all-reduces (mean) the weight gradients of every weight step and the
   architecture gradients of every architecture step (one flat buffer per step, gloo on CPU, NCCL on
   GPU); the sampled ops of a step come from a generator seeded by (seed, epoch, step), identical on
@@ -88,7 +90,11 @@ class TrainJobResources(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs per worker (fractions allowed)")
     use_gpu: bool = Field(False, description="one GPU per worker, NCCL; otherwise gloo on CPU")
     max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint (-1: forever)")
-    data_cpus: float = Field(1.0, ge=0, description="CPUs kept free for Ray Data's decode tasks")
+    data_loading: Literal["memory", "ray_data"] = Field(
+        "memory", description="memory: each worker reads and decodes its own rows once and keeps them as tensors "
+                              "(augmentation batched on tensors); ray_data: stream and decode through Ray Data "
+                              "every epoch (data larger than the workers' memory)")
+    data_cpus: float = Field(1.0, ge=0, description="CPUs kept free for Ray Data's decode tasks (ray_data only)")
     custom_resources: dict[str, float] = Field(default_factory=dict, description="custom resources per worker")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="where the workers go: PACK fills a node first; SPREAD puts them on different nodes "
@@ -98,9 +104,13 @@ class TrainJobResources(BaseModel):
         return WorkerResources(self.workers, self.cpus_per_worker, 1.0 if self.use_gpu else 0.0,
                                dict(self.custom_resources), self.placement_strategy)
 
+    def reserve(self) -> dict[str, float] | None:
+        """CPUs kept free beside the workers: Ray Data's decode tasks need them, in-memory data does not."""
+        return {"CPU": self.data_cpus} if self.data_loading == "ray_data" and self.data_cpus else None
 
-_JOB_FIELDS = ("workers", "cpus_per_worker", "use_gpu", "max_failures", "data_cpus", "custom_resources",
-               "placement_strategy")
+
+_JOB_FIELDS = ("workers", "cpus_per_worker", "use_gpu", "max_failures", "data_loading", "data_cpus",
+               "custom_resources", "placement_strategy")
 
 
 class SearchJobConfig(TrainJobResources):
@@ -283,11 +293,12 @@ def _search_worker(config: dict) -> None:
 
     from densenas.search import Searcher
     from densenas.supernet import SuperNet
-    from jobs.data import worker_batches
+    from jobs.data import open_worker_streams
 
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     torch.set_num_threads(config["threads"])
+    streams = open_worker_streams(config["data"], rank, world)
     job = SearchJobConfig.model_validate(config["job"])
     search = job.search
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
@@ -324,10 +335,10 @@ def _search_worker(config: dict) -> None:
 
     digests = []
     while searcher.epoch < search.epochs:
-        train = capped_batches(worker_batches("train", config["batch"], drop_last=True, device=device),
-                               config["steps"], on_step)
-        val = capped_batches(worker_batches("val", config["val_batch"], drop_last=True, device=device),
-                             config["val_steps"])
+        train = capped_batches(streams.batches("train", config["batch"], searcher.epoch, drop_last=True,
+                                               device=device), config["steps"], on_step)
+        val = capped_batches(streams.batches("val", config["val_batch"], searcher.epoch, drop_last=True,
+                                             device=device), config["val_steps"])
         record = searcher.run_epoch(train, val)
         epoch = searcher.epoch
         arch = [p.detach().cpu() for p in searcher.arch_params]
@@ -389,7 +400,7 @@ def run_search(cfg: SearchJobConfig | SearchConfig | Mapping, space: Any = None,
     from cluster.storage import ray_storage
     from densenas.latency import load_cost_model
     from densenas.space import load_space
-    from jobs.data import train_datasets
+    from jobs.data import DataSpec, Stream, trainer_datasets
 
     job = cfg if isinstance(cfg, SearchJobConfig) else SearchJobConfig.model_validate(cfg)
     search = job.search
@@ -409,7 +420,7 @@ def run_search(cfg: SearchJobConfig | SearchConfig | Mapping, space: Any = None,
         raise ValueError(f"the split has {counts['train']} search-train / {counts['val']} search-val images: "
                          f"not one batch per worker for {job.workers} workers; lower workers or add data")
     request = job.request()
-    check_resources(request, reserve={"CPU": job.data_cpus} if job.data_cpus else None, what="search stage")
+    check_resources(request, reserve=job.reserve(), what="search stage")
 
     pointer = latest_checkpoint(ckpt_store)
     warm_ready = bool(warm_store is not None and search.warmup_epochs > 0 and warm_store.exists(CACHE_COMPLETE))
@@ -440,8 +451,11 @@ def run_search(cfg: SearchJobConfig | SearchConfig | Mapping, space: Any = None,
         "threads": threads_for_cpus(job.cpus_per_worker), "ckpt_store": ckpt_store, "stage_store": store,
         "warmup_store": warm_store if search.warmup_epochs > 0 else None, "warmup_ready": warm_ready,
         "pointer": pointer, "run_name": run_name, "fail": fail, "tracking": stage_tracking(ctx),
+        "data": DataSpec(job.data_loading, dict(split_manifest), shards, space.input_size, space.in_channels,
+                         seed=search.seed, streams={"train": Stream(("train",), augment=True, shuffle=True),
+                                                    "val": Stream(("val",), augment=False, shuffle=True)}),
     }
-    datasets = train_datasets(split_manifest, shards, input_size=space.input_size, channels=space.in_channels)
+    datasets = trainer_datasets(loop_config["data"])
     trainer = torch_trainer(_search_worker, loop_config, request, use_gpu=job.use_gpu, run_name=run_name,
                             storage=(storage_path, storage_fs), max_failures=job.max_failures,
                             datasets=datasets)
