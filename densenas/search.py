@@ -15,7 +15,10 @@ paper's one-path sampling: an unsampled op receives no signal, so it should not 
 stale momentum); it differs from the authors' PyTorch 1.0 code, where every weight decayed every step.
 
 Architecture step: two ops per mixed op sampled from softmax(alpha), their outputs mixed by softmax
-over the pair; loss ``CE + lambda * ln(E[latency]) / ln(tau)`` (eq. 8); Adam (lr 3e-4, betas
+over the pair; loss ``CE + lambda * ln(E[latency]) / ln(tau)`` (eq. 8), where E[latency] mixes each
+layer's cost with the same pair softmax as its features (the authors' released ``MixedOp``; with the
+softmax over all ops instead, a pair on one side of the layer's mean moves together and the eq. 9
+re-balance cancels the move, so the cheaper op of the pair would not gain); Adam (lr 3e-4, betas
 (0.5, 0.999), weight decay 1e-3) on alpha and beta; then the re-balancing of eq. 9, done exactly:
 entries that were not sampled are restored to their pre-step values (Adam's weight decay and
 momentum move them otherwise) and the sampled pair is shifted by ``log(sum_old / sum_new)`` of its
@@ -334,14 +337,20 @@ class Searcher:
             correct = float((logits.argmax(1) == y).sum())
         return {"loss": float(loss.detach()), "correct": correct, "n": int(y.numel())}
 
-    def arch_step(self, batch: Sequence[Tensor]) -> dict:
-        """One architecture update (two ops per mixed op, eq. 8 loss, Adam, exact eq. 9 re-balance)."""
+    def arch_step(self, batch: Sequence[Tensor], choices: Sequence[Sequence[int]] | None = None) -> dict:
+        """One architecture update (two ops per mixed op, eq. 8 loss, Adam, exact eq. 9 re-balance).
+
+        The latency term mixes each layer's cost with the softmax over its sampled pair, as the
+        features are mixed (``ExpectedLatency(..., choices)``). ``choices``: the ops to run (default:
+        two sampled from softmax(alpha)); the sampling stream advances either way.
+        """
         x, y = self._to_device(batch)
-        choices = self.net.sample_choices("alpha2", self._reseed("arch"))
+        sampled = self.net.sample_choices("alpha2", self._reseed("arch"))
+        choices = sampled if choices is None else choices
         self.net.train()
         logits = self.net(x, choices, arch_grad=True)
         ce = F.cross_entropy(logits, y)
-        lat = self.expected_latency()
+        lat = self.latency(self.alphas, self.betas, choices)
         loss = ce + latency_loss(lat, self.config.lambda_, self.config.tau)
         # Gradients w.r.t. alpha and beta only: autograd skips every weight-gradient kernel.
         grads = torch.autograd.grad(loss, self.arch_params, allow_unused=True)

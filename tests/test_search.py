@@ -113,6 +113,50 @@ def test_arch_step_rebalance_keeps_unsampled_probabilities_exactly(micro_data):
     assert moved, "the sampled pairs were updated"
 
 
+@pytest.mark.parametrize("costs, cheap", [((10.0, 12.0, 1.0), 0),   # the pair above the layer's mean
+                                          ((2.0, 1.0, 30.0), 1)])   # the pair below it
+def test_arch_step_cheaper_op_of_the_pair_gains_when_features_are_equal(micro_data, costs, cheap):
+    """Two sampled ops with identical outputs that differ only in table latency: one architecture step
+    moves probability to the cheaper one, whichever side of the layer's mean latency the pair is on."""
+    _, _, vx, vy, _ = micro_data
+    cfg = SearchConfig.model_validate({"epochs": 2, "warmup_epochs": 0, "batch_size": 8, "lambda": 0.5,
+                                       "arch": {"lr": 0.05, "weight_decay": 0.0}})
+    s = _searcher(cfg)
+    k, layer = next((k, m) for k, m in enumerate(s.net.mixed_ops) if m.kind == "stack")
+    assert layer.op_names[:2] == ("mbconv_k3_e3", "mbconv_k5_e3") and layer.op_names[2] == "skip"
+    with torch.no_grad():
+        for op in layer.ops[:2]:
+            op.body[-2].weight.zero_()  # project conv -> 0, BN(0) = 0: both ops output their input
+    x = torch.randn(2, layer.c_in, 8, 8)
+    assert torch.equal(layer.ops[0](x), layer.ops[1](x))
+    n = s.latency.stack_index.index(k)
+    s.latency.stack_costs[n] = torch.tensor(costs, dtype=torch.float64)
+    choices = list(s.net.sample_choices("alpha2", torch.Generator().manual_seed(1)))
+    choices[k] = (0, 1)
+    before = F.softmax(layer.alpha.detach().double(), 0)
+    s.arch_step((vx[:8], vy[:8]), choices=choices)
+    after = F.softmax(layer.alpha.detach().double(), 0)
+    dear = 1 - cheap
+    assert after[cheap] / after[dear] > before[cheap] / before[dear] * 1.05, (before, after)
+    assert after[cheap] > before[cheap] and after[dear] < before[dear]
+    assert float(after[2]) == pytest.approx(float(before[2]), abs=1e-6), "the unsampled op's probability moved"
+
+
+def test_pair_latency_is_the_pair_softmax_mix(micro_data):
+    s = _searcher(SearchConfig(epochs=1, warmup_epochs=0, batch_size=8))
+    with torch.no_grad():
+        for m in s.net.mixed_ops:
+            m.alpha.normal_()
+    single = s.net.sample_choices("alpha1", torch.Generator().manual_seed(0))
+    lat = s.latency(s.alphas, s.betas, single)  # one op per layer: that op's cost
+    by_hand = s.latency(s.alphas, s.betas, None)
+    assert float(lat.detach()) != pytest.approx(float(by_hand.detach()))
+    one_hot = [torch.full_like(a, -1e9).index_fill(0, torch.tensor(c), 0.0) for a, c in zip(s.alphas, single)]
+    assert float(lat.detach()) == pytest.approx(float(s.latency(one_hot, s.betas).detach()), rel=1e-9)
+    with pytest.raises(ValueError, match="choices"):
+        s.latency(s.alphas, s.betas, single[:-1])
+
+
 def test_grad_sync_sees_weight_and_arch_gradients(micro_data):
     tx, ty, vx, vy, _ = micro_data
     seen: list[tuple[int, int]] = []
