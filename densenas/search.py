@@ -49,7 +49,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, TypedDict
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence, TypedDict
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from densenas.derive import Derivation, derive
+from densenas.derive import Derivation, argmax_ops, derive, viterbi_path
 from densenas.latency import CostModel, ExpectedLatency, MacsCostModel, load_cost_model
 from densenas.space import load_space
 
@@ -135,6 +135,15 @@ class SearchConfig(BaseModel):
     macs_skip_fraction: float = Field(0.1, ge=0, le=1, description="MACs model: a skip's cost vs the cheapest op")
     seed: int = 0
     derive_budget: float | None = Field(None, gt=0, description="derive the best path within this cost")
+    arch_batch_size: int | None = Field(None, ge=1, description="architecture-step batch (None: batch_size)")
+    arch_steps_per_epoch: int | None = Field(
+        None, ge=1, description="architecture steps per search epoch (None: one pass over search-val); more "
+                                "than one pass cycles the epoch's search-val batches in a reshuffled order")
+    target_latency: float | None = Field(
+        None, gt=0, description="cost-model units: lambda follows dual ascent so that the derived net's "
+                                "predicted cost approaches this; lambda is then only its starting value")
+    dual_lr: float = Field(0.05, ge=0, description="target mode: lambda += dual_lr * (cost / target - 1) "
+                                                   "after every architecture step, clipped at 0")
 
     @model_validator(mode="after")
     def _warmup(self) -> "SearchConfig":
@@ -206,6 +215,7 @@ class SearchState(TypedDict):
     arch_step: int
     steps_per_epoch: int
     history: list
+    lam: float
 
 
 class CollapseWarning(UserWarning):
@@ -290,6 +300,7 @@ class Searcher:
         self.epoch = 0          # epochs completed
         self.step = 0           # weight steps completed (all epochs)
         self.arch_step_count = 0
+        self.lam = float(config.lambda_)  # eq. 8's lambda; moves by dual ascent when target_latency is set
         self._epoch_step = 0    # steps (weight + arch) taken in the current epoch: the sampling seed
         self.history: list[dict] = []
 
@@ -351,7 +362,7 @@ class Searcher:
         logits = self.net(x, choices, arch_grad=True)
         ce = F.cross_entropy(logits, y)
         lat = self.latency(self.alphas, self.betas, choices)
-        loss = ce + latency_loss(lat, self.config.lambda_, self.config.tau)
+        loss = ce + latency_loss(lat, self.lam, self.config.tau)
         # Gradients w.r.t. alpha and beta only: autograd skips every weight-gradient kernel.
         grads = torch.autograd.grad(loss, self.arch_params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.arch_params, grads)]
@@ -364,10 +375,26 @@ class Searcher:
         self.arch_optimizer.zero_grad(set_to_none=True)
         self._rebalance(old, choices)
         self.arch_step_count += 1
+        if self.config.target_latency is not None:
+            self.dual_step()
         with torch.no_grad():
             correct = float((logits.argmax(1) == y).sum())
         return {"loss": float(ce.detach()), "correct": correct, "n": int(y.numel()),
                 "latency": float(lat.detach())}
+
+    @torch.no_grad()
+    def derived_cost(self) -> float:
+        """Predicted cost of the network ``derive()`` would return now (Viterbi path, argmax ops)."""
+        probs = {e: float(p) for e, p in self.net.edge_probs().items()}
+        return self.latency.path_cost(viterbi_path(self.space, probs), argmax_ops(self.net))
+
+    def dual_step(self) -> float:
+        """Target mode: one dual-ascent step on lambda, the multiplier of the constraint
+        ``cost(derived net) <= target``: ``lambda <- max(0, lambda + dual_lr * (cost / target - 1))``.
+        The derived net's cost (not the expected cost of the distribution) is what the target is about."""
+        gap = self.derived_cost() / float(self.config.target_latency) - 1.0
+        self.lam = max(0.0, self.lam + self.config.dual_lr * gap)
+        return self.lam
 
     @torch.no_grad()
     def _rebalance(self, old: Sequence[Tensor], choices: Sequence[Sequence[int]]) -> None:
@@ -401,7 +428,8 @@ class Searcher:
         val, train = _Meter(), _Meter()
         lat_sum, lat_n = 0.0, 0
         if val_iter is not None:
-            for n, batch in enumerate(val_iter):
+            batches = val_iter if warm else self._arch_batches(val_iter)
+            for n, batch in enumerate(batches):
                 if max_steps is not None and n >= max_steps:
                     break
                 r = self.eval_step(batch) if warm else self.arch_step(batch)
@@ -420,6 +448,33 @@ class Searcher:
         if self.log is not None:
             self.log(_format_record(record, self.config.epochs))
         return record
+
+    def _arch_batches(self, val_iter: Iterable[Sequence[Tensor]]) -> Iterator[Sequence[Tensor]]:
+        """The architecture pass: ``arch_steps_per_epoch`` batches (None: one pass over ``val_iter``).
+        Past the first pass, the epoch's batches are held and replayed in an order drawn from
+        (seed, epoch, pass), so every rank replays the same way."""
+        want = self.config.arch_steps_per_epoch
+        if want is None:
+            yield from val_iter
+            return
+        held: list[Sequence[Tensor]] = []
+        it = iter(val_iter)
+        for batch in it:
+            if len(held) < want:
+                held.append(batch)
+                yield batch
+            # else: drained, so a streaming split is read to its end
+        if not held:
+            return
+        given, rounds = len(held), 0
+        while given < want:
+            rounds += 1
+            g = torch.Generator().manual_seed(seed_from(self.config.seed, self.epoch, rounds, "arch-pass"))
+            for i in torch.randperm(len(held), generator=g).tolist():
+                if given >= want:
+                    break
+                yield held[i]
+                given += 1
 
     def derive(self, budget: float | None = None) -> Derivation:
         budget = self.config.derive_budget if budget is None else budget
@@ -443,7 +498,8 @@ class Searcher:
             "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
             "expected_latency": lat, "latency_units": self.latency.units,
             "derived": d.to_dict(), "predicted_latency": d.predicted_cost,
-            "alpha_entropy": a_ent, "beta_entropy": b_ent,
+            "alpha_entropy": a_ent, "beta_entropy": b_ent, "derived_path_prob": d.path_prob,
+            "lambda": self.lam, "arch_steps": self.arch_step_count,
             "seconds": seconds, "arch_seconds": arch_seconds, "warnings": warns,
         }
         rec.update(_counts(self.net, d))
@@ -460,7 +516,7 @@ class Searcher:
                  "sampling": self.generator.get_state(),
                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             epoch=self.epoch, step=self.step, arch_step=self.arch_step_count,
-            steps_per_epoch=self.steps_per_epoch, history=list(self.history))
+            steps_per_epoch=self.steps_per_epoch, history=list(self.history), lam=self.lam)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
@@ -488,6 +544,7 @@ class Searcher:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.arch_step_count = int(state["arch_step"])
+        self.lam = float(state.get("lam", self.config.lambda_))
         self.history = list(state["history"])
 
     def save(self, path: str | Path) -> None:
@@ -565,7 +622,8 @@ def _format_record(r: dict, total: int) -> str:
             f"train loss {_fmt(r['train_loss'])} acc {_fmt(r['train_acc'])} | "
             f"val loss {_fmt(r['val_loss'])} acc {_fmt(r['val_acc'])} | "
             f"E[lat] {r['expected_latency']:.4g} {r['latency_units']} | derived {r['predicted_latency']:.4g} "
-            f"path {r['derived']['path']} | H(alpha) {r['alpha_entropy']:.3f} H(beta) {r['beta_entropy']:.3f} "
+            f"path {r['derived']['path']} p {r['derived_path_prob']:.3g} | H(alpha) {r['alpha_entropy']:.3f} "
+            f"H(beta) {r['beta_entropy']:.3f} | lambda {r['lambda']:.4g} | {r['arch_steps']} arch steps "
             f"| {r['seconds']:.1f}s" + ("".join(f"\n  WARNING: {w}" for w in r["warnings"])))
 
 
@@ -637,8 +695,11 @@ def random_flip(seed: int, epoch: int, stream: str) -> Callable[[Tensor], Tensor
 
 
 def run_search(cfg: SearchRunConfig, out: Path, cost: str | None = None, resume: bool = True,
-               epochs: int | None = None) -> Derivation:
-    """Run a whole search on one process, checkpointing every epoch into ``out``."""
+               epochs: int | None = None, stop_after: int | None = None) -> Derivation | None:
+    """Run a whole search on one process, checkpointing every epoch into ``out``.
+
+    ``stop_after``: return (None) once this many epochs are done, as an interruption would; running
+    again on the same ``out`` continues from the checkpoint to the same result as one uninterrupted run."""
     from densenas.supernet import SuperNet
 
     out.mkdir(parents=True, exist_ok=True)
@@ -670,15 +731,21 @@ def run_search(cfg: SearchRunConfig, out: Path, cost: str | None = None, resume:
         rec = searcher.run_epoch(
             iterate_batches(tx, ty, search.batch_size, search.seed, e, "train",
                             transform=random_flip(search.seed, e, "train")),
-            iterate_batches(vx, vy, search.batch_size, search.seed, e, "val"))
+            iterate_batches(vx, vy, search.arch_batch_size or search.batch_size, search.seed, e, "val"))
         searcher.save(ckpt)
         with open(records, "a") as f:
             f.write(json.dumps(rec) + "\n")
+        if stop_after is not None and searcher.epoch >= stop_after and searcher.epoch < search.epochs:
+            print(f"stopped after epoch {searcher.epoch}; run again with the same --out to continue", flush=True)
+            return None
     d = searcher.derive()
     result = d.to_dict() | {"space_hash": space.space_hash(), "num_classes": classes}
     if d.arch is not None and hasattr(d.arch, "to_json"):
         (out / "arch.json").write_text(d.arch.to_json() if callable(d.arch.to_json) else str(d.arch.to_json))
     (out / "derived.json").write_text(json.dumps(result, indent=1))
+    (out / "arch_params.json").write_text(json.dumps({
+        "alphas": [a.detach().tolist() for a in searcher.alphas],
+        "betas": [b.detach().tolist() for b in searcher.betas], "lambda": searcher.lam}))
     print(f"derived path {d.path}, predicted {d.predicted_cost:.4g} {d.cost_units}: {d.official}", flush=True)
     return d
 
@@ -691,6 +758,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cost", default=None, help="'macs' or a latency-table JSON path (overrides the config)")
     parser.add_argument("--epochs", type=int, default=None, help="override search.epochs")
     parser.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
+                        help="stop once this many epochs are done (rerun with the same --out to continue)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (on a shared, loaded machine 1 is often fastest)")
     args = parser.parse_args(argv)
@@ -701,7 +770,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: config {args.config}: {e}", file=sys.stderr)
         return 2
-    run_search(cfg, Path(args.out), cost=args.cost, resume=not args.fresh, epochs=args.epochs)
+    run_search(cfg, Path(args.out), cost=args.cost, resume=not args.fresh, epochs=args.epochs,
+               stop_after=args.stop_after)
     return 0
 
 

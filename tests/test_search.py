@@ -241,3 +241,75 @@ def test_cli_runs_a_search_and_writes_record_and_architecture(tmp_path):
     assert (out / "search_state.pt").exists()
     if (out / "arch.json").exists():
         assert json.loads((out / "arch.json").read_text())
+
+
+def test_target_mode_moves_lambda_by_dual_ascent(micro_data):
+    _, _, vx, vy, _ = micro_data
+    base = {"epochs": 2, "warmup_epochs": 0, "batch_size": 8, "lambda": 0.1, "dual_lr": 0.5}
+    s = _searcher(SearchConfig.model_validate(base))
+    cost = s.derived_cost()
+    assert cost == pytest.approx(s.derive().predicted_cost)
+    s.arch_step((vx[:8], vy[:8]))
+    assert s.lam == 0.1, "without a target, lambda is the configured one"
+    over = _searcher(SearchConfig.model_validate({**base, "target_latency": cost / 2}))
+    over.arch_step((vx[:8], vy[:8]))
+    assert over.lam == pytest.approx(0.1 + 0.5 * (over.derived_cost() / (cost / 2) - 1))
+    assert over.lam > 0.1
+    under = _searcher(SearchConfig.model_validate({**base, "target_latency": cost * 4}))
+    under.arch_step((vx[:8], vy[:8]))
+    assert under.lam == 0.0, "lambda is clipped at 0"
+    state = over.state_dict()
+    again = _searcher(SearchConfig.model_validate({**base, "target_latency": cost / 2}))
+    again.load_state_dict(state)
+    assert again.lam == over.lam
+
+
+def test_arch_steps_per_epoch_replays_the_epochs_val_batches(micro_data):
+    tx, ty, vx, vy, _ = micro_data
+    cfg = SearchConfig.model_validate({"epochs": 1, "warmup_epochs": 0, "batch_size": 8,
+                                       "arch_batch_size": 10, "arch_steps_per_epoch": 7})
+    s = _searcher(cfg)
+    val = list(iterate_batches(vx, vy, 10, 0, 0, "val"))
+    assert 1 < len(val) < 7
+    seen = list(s._arch_batches(iter(val)))
+    assert len(seen) == 7 and all(any(b is v for v in val) for b in seen)
+    assert [id(b) for b in seen] == [id(b) for b in s._arch_batches(iter(val))], "replay order is seeded"
+    rec = s.run_epoch(iterate_batches(tx, ty, 8, 0, 0), iterate_batches(vx, vy, 10, 0, 0, "val"))
+    assert rec["arch_steps"] == 7 and s.arch_step_count == 7
+    for key in ("lambda", "derived_path_prob", "alpha_entropy", "beta_entropy"):
+        assert key in rec
+
+
+def _cli_run(tmp_path, name, *extra):
+    cfg = yaml.safe_load((REPO / "configs" / "search_tiny.yaml").read_text())
+    cfg["space"] = "micro_mbconv"
+    cfg["data"].update(classes=3, image_size=16, samples_per_class=30)
+    cfg["search"].update(epochs=3, warmup_epochs=1, batch_size=15, arch_batch_size=6, arch_steps_per_epoch=4,
+                         target_latency=0.05, dual_lr=0.2)
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / name
+    assert main(["--config", str(path), "--out", str(out), "--threads", "1", *extra]) == 0
+    return out
+
+
+def _arch_params(out):
+    return json.loads((out / "arch_params.json").read_text()), json.loads((out / "derived.json").read_text())
+
+
+def test_cli_search_is_reproducible_fresh_and_after_resume(tmp_path):
+    a = _cli_run(tmp_path, "a")
+    b = _cli_run(tmp_path, "b")
+    _cli_run(tmp_path, "c", "--stop-after", "2")
+    assert not (tmp_path / "c" / "derived.json").exists()
+    torch.manual_seed(12345)  # a resumed process starts from other RNG state
+    c = _cli_run(tmp_path, "c")
+    pa, da = _arch_params(a)
+    for other in (b, c):
+        po, do = _arch_params(other)
+        assert (do["path"], do["blocks"]) == (da["path"], da["blocks"])
+        for key in ("alphas", "betas"):
+            for x, y in zip(pa[key], po[key]):
+                assert torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-6, rtol=0), key
+        assert po["lambda"] == pytest.approx(pa["lambda"], abs=1e-9)
+    assert pa["lambda"] != 0.15, "target mode moved lambda"
