@@ -131,7 +131,8 @@ class SearchConfig(BaseModel):
     arch: ArchOptimConfig = ArchOptimConfig()
     lambda_: float = Field(0.15, alias="lambda", ge=0, description="latency weight of eq. 8")
     tau: float = Field(15.0, gt=1, description="base of the latency log in eq. 8; must be > 1")
-    cost: str = Field("macs", description="'macs' or the path of a latency-table JSON")
+    cost: str = Field("macs", description="'macs', a latency-table JSON path, or (pipeline) 'profile' or a "
+                                          "table's store URI (s3://.../table.json)")
     macs_skip_fraction: float = Field(0.1, ge=0, le=1, description="MACs model: a skip's cost vs the cheapest op")
     seed: int = 0
     derive_budget: float | None = Field(None, gt=0, description="derive the best path within this cost")
