@@ -626,22 +626,44 @@ class ExpectedLatency(nn.Module):
         denom = torch.zeros(self.n_nodes, dtype=flat.dtype, device=flat.device).index_add(0, self.edge_src, ex)
         return ex / denom[self.edge_src]
 
-    def forward(self, alphas: Sequence[torch.Tensor], betas: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Expected cost (scalar, the cost model's units) for per-mixed-op ``alphas`` and per-block ``betas``."""
+    def _op_weights(self, a: torch.Tensor, rows: Sequence[int],
+                    choices: Sequence[Sequence[int]] | None) -> torch.Tensor:
+        """softmax of each row of ``a`` over all its ops, or (``choices``) over that mixed op's sampled ops."""
+        if choices is not None:
+            mask = torch.zeros(a.shape, dtype=torch.bool, device=a.device)
+            for n, k in enumerate(rows):
+                mask[n, list(choices[k])] = True
+            a = a.masked_fill(~mask, -math.inf)
+        return F.softmax(a, dim=1)
+
+    def forward(self, alphas: Sequence[torch.Tensor], betas: Sequence[torch.Tensor],
+                choices: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+        """Expected cost (scalar, the cost model's units) for per-mixed-op ``alphas`` and per-block ``betas``.
+
+        ``choices`` (one tuple of op indices per mixed op, as ``SuperNet.sample_choices``): each layer's
+        cost is mixed by the softmax over its sampled ops only, the weights its features are mixed
+        with in that step (the authors' ``MixedOp`` in JaminFong/DenseNAS ``models/dropped_model.py``).
+        The gradient on a sampled pair (a, b) is then ``p_a p_b (lat_a - lat_b)``: the cheaper op of
+        the pair always gains. ``None``: the softmax over all ops (the distribution's expected cost).
+        """
         if len(alphas) != len(self.head_index) + len(self.stack_index):
             raise ValueError(f"got {len(alphas)} alphas, the super network has "
                              f"{len(self.head_index) + len(self.stack_index)} mixed ops")
+        if choices is not None and len(choices) != len(alphas):
+            raise ValueError(f"got {len(choices)} choices for {len(alphas)} mixed ops")
         dtype = torch.promote_types(alphas[0].dtype, torch.float32)
         p = self.edge_probs_flat(betas).to(dtype)
         edge_cost = self.edge_const.to(dtype)
         if self.head_index:
             a = torch.stack([alphas[k] for k in self.head_index])
-            h = (F.softmax(a.to(dtype), dim=1) * self.head_costs.to(dtype)).sum(1)
+            w = self._op_weights(a.to(dtype), self.head_index, choices)
+            h = (w * self.head_costs.to(dtype)).sum(1)
             edge_cost = edge_cost.index_add(0, self.head_edge, h)
         r = torch.zeros(self.n_nodes, dtype=dtype, device=p.device)
         if self.stack_index:
             a = torch.stack([alphas[k] for k in self.stack_index])
-            s = (F.softmax(a.to(dtype), dim=1) * self.stack_costs.to(dtype)).sum(1)
+            w = self._op_weights(a.to(dtype), self.stack_index, choices)
+            s = (w * self.stack_costs.to(dtype)).sum(1)
             r = r.index_add(0, self.stack_block, s)
         r = r.index_add(0, self.edge_src, p * edge_cost)
         P = torch.zeros(self.n_nodes, self.n_nodes, dtype=dtype, device=p.device).index_put(

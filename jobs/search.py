@@ -415,7 +415,8 @@ def run_search(cfg: SearchJobConfig | SearchConfig | Mapping, space: Any = None,
     counts = split_manifest["counts"]
     num_classes = int(split_manifest["num_classes"])
     batch, steps = steps_per_worker(int(counts["train"]), job.workers, search.batch_size)
-    val_batch, val_steps = steps_per_worker(int(counts["val"]), job.workers, search.batch_size)
+    val_batch, val_steps = steps_per_worker(int(counts["val"]), job.workers,
+                                            search.arch_batch_size or search.batch_size)
     if steps < 1 or val_steps < 1:
         raise ValueError(f"the split has {counts['train']} search-train / {counts['val']} search-val images: "
                          f"not one batch per worker for {job.workers} workers; lower workers or add data")
@@ -461,7 +462,7 @@ def run_search(cfg: SearchJobConfig | SearchConfig | Mapping, space: Any = None,
                             datasets=datasets)
     _say(f"search: {job.workers} worker(s) x {request.per_worker()}, {search.epochs} epochs "
          f"({search.warmup_epochs} warm-up), {steps} weight steps/epoch at {batch}/worker, "
-         f"{val_steps} arch steps/epoch; checkpoints in {ckpt_store.uri_for(run_name)}", ctx)
+         f"{search.arch_steps_per_epoch or val_steps} arch steps/epoch; checkpoints in {ckpt_store.uri_for(run_name)}", ctx)
     t0 = time.time()
     result = trainer.fit()
     if getattr(result, "error", None) is not None:
@@ -506,7 +507,8 @@ def _finish(job: SearchJobConfig, space, cost_model, num_classes: int, steps: in
     last = searcher.history[-1] if searcher.history else {}
     metrics = {k: v for k, v in numeric_metrics(last).items()
                if k in ("val_acc", "train_acc", "val_loss", "train_loss", "expected_latency", "predicted_latency",
-                        "alpha_entropy", "beta_entropy", "macs", "params")}
+                        "alpha_entropy", "beta_entropy", "derived_path_prob", "lambda", "arch_steps", "macs",
+                        "params")}
     metrics.update(epochs=float(searcher.epoch), search_seconds=round(seconds, 2))
     finish_search_pictures(store, ctx)
     _say(f"search: done in {seconds:.1f}s; derived path {d.path}: {d.official}", ctx)
@@ -552,6 +554,20 @@ def profile_cost_model(ctx, space) -> Any:
     return table
 
 
+def table_from_uri(uri: str, space) -> Any:
+    """A pinned latency table: the JSON at a store URI (``s3://bucket/.../table.json``, ``file:///...``),
+    e.g. another run's profile table, so a search can be rerun exactly on the same costs."""
+    from cluster.storage import open_store
+    from densenas.latency import LatencyTable
+
+    head, _, name = uri.rstrip("/").rpartition("/")
+    if not head or not name.endswith(".json"):
+        raise ValueError(f"search.cost {uri!r}: a latency-table URI names a .json object (s3://bucket/key.json)")
+    table = LatencyTable.from_dict(open_store(head).get_json(name, verify=False))
+    table.check_compatible(space)
+    return table
+
+
 def search_stage(sections: Mapping[str, Any], ctx) -> dict:
     """The pipeline's stage function: ``sections`` = {"space": ..., "search": SearchConfig or
     SearchJobConfig}; split manifest, latency table, warm-up cache and checkpoints come from ``ctx``."""
@@ -561,6 +577,8 @@ def search_stage(sections: Mapping[str, Any], ctx) -> dict:
     space = _resolve_space(sections["space"])
     if job.search.cost == "profile":
         cost_model = profile_cost_model(ctx, space)
+    elif "://" in job.search.cost:
+        cost_model = table_from_uri(job.search.cost, space)
     else:
         cost_model = load_cost_model(job.search.cost, space, skip_fraction=job.search.macs_skip_fraction)
     return run_search(job, space, ctx.input("split"), cost_model, ctx.store, ctx,
