@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "mlxtend==0.25.0",
     "onnx==1.23.2",
     "onnxscript==0.7.2",
+    "tqdm==4.70.1",           # Ray Data and Tune draw their progress bars with it (--verbose)
 ]
 
 DEV_REQUIRES = [

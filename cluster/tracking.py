@@ -58,6 +58,8 @@ __all__ = [
     "git_commit",
     "resolve_tracking_uri",
     "rank0_tracker",
+    "rank0_attach",
+    "registered_model_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,8 @@ TAG_STAGE = "densenas.stage"
 TAG_FINGERPRINT = "densenas.fingerprint"
 TAG_GIT_COMMIT = "densenas.git_commit"
 TAG_TRIAL = "densenas.trial"
+TAG_CONFIG = "densenas.config_sha256"
+TAG_ARCH = "densenas.arch"
 
 # key fragments that mark a value as secret (matched on each flattened key component)
 _SECRET_KEY = re.compile(
@@ -251,6 +255,7 @@ class TrackerSpec:
     experiment: str = DEFAULT_EXPERIMENT
     spool_dir: Optional[str] = None
     parent_run_id: Optional[str] = None
+    run_id: Optional[str] = None      # a run to log into (e.g. the stage run, from its Train workers)
 
     def open(self) -> "Tracker":
         return Tracker(self.uri, self.experiment, spool_dir=self.spool_dir)
@@ -288,8 +293,54 @@ class Tracker:
     def online(self) -> bool:
         return self.spooled == 0 and time.monotonic() >= self._offline_until
 
-    def spec(self, parent: Optional[RunHandle] = None) -> TrackerSpec:
-        return TrackerSpec(self.uri, self.experiment, str(self.spool_dir), parent.run_id if parent else None)
+    def spec(self, parent: Optional[RunHandle] = None, run: Optional[RunHandle] = None) -> TrackerSpec:
+        return TrackerSpec(self.uri, self.experiment, str(self.spool_dir), parent.run_id if parent else None,
+                           run.run_id if run else None)
+
+    # ---- reads (None when MLflow cannot answer: callers decide without it, nothing raises)
+    def _read(self, what: str, fn, *args, **kwargs):
+        if time.monotonic() < self._offline_until:
+            return None
+        try:
+            return self._call(fn, *args, **kwargs)
+        except _Transient as exc:
+            self._go_offline(exc)
+        except Exception as exc:  # noqa: BLE001 -- a read never breaks training either
+            log.warning("tracking: could not read %s (%s: %s)", what, type(exc).__name__, exc)
+        return None
+
+    def metric_steps(self, run: RunHandle, key: str) -> Optional[set[int]]:
+        """Steps of ``key`` already in ``run`` (a resumed loop logs only the others); None if unknown."""
+        if not run.run_id:
+            return None
+        history = self._read(f"the history of {key}", lambda: self._mlflow().get_metric_history(run.run_id, key))
+        return None if history is None else {int(m.step) for m in history}
+
+    def metric_keys(self, run: RunHandle) -> Optional[set[str]]:
+        """Metric names already in ``run``; None if unknown."""
+        if not run.run_id:
+            return None
+        found = self._read("a run", lambda: self._mlflow().get_run(run.run_id))
+        return None if found is None else set(found.data.metrics)
+
+    def find_runs(self, filter_string: str, max_results: int = 10) -> Optional[list]:
+        """MLflow ``search_runs`` in this tracker's experiment, newest first; None if unreachable."""
+        try:
+            experiment = self._experiment()
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, _Transient):
+                self._go_offline(exc)
+            return None
+        return self._read("runs", lambda: self._mlflow().search_runs(
+            [experiment], filter_string, max_results=max_results, order_by=["attributes.start_time DESC"]))
+
+    def reopen(self, run_id: str, name: str) -> RunHandle:
+        """A handle for an existing run, marked RUNNING again and made active (a rerun under it)."""
+        with self._lock:
+            handle = self.attach(run_id, name)
+            self._active.append(handle)
+            self._submit({"op": "reopen", "run": handle.local_id})
+            return handle
 
     def start_run(self, name: str, parent: Optional[RunHandle | str] = None,
                   tags: Optional[Mapping[str, Any]] = None) -> RunHandle:
@@ -357,6 +408,23 @@ class Tracker:
             log.warning("tracking: artifact %s does not exist; skipped", path)
             return
         self._submit_for(run, {"op": "artifact", "path": str(path.resolve()), "artifact_path": artifact_path})
+
+    def log_dataset(self, name: str, digest: str, source: str, *, context: str = "training",
+                    schema: Optional[Mapping[str, Any]] = None, profile: Optional[Mapping[str, Any]] = None,
+                    source_type: str = "densenas-split", run: Optional[RunHandle] = None) -> None:
+        """A dataset input of the run (MLflow's Datasets panel): name, digest, where it lives, its counts."""
+        self._submit_for(run, {"op": "dataset", "name": str(name), "digest": str(digest)[:36],
+                               "source": _scrub_value(str(source), _env_secrets()), "source_type": source_type,
+                               "context": context, "schema": json.dumps(schema or {}, default=str),
+                               "profile": json.dumps(profile or {}, default=str)})
+
+    def register_model(self, model_name: str, artifact_path: str, tags: Optional[Mapping[str, Any]] = None,
+                       description: str = "", run: Optional[RunHandle] = None) -> None:
+        """Register ``runs:/<run>/<artifact_path>`` as a new version of ``model_name`` (created on first use),
+        after the artifacts logged before it (same queue, same order when spooled)."""
+        self._submit_for(run, {"op": "register", "model_name": model_name, "artifact_path": artifact_path,
+                               "tags": {str(k): str(v) for k, v in (tags or {}).items()},
+                               "description": description})
 
     def end_run(self, status: str = "FINISHED", run: Optional[RunHandle] = None) -> None:
         """End ``run`` (default: the active run) with FINISHED | FAILED | KILLED."""
@@ -542,11 +610,38 @@ class Tracker:
             elif kind == "end_run":
                 run_id = self._run_id(op["run"], op)
                 self._call(client.set_terminated, run_id, op["status"], end_time=op.get("ts"))
+            elif kind == "reopen":
+                self._call(client.update_run, self._run_id(op["run"], op), status="RUNNING")
+            elif kind == "dataset":
+                from mlflow.entities import Dataset, DatasetInput, InputTag
+
+                dataset = Dataset(name=op["name"], digest=op["digest"], source_type=op["source_type"],
+                                  source=json.dumps({"uri": op["source"]}), schema=op["schema"],
+                                  profile=op["profile"])
+                self._call(client.log_inputs, self._run_id(op["run"], op),
+                           datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", op["context"])])])
+            elif kind == "register":
+                self._register(client, self._run_id(op["run"], op), op)
             else:
                 log.warning("tracking: unknown spooled operation %r; skipped", kind)
         except MlflowException as exc:
             log.warning("tracking: MLflow refused %s (%s); dropped (retrying would not help)", kind, exc)
             self.dropped += 1
+
+    def _register(self, client, run_id: str, op: dict) -> None:
+        from mlflow.exceptions import MlflowException
+
+        name = op["model_name"]
+        try:
+            self._call(client.create_registered_model, name,
+                       description=f"DenseNAS derived networks of experiment {self.experiment!r}: a version per run")
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{self._call(client.get_run, run_id).info.artifact_uri.rstrip('/')}/{op['artifact_path']}"
+        version = self._call(client.create_model_version, name, source, run_id=run_id, tags=op.get("tags") or None,
+                             description=op.get("description") or None)
+        log.info("tracking: registered %s version %s from run %s", name, version.version, run_id)
 
     # ---- internals: spool
     def _spool(self, op: dict) -> None:
@@ -670,6 +765,15 @@ class NullTracker(Tracker):
     def attach(self, run_id, name="attached"):
         return RunHandle(self, uuid.uuid4().hex, name, run_id=run_id)
 
+    def reopen(self, run_id, name):
+        return self.attach(run_id, name)
+
+    def _read(self, what, fn, *args, **kwargs):
+        return None
+
+    def find_runs(self, filter_string, max_results=10):
+        return None
+
     def flush(self, include_orphans=True):
         return True
 
@@ -697,6 +801,28 @@ def rank0_tracker(spec: TrackerSpec, name: str, tags: Optional[Mapping[str, Any]
     tracker = spec.open()
     handle = tracker.start_run(name, parent=spec.parent_run_id, tags=tags)
     return tracker, handle
+
+
+def rank0_attach(spec: Optional[TrackerSpec], rank: Optional[int] = None) -> tuple[Tracker, RunHandle]:
+    """For a Ray Train loop that logs into an existing run (``spec.run_id``, e.g. its stage's run): on
+    world rank 0 a tracker attached to it, elsewhere (or without a spec / run id) an inert NullTracker."""
+    if rank is None:
+        try:
+            import ray.train
+
+            rank = ray.train.get_context().get_world_rank()
+        except Exception:  # noqa: BLE001 -- not inside Ray Train: act as rank 0
+            rank = 0
+    if rank != 0 or spec is None or not spec.run_id:
+        tracker: Tracker = NullTracker()
+        return tracker, tracker.attach("", "inert")
+    tracker = spec.open()
+    return tracker, tracker.attach(spec.run_id, "stage")
+
+
+def registered_model_name(experiment: str) -> str:
+    """The Model Registry name of an experiment's derived networks (one registered model per experiment)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{experiment}-net")
 
 
 def _now_ms() -> int:

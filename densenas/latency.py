@@ -64,6 +64,7 @@ __all__ = [
     "load_cost_model",
     "expected_latency",
     "signature_macs",
+    "predict_latency",
 ]
 
 CLASSIFIER = "classifier"
@@ -418,8 +419,14 @@ class LatencyTable:
         for k in ("space_hash", "device", "entries"):
             if k not in doc:
                 raise LatencyTableError(f"latency table lacks {k!r}")
-        return cls(doc["entries"], doc["space_hash"], doc["device"], doc.get("units", "ms"),
-                   doc.get("statistic", "median"), doc.get("meta"))
+        table = cls(doc["entries"], doc["space_hash"], doc["device"], doc.get("units", "ms"),
+                    doc.get("statistic", "median"), doc.get("meta"))
+        if type(table) is LatencyTable and table.meta.get("latency_model"):
+            # A table with a fitted calibration is served as the latency model (densenas.latency_model).
+            from densenas.latency_model import LatencyModel
+
+            return LatencyModel.from_plain(table)
+        return table
 
     @classmethod
     def from_json(cls, source: str | Path) -> "LatencyTable":
@@ -619,22 +626,44 @@ class ExpectedLatency(nn.Module):
         denom = torch.zeros(self.n_nodes, dtype=flat.dtype, device=flat.device).index_add(0, self.edge_src, ex)
         return ex / denom[self.edge_src]
 
-    def forward(self, alphas: Sequence[torch.Tensor], betas: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Expected cost (scalar, the cost model's units) for per-mixed-op ``alphas`` and per-block ``betas``."""
+    def _op_weights(self, a: torch.Tensor, rows: Sequence[int],
+                    choices: Sequence[Sequence[int]] | None) -> torch.Tensor:
+        """softmax of each row of ``a`` over all its ops, or (``choices``) over that mixed op's sampled ops."""
+        if choices is not None:
+            mask = torch.zeros(a.shape, dtype=torch.bool, device=a.device)
+            for n, k in enumerate(rows):
+                mask[n, list(choices[k])] = True
+            a = a.masked_fill(~mask, -math.inf)
+        return F.softmax(a, dim=1)
+
+    def forward(self, alphas: Sequence[torch.Tensor], betas: Sequence[torch.Tensor],
+                choices: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+        """Expected cost (scalar, the cost model's units) for per-mixed-op ``alphas`` and per-block ``betas``.
+
+        ``choices`` (one tuple of op indices per mixed op, as ``SuperNet.sample_choices``): each layer's
+        cost is mixed by the softmax over its sampled ops only, the weights its features are mixed
+        with in that step (the authors' ``MixedOp`` in JaminFong/DenseNAS ``models/dropped_model.py``).
+        The gradient on a sampled pair (a, b) is then ``p_a p_b (lat_a - lat_b)``: the cheaper op of
+        the pair always gains. ``None``: the softmax over all ops (the distribution's expected cost).
+        """
         if len(alphas) != len(self.head_index) + len(self.stack_index):
             raise ValueError(f"got {len(alphas)} alphas, the super network has "
                              f"{len(self.head_index) + len(self.stack_index)} mixed ops")
+        if choices is not None and len(choices) != len(alphas):
+            raise ValueError(f"got {len(choices)} choices for {len(alphas)} mixed ops")
         dtype = torch.promote_types(alphas[0].dtype, torch.float32)
         p = self.edge_probs_flat(betas).to(dtype)
         edge_cost = self.edge_const.to(dtype)
         if self.head_index:
             a = torch.stack([alphas[k] for k in self.head_index])
-            h = (F.softmax(a.to(dtype), dim=1) * self.head_costs.to(dtype)).sum(1)
+            w = self._op_weights(a.to(dtype), self.head_index, choices)
+            h = (w * self.head_costs.to(dtype)).sum(1)
             edge_cost = edge_cost.index_add(0, self.head_edge, h)
         r = torch.zeros(self.n_nodes, dtype=dtype, device=p.device)
         if self.stack_index:
             a = torch.stack([alphas[k] for k in self.stack_index])
-            s = (F.softmax(a.to(dtype), dim=1) * self.stack_costs.to(dtype)).sum(1)
+            w = self._op_weights(a.to(dtype), self.stack_index, choices)
+            s = (w * self.stack_costs.to(dtype)).sum(1)
             r = r.index_add(0, self.stack_block, s)
         r = r.index_add(0, self.edge_src, p * edge_cost)
         P = torch.zeros(self.n_nodes, self.n_nodes, dtype=dtype, device=p.device).index_put(
@@ -697,3 +726,21 @@ def _weakrefable(obj: Any) -> bool:
         return True
     except TypeError:
         return False
+
+
+def predict_latency(arch: Any, table: "LatencyTable | str | Path") -> float:
+    """The latency model's prediction (ms) for an architecture document (anything ``load_arch`` takes)
+    on the table's device under the table's protocol. See ``densenas.latency_model``."""
+    from densenas.latency_model import predict_arch_latency
+
+    if isinstance(table, (str, Path)):
+        table = LatencyTable.from_json(table)
+    return predict_arch_latency(arch, table)
+
+
+if __name__ == "__main__":  # python -m densenas.latency predict --table T --arch A.json
+    import sys
+
+    from densenas.latency_model import cli_main
+
+    sys.exit(cli_main())

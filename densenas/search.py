@@ -15,7 +15,10 @@ paper's one-path sampling: an unsampled op receives no signal, so it should not 
 stale momentum); it differs from the authors' PyTorch 1.0 code, where every weight decayed every step.
 
 Architecture step: two ops per mixed op sampled from softmax(alpha), their outputs mixed by softmax
-over the pair; loss ``CE + lambda * ln(E[latency]) / ln(tau)`` (eq. 8); Adam (lr 3e-4, betas
+over the pair; loss ``CE + lambda * ln(E[latency]) / ln(tau)`` (eq. 8), where E[latency] mixes each
+layer's cost with the same pair softmax as its features (the authors' released ``MixedOp``; with the
+softmax over all ops instead, a pair on one side of the layer's mean moves together and the eq. 9
+re-balance cancels the move, so the cheaper op of the pair would not gain); Adam (lr 3e-4, betas
 (0.5, 0.999), weight decay 1e-3) on alpha and beta; then the re-balancing of eq. 9, done exactly:
 entries that were not sampled are restored to their pre-step values (Adam's weight decay and
 momentum move them otherwise) and the sampled pair is shifted by ``log(sum_old / sum_new)`` of its
@@ -46,7 +49,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, TypedDict
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence, TypedDict
 
 import numpy as np
 import torch
@@ -55,7 +58,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from densenas.derive import Derivation, derive
+from densenas.derive import Derivation, argmax_ops, derive, viterbi_path
 from densenas.latency import CostModel, ExpectedLatency, MacsCostModel, load_cost_model
 from densenas.space import load_space
 
@@ -128,10 +131,20 @@ class SearchConfig(BaseModel):
     arch: ArchOptimConfig = ArchOptimConfig()
     lambda_: float = Field(0.15, alias="lambda", ge=0, description="latency weight of eq. 8")
     tau: float = Field(15.0, gt=1, description="base of the latency log in eq. 8; must be > 1")
-    cost: str = Field("macs", description="'macs' or the path of a latency-table JSON")
+    cost: str = Field("macs", description="'macs', a latency-table JSON path, or (pipeline) 'profile' or a "
+                                          "table's store URI (s3://.../table.json)")
     macs_skip_fraction: float = Field(0.1, ge=0, le=1, description="MACs model: a skip's cost vs the cheapest op")
     seed: int = 0
     derive_budget: float | None = Field(None, gt=0, description="derive the best path within this cost")
+    arch_batch_size: int | None = Field(None, ge=1, description="architecture-step batch (None: batch_size)")
+    arch_steps_per_epoch: int | None = Field(
+        None, ge=1, description="architecture steps per search epoch (None: one pass over search-val); more "
+                                "than one pass cycles the epoch's search-val batches in a reshuffled order")
+    target_latency: float | None = Field(
+        None, gt=0, description="cost-model units: lambda follows dual ascent so that the derived net's "
+                                "predicted cost approaches this; lambda is then only its starting value")
+    dual_lr: float = Field(0.05, ge=0, description="target mode: lambda += dual_lr * (cost / target - 1) "
+                                                   "after every architecture step, clipped at 0")
 
     @model_validator(mode="after")
     def _warmup(self) -> "SearchConfig":
@@ -203,6 +216,7 @@ class SearchState(TypedDict):
     arch_step: int
     steps_per_epoch: int
     history: list
+    lam: float
 
 
 class CollapseWarning(UserWarning):
@@ -287,6 +301,7 @@ class Searcher:
         self.epoch = 0          # epochs completed
         self.step = 0           # weight steps completed (all epochs)
         self.arch_step_count = 0
+        self.lam = float(config.lambda_)  # eq. 8's lambda; moves by dual ascent when target_latency is set
         self._epoch_step = 0    # steps (weight + arch) taken in the current epoch: the sampling seed
         self.history: list[dict] = []
 
@@ -334,15 +349,21 @@ class Searcher:
             correct = float((logits.argmax(1) == y).sum())
         return {"loss": float(loss.detach()), "correct": correct, "n": int(y.numel())}
 
-    def arch_step(self, batch: Sequence[Tensor]) -> dict:
-        """One architecture update (two ops per mixed op, eq. 8 loss, Adam, exact eq. 9 re-balance)."""
+    def arch_step(self, batch: Sequence[Tensor], choices: Sequence[Sequence[int]] | None = None) -> dict:
+        """One architecture update (two ops per mixed op, eq. 8 loss, Adam, exact eq. 9 re-balance).
+
+        The latency term mixes each layer's cost with the softmax over its sampled pair, as the
+        features are mixed (``ExpectedLatency(..., choices)``). ``choices``: the ops to run (default:
+        two sampled from softmax(alpha)); the sampling stream advances either way.
+        """
         x, y = self._to_device(batch)
-        choices = self.net.sample_choices("alpha2", self._reseed("arch"))
+        sampled = self.net.sample_choices("alpha2", self._reseed("arch"))
+        choices = sampled if choices is None else choices
         self.net.train()
         logits = self.net(x, choices, arch_grad=True)
         ce = F.cross_entropy(logits, y)
-        lat = self.expected_latency()
-        loss = ce + latency_loss(lat, self.config.lambda_, self.config.tau)
+        lat = self.latency(self.alphas, self.betas, choices)
+        loss = ce + latency_loss(lat, self.lam, self.config.tau)
         # Gradients w.r.t. alpha and beta only: autograd skips every weight-gradient kernel.
         grads = torch.autograd.grad(loss, self.arch_params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.arch_params, grads)]
@@ -355,10 +376,26 @@ class Searcher:
         self.arch_optimizer.zero_grad(set_to_none=True)
         self._rebalance(old, choices)
         self.arch_step_count += 1
+        if self.config.target_latency is not None:
+            self.dual_step()
         with torch.no_grad():
             correct = float((logits.argmax(1) == y).sum())
         return {"loss": float(ce.detach()), "correct": correct, "n": int(y.numel()),
                 "latency": float(lat.detach())}
+
+    @torch.no_grad()
+    def derived_cost(self) -> float:
+        """Predicted cost of the network ``derive()`` would return now (Viterbi path, argmax ops)."""
+        probs = {e: float(p) for e, p in self.net.edge_probs().items()}
+        return self.latency.path_cost(viterbi_path(self.space, probs), argmax_ops(self.net))
+
+    def dual_step(self) -> float:
+        """Target mode: one dual-ascent step on lambda, the multiplier of the constraint
+        ``cost(derived net) <= target``: ``lambda <- max(0, lambda + dual_lr * (cost / target - 1))``.
+        The derived net's cost (not the expected cost of the distribution) is what the target is about."""
+        gap = self.derived_cost() / float(self.config.target_latency) - 1.0
+        self.lam = max(0.0, self.lam + self.config.dual_lr * gap)
+        return self.lam
 
     @torch.no_grad()
     def _rebalance(self, old: Sequence[Tensor], choices: Sequence[Sequence[int]]) -> None:
@@ -392,7 +429,8 @@ class Searcher:
         val, train = _Meter(), _Meter()
         lat_sum, lat_n = 0.0, 0
         if val_iter is not None:
-            for n, batch in enumerate(val_iter):
+            batches = val_iter if warm else self._arch_batches(val_iter)
+            for n, batch in enumerate(batches):
                 if max_steps is not None and n >= max_steps:
                     break
                 r = self.eval_step(batch) if warm else self.arch_step(batch)
@@ -411,6 +449,33 @@ class Searcher:
         if self.log is not None:
             self.log(_format_record(record, self.config.epochs))
         return record
+
+    def _arch_batches(self, val_iter: Iterable[Sequence[Tensor]]) -> Iterator[Sequence[Tensor]]:
+        """The architecture pass: ``arch_steps_per_epoch`` batches (None: one pass over ``val_iter``).
+        Past the first pass, the epoch's batches are held and replayed in an order drawn from
+        (seed, epoch, pass), so every rank replays the same way."""
+        want = self.config.arch_steps_per_epoch
+        if want is None:
+            yield from val_iter
+            return
+        held: list[Sequence[Tensor]] = []
+        it = iter(val_iter)
+        for batch in it:
+            if len(held) < want:
+                held.append(batch)
+                yield batch
+            # else: drained, so a streaming split is read to its end
+        if not held:
+            return
+        given, rounds = len(held), 0
+        while given < want:
+            rounds += 1
+            g = torch.Generator().manual_seed(seed_from(self.config.seed, self.epoch, rounds, "arch-pass"))
+            for i in torch.randperm(len(held), generator=g).tolist():
+                if given >= want:
+                    break
+                yield held[i]
+                given += 1
 
     def derive(self, budget: float | None = None) -> Derivation:
         budget = self.config.derive_budget if budget is None else budget
@@ -434,7 +499,8 @@ class Searcher:
             "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
             "expected_latency": lat, "latency_units": self.latency.units,
             "derived": d.to_dict(), "predicted_latency": d.predicted_cost,
-            "alpha_entropy": a_ent, "beta_entropy": b_ent,
+            "alpha_entropy": a_ent, "beta_entropy": b_ent, "derived_path_prob": d.path_prob,
+            "lambda": self.lam, "arch_steps": self.arch_step_count,
             "seconds": seconds, "arch_seconds": arch_seconds, "warnings": warns,
         }
         rec.update(_counts(self.net, d))
@@ -451,7 +517,7 @@ class Searcher:
                  "sampling": self.generator.get_state(),
                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             epoch=self.epoch, step=self.step, arch_step=self.arch_step_count,
-            steps_per_epoch=self.steps_per_epoch, history=list(self.history))
+            steps_per_epoch=self.steps_per_epoch, history=list(self.history), lam=self.lam)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
@@ -479,6 +545,7 @@ class Searcher:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.arch_step_count = int(state["arch_step"])
+        self.lam = float(state.get("lam", self.config.lambda_))
         self.history = list(state["history"])
 
     def save(self, path: str | Path) -> None:
@@ -556,7 +623,8 @@ def _format_record(r: dict, total: int) -> str:
             f"train loss {_fmt(r['train_loss'])} acc {_fmt(r['train_acc'])} | "
             f"val loss {_fmt(r['val_loss'])} acc {_fmt(r['val_acc'])} | "
             f"E[lat] {r['expected_latency']:.4g} {r['latency_units']} | derived {r['predicted_latency']:.4g} "
-            f"path {r['derived']['path']} | H(alpha) {r['alpha_entropy']:.3f} H(beta) {r['beta_entropy']:.3f} "
+            f"path {r['derived']['path']} p {r['derived_path_prob']:.3g} | H(alpha) {r['alpha_entropy']:.3f} "
+            f"H(beta) {r['beta_entropy']:.3f} | lambda {r['lambda']:.4g} | {r['arch_steps']} arch steps "
             f"| {r['seconds']:.1f}s" + ("".join(f"\n  WARNING: {w}" for w in r["warnings"])))
 
 
@@ -628,8 +696,11 @@ def random_flip(seed: int, epoch: int, stream: str) -> Callable[[Tensor], Tensor
 
 
 def run_search(cfg: SearchRunConfig, out: Path, cost: str | None = None, resume: bool = True,
-               epochs: int | None = None) -> Derivation:
-    """Run a whole search on one process, checkpointing every epoch into ``out``."""
+               epochs: int | None = None, stop_after: int | None = None) -> Derivation | None:
+    """Run a whole search on one process, checkpointing every epoch into ``out``.
+
+    ``stop_after``: return (None) once this many epochs are done, as an interruption would; running
+    again on the same ``out`` continues from the checkpoint to the same result as one uninterrupted run."""
     from densenas.supernet import SuperNet
 
     out.mkdir(parents=True, exist_ok=True)
@@ -661,15 +732,21 @@ def run_search(cfg: SearchRunConfig, out: Path, cost: str | None = None, resume:
         rec = searcher.run_epoch(
             iterate_batches(tx, ty, search.batch_size, search.seed, e, "train",
                             transform=random_flip(search.seed, e, "train")),
-            iterate_batches(vx, vy, search.batch_size, search.seed, e, "val"))
+            iterate_batches(vx, vy, search.arch_batch_size or search.batch_size, search.seed, e, "val"))
         searcher.save(ckpt)
         with open(records, "a") as f:
             f.write(json.dumps(rec) + "\n")
+        if stop_after is not None and searcher.epoch >= stop_after and searcher.epoch < search.epochs:
+            print(f"stopped after epoch {searcher.epoch}; run again with the same --out to continue", flush=True)
+            return None
     d = searcher.derive()
     result = d.to_dict() | {"space_hash": space.space_hash(), "num_classes": classes}
     if d.arch is not None and hasattr(d.arch, "to_json"):
         (out / "arch.json").write_text(d.arch.to_json() if callable(d.arch.to_json) else str(d.arch.to_json))
     (out / "derived.json").write_text(json.dumps(result, indent=1))
+    (out / "arch_params.json").write_text(json.dumps({
+        "alphas": [a.detach().tolist() for a in searcher.alphas],
+        "betas": [b.detach().tolist() for b in searcher.betas], "lambda": searcher.lam}))
     print(f"derived path {d.path}, predicted {d.predicted_cost:.4g} {d.cost_units}: {d.official}", flush=True)
     return d
 
@@ -682,6 +759,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cost", default=None, help="'macs' or a latency-table JSON path (overrides the config)")
     parser.add_argument("--epochs", type=int, default=None, help="override search.epochs")
     parser.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
+                        help="stop once this many epochs are done (rerun with the same --out to continue)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (on a shared, loaded machine 1 is often fastest)")
     args = parser.parse_args(argv)
@@ -692,7 +771,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: config {args.config}: {e}", file=sys.stderr)
         return 2
-    run_search(cfg, Path(args.out), cost=args.cost, resume=not args.fresh, epochs=args.epochs)
+    run_search(cfg, Path(args.out), cost=args.cost, resume=not args.fresh, epochs=args.epochs,
+               stop_after=args.stop_after)
     return 0
 
 

@@ -337,6 +337,11 @@ def run_derive(cfg: Any, space: Any = None, search_outputs: Any = None, cost_mod
     if tracker is not None:
         tracker.log_dict(out["arch"], "arch.json")
         tracker.log_metrics({k: float(v) for k, v in out["metrics"].items() if _finite(v)})
+        if callable(getattr(tracker, "log_summary", None)):
+            tracker.log_summary(tags={"densenas.arch": out["one_line"]})
+        from jobs.diagrams import log_pictures
+
+        log_pictures(ctx, store, out.get("pictures") or [])
     return out
 
 

@@ -11,6 +11,11 @@ returns its path, so a stage uploads it and a test opens it.
 - ``beta_heatmap``: p(src -> dst) as a source x destination matrix (the last column is the final 1x1 conv).
 - ``pareto_plot``: every sweep trial by latency and accuracy, the non-dominated ones joined and
   highlighted, each point labelled with its lambda / tau.
+- ``search_evolution``: how the search moved alpha and beta, epoch by epoch: p(finally chosen op)
+  of every mixed op, and p(edge) of every edge with the derived path's edges in red.
+
+``log_pictures(ctx, store, keys)`` logs PNGs a stage put in its store to the stage's MLflow run
+(the store copy stays; tracking trouble never fails the stage).
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import FancyArrowPatch  # noqa: E402
 
-__all__ = ["path_diagram", "alpha_heatmap", "beta_heatmap", "pareto_plot", "short_op"]
+__all__ = ["path_diagram", "alpha_heatmap", "beta_heatmap", "pareto_plot", "search_evolution", "short_op",
+           "log_pictures"]
 
 PATH_COLOR = "#d62728"
 EDGE_COLOR = "#1f4e79"
@@ -280,3 +286,71 @@ def pareto_plot(rows: Sequence[Mapping[str, Any]], out: str | Path, accuracy: st
     ax.margins(0.12)
     fig.tight_layout()
     return _save(fig, out)
+
+
+def search_evolution(snapshots: Sequence[Mapping[str, Any]], out: str | Path,
+                     title: str = "search evolution") -> Path:
+    """``snapshots``: one per epoch, ``{"epoch", "phase", "labels", "alphas", "edge_probs", "path"}``
+    (``jobs.epochs.save_arch_snapshot``). Left: p(the last epoch's argmax op) of each mixed op; right:
+    p(src -> dst) of each edge, the last epoch's derived path in red; warm-up epochs shaded."""
+    snaps = sorted(snapshots, key=lambda s: int(s["epoch"]))
+    epochs = [int(s["epoch"]) for s in snaps]
+    last = snaps[-1]
+    chosen = [int(np.argmax(a)) for a in last["alphas"]]
+    path = list(last.get("path") or [])
+    path_edges = {f"{i}-{j}" for i, j in zip(path, path[1:])}
+    if path and last["edge_probs"]:   # the path's last block feeds the end node (the largest index)
+        path_edges.add(f"{path[-1]}-{max(int(k.split('-')[1]) for k in last['edge_probs'])}")
+    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(11.0, 4.2), dpi=110, sharex=True)
+    warm = [e for e, s in zip(epochs, snaps) if s.get("phase") == "warmup"]
+    for ax in (ax_a, ax_b):
+        if warm:
+            ax.axvspan(min(warm) - 0.5, max(warm) + 0.5, color="0.92", zorder=0, label="warm-up")
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+        ax.set_ylim(-0.02, 1.02)
+    cmap = plt.get_cmap("tab20")
+    for r, label in enumerate(last["labels"]):
+        ys = [s["alphas"][r][chosen[r]] if r < len(s["alphas"]) else np.nan for s in snaps]
+        ax_a.plot(epochs, ys, lw=1.0, color=cmap(r % 20), alpha=0.85,
+                  label=label if len(last["labels"]) <= 12 else None)
+    ax_a.set_ylabel("p(final argmax op) = softmax(alpha)")
+    ax_a.set_title(f"alpha: {len(last['labels'])} mixed ops", fontsize=9)
+    if len(last["labels"]) <= 12:
+        ax_a.legend(fontsize=6, loc="best")
+    for key in sorted(last["edge_probs"], key=lambda k: tuple(int(x) for x in k.split("-"))):
+        ys = [float(s["edge_probs"].get(key, np.nan)) for s in snaps]
+        on = key in path_edges
+        ax_b.plot(epochs, ys, lw=1.8 if on else 0.8, color=PATH_COLOR if on else EDGE_COLOR,
+                  alpha=1.0 if on else 0.35, zorder=3 if on else 2)
+        if on:
+            ax_b.annotate(key, (epochs[-1], ys[-1]), textcoords="offset points", xytext=(3, 0), fontsize=7,
+                          color=PATH_COLOR)
+    ax_b.set_ylabel("p(src -> dst) = softmax(beta_src)")
+    ax_b.set_title(f"beta: {len(last['edge_probs'])} edges (red: derived path {path})", fontsize=9)
+    fig.suptitle(f"{title}: epochs {epochs[0]}-{epochs[-1]}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def log_pictures(ctx: Any, store: Any, keys: Sequence[str], artifact_path: str | None = None) -> int:
+    """Log the PNGs ``keys`` of ``store`` to the stage's MLflow run (``ctx.tracker``); returns how many
+    were handed to the tracker. Without tracking, or when a picture is missing, it does nothing."""
+    import tempfile
+
+    log_artifact = getattr(getattr(ctx, "tracker", None), "log_artifact", None)
+    if not callable(log_artifact):
+        return 0
+    sent = 0
+    with tempfile.TemporaryDirectory(prefix="densenas-pictures-") as tmp:
+        for key in keys:
+            try:
+                if not store.exists(key):
+                    continue
+                local = Path(tmp) / Path(key).name
+                local.write_bytes(store.get_bytes(key))
+                log_artifact(local, artifact_path)   # sent now, or copied into the tracker's spool
+                sent += 1
+            except Exception as e:  # noqa: BLE001 -- a picture never fails a stage
+                print(f"tracking: picture {key} not logged ({type(e).__name__}: {e})", flush=True)
+    return sent

@@ -47,7 +47,8 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from densenas.latency import LatencyStats, LatencyTable, OpSignature, space_signatures
-from densenas.latency_report import accuracy_report, predict_latency, sample_random_nets
+from densenas.latency_model import Calibration, LatencyModel, MeasurementProtocol, fit_calibration, unit_features
+from densenas.latency_report import accuracy_metrics, net_signatures, sample_random_nets
 from densenas.profiling import FINGERPRINT_KEYS, fingerprint_mismatch
 from densenas.space import SearchSpace, load_space
 
@@ -97,12 +98,17 @@ class ProfileConfig(BaseModel):
     num_classes: int | None = Field(None, ge=1, description="classifier width; None: the pipeline's "
                                                             "data.classes when it is a count, else 1000")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    memory_format: Literal["contiguous", "channels_last"] = Field(
+        "contiguous", description="memory format of the input and weights (part of the protocol)")
     warmup: int = Field(20, ge=0, description="discarded runs per signature")
     repeats: int = Field(2000, ge=1, description="timed runs per signature (paper: 2,000)")
     statistic: Literal["median", "mean", "p10", "p90"] = Field(
         "median", description="what the table serves and the report compares (p10 resists a loaded machine)")
-    report_paths: int = Field(50, ge=0, description="random nets of the accuracy report (0: no report)")
-    seed: int = Field(0, description="seed of the report's random nets")
+    calibration_paths: int = Field(20, ge=0, description="random nets timed end to end to fit the latency model's "
+                                                         "calibration (0: no calibration, the plain sum)")
+    report_paths: int = Field(50, ge=0, description="held-out random nets of the accuracy report, none of them a "
+                                                    "calibration net (0: no report)")
+    seed: int = Field(0, description="seed of the random nets (calibration and held-out drawn as one distinct set)")
     signatures_per_task: int = Field(4, ge=1, description="signatures handed to an actor at a time")
     save_every: int = Field(20, ge=1, description="save measurements to the store every N results")
     num_cpus_per_actor: float | None = Field(None, ge=0, description="Ray CPUs per actor (None: threads_per_actor "
@@ -126,25 +132,35 @@ class ProfileConfig(BaseModel):
             res["GPU"] = 1.0
         return res
 
+    def measurement_protocol(self) -> MeasurementProtocol:
+        """How every number of the stage is measured (ops, report nets; the retrain stage reads it back
+        from the table's device record)."""
+        return MeasurementProtocol(device=self.device, batch=self.batch_size,
+                                   threads=self.threads_per_actor if self.device == "cpu" else None,
+                                   dtype=self.dtype, memory_format=self.memory_format, warmup=self.warmup,
+                                   repeats=self.repeats, statistic=self.statistic)
+
     def protocol(self) -> dict[str, Any]:
-        """The measurement protocol: two measurements are interchangeable only when it matches."""
-        return {"warmup": self.warmup, "repeats": self.repeats}
+        """What decides whether a stored measurement can be reused: the protocol but its statistic
+        (every statistic is stored)."""
+        return self.measurement_protocol().measurement_key()
 
 
 # --------------------------------------------------------------------------- the actor
 class ProfilerActor:
     """Times signatures and whole networks on one device slot (wrapped with ``ray.remote`` at run time)."""
 
-    def __init__(self, device: str, threads: int, dtype: str, batch: int, warmup: int, repeats: int):
+    def __init__(self, protocol: Mapping[str, Any]):
         import torch
 
         from densenas.profiling import device_fingerprint, set_cpu_threads
 
-        if device == "cpu":
-            set_cpu_threads(threads)
-        self.device = "cuda:0" if device == "cuda" else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to our GPU
-        self.dtype, self.batch, self.warmup, self.repeats = dtype, batch, warmup, repeats
-        self._fp = device_fingerprint(self.device, threads if device == "cpu" else None, dtype, batch)
+        self.protocol = MeasurementProtocol.from_dict(protocol)
+        p = self.protocol
+        if p.device == "cpu":
+            set_cpu_threads(p.threads)
+        self.device = "cuda:0" if p.device == "cuda" else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to our GPU
+        self._fp = device_fingerprint(self.device, p.threads, p.dtype, p.batch)
         self._fp["pid"] = os.getpid()
         try:
             import ray
@@ -159,28 +175,29 @@ class ProfilerActor:
 
     def measure_signatures(self, keys: Sequence[str]) -> list[tuple[str, dict, float]]:
         """(key, stats, seconds spent) per signature key."""
-        from densenas.profiling import measure_signature_stats
+        from densenas.latency import build_signature_module
+        from densenas.latency_model import time_forward
 
         out = []
         for key in keys:
             t0 = time.perf_counter()
-            stats = measure_signature_stats(OpSignature.parse(key), self.device, self.warmup, self.repeats, self.dtype)
+            sig = OpSignature.parse(key)
+            stats = time_forward(build_signature_module(sig), (sig.batch, sig.c_in, sig.resolution, sig.resolution),
+                                 self.protocol)
             out.append((key, stats.to_dict(), time.perf_counter() - t0))
         return out
 
     def measure_nets(self, items: Sequence[tuple[str, dict]]) -> list[tuple[str, dict, float]]:
-        """(key, stats, seconds) per (key, arch document): the whole network, end to end."""
-        from densenas.arch import Arch, build_model
-        from densenas.profiling import measure_model_stats
+        """(key, stats, seconds) per (key, arch document): the whole network, end to end
+        (``measure_net_latency``, the project's one whole-net measurement)."""
+        from densenas.latency_model import measure_net_latency
 
         out = []
         for key, doc in items:
             t0 = time.perf_counter()
-            arch = Arch.from_dict(doc)
-            shape = (self.batch, arch.in_channels, arch.input_size, arch.input_size)
-            stats = measure_model_stats(lambda: build_model(arch), shape, self.device, self.warmup, self.repeats,
-                                        self.dtype)
-            out.append((key, stats.to_dict(), time.perf_counter() - t0))
+            lat = measure_net_latency(doc, self.protocol)
+            stats = {k: lat[k] for k in ("mean", "median", "std", "p10", "p90", "count")}
+            out.append((key, stats, time.perf_counter() - t0))
         return out
 
 
@@ -303,8 +320,7 @@ class Profiler:
 
     def _start_actor(self) -> _Slot:
         cls = self._actor_class()
-        c = self.cfg
-        handle = cls.remote(c.device, c.threads_per_actor, c.dtype, c.batch_size, c.warmup, c.repeats)
+        handle = cls.remote(self.cfg.measurement_protocol().to_dict())
         slot = _Slot(self._next_index, handle, handle.fingerprint.remote())
         self._next_index += 1
         self.slots.append(slot)
@@ -454,8 +470,11 @@ class Profiler:
                 self.log(f"ignoring unreadable {key}: {e}")
         for key, doc in sources:
             if key == TABLE_KEY:
-                device, meta = doc.get("device", {}), doc.get("meta", {})
-                doc_proto = {k: meta.get(k) for k in proto}
+                device = doc.get("device", {})
+                try:
+                    doc_proto = MeasurementProtocol.from_dict(device.get("protocol") or {}).measurement_key()
+                except (ValueError, TypeError):
+                    doc_proto = None
                 sigs, nets = doc.get("entries", {}), {}
             else:
                 device, doc_proto = doc.get("fingerprint", {}), doc.get("protocol", {})
@@ -531,7 +550,7 @@ class Profiler:
             self.log(f"published {TABLE_KEY}: {len(table)} entries ({table_uri})")
 
             report, nets_measured, nets_reused = None, 0, 0
-            if cfg.report_paths > 0:
+            if cfg.report_paths > 0 or cfg.calibration_paths > 0:
                 report, nets_measured, nets_reused = self._report(table)
         finally:
             for slot in list(self.slots):
@@ -566,11 +585,15 @@ class Profiler:
         }
         if report is not None:
             out["accuracy_report"] = self.store.uri_for(REPORT_KEY)
-            out["latency_scatter"] = self.store.uri_for(SCATTER_KEY)
-            out["recommended_correction"] = report["recommended_correction"]
-            out["metrics"].update({f"plain_{k}": v for k, v in report["plain_sum"].items() if k != "n"})
-            for kind, c in report["corrections"].items():
-                out["metrics"].update({f"{kind}_loo_{k}": v for k, v in c["leave_one_out"].items() if k != "n"})
+            out["latency_scatter"] = self.store.uri_for(SCATTER_KEY) if report["n_nets"] else None
+            out["calibration"] = report.get("calibration")
+            out["protocol"] = report.get("protocol")
+            for part in ("model", "plain_sum"):
+                if part in report:
+                    prefix = "model" if part == "model" else "plain"
+                    out["metrics"].update({f"{prefix}_{k}": v for k, v in report[part].items() if k != "n"})
+            out["metrics"]["heldout_nets"] = report["n_nets"]
+            out["metrics"]["calibration_nets"] = report["n_calibration_nets"]
         return out
 
     @staticmethod
@@ -582,15 +605,14 @@ class Profiler:
         except Exception:
             pass
 
-    def _table(self, entries: Mapping[OpSignature, dict], correction: dict | None = None) -> LatencyTable:
+    def _table(self, entries: Mapping[OpSignature, dict]) -> LatencyTable:
         cfg = self.cfg
         meta = {"warmup": cfg.warmup, "repeats": cfg.repeats, "num_classes": self.num_classes,
                 "input_size": self.space.input_size, "space_name": self.space.name, "actors": cfg.actors,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "fingerprint_keys": list(FINGERPRINT_KEYS)}
-        if correction is not None:
-            meta["correction"] = correction
-        return LatencyTable(dict(entries), self.space.space_hash(), dict(self.fingerprint), units="ms",
+        device = {**self.fingerprint, "protocol": cfg.measurement_protocol().to_dict()}
+        return LatencyTable(dict(entries), self.space.space_hash(), device, units="ms",
                             statistic=cfg.statistic, meta=meta)
 
     def _publish_table(self, table: LatencyTable) -> str:
@@ -598,44 +620,93 @@ class Profiler:
         return self.store.uri_for(TABLE_KEY)
 
     def _report(self, table: LatencyTable) -> tuple[dict, int, int]:
+        """Calibration nets fit the model, held-out nets score it; all timed end to end by the actors."""
         from jobs.plots import latency_scatter
 
         cfg, space = self.cfg, self.space
-        nets = sample_random_nets(space, cfg.report_paths, cfg.seed, self.num_classes)
-        predicted = [predict_latency(table, space, n, self.num_classes) for n in nets]
-        todo = [(n.key, n.arch.to_dict()) for n in nets if n.key not in self.net_stats]
+        n_cal, n_held = cfg.calibration_paths, cfg.report_paths
+        nets = sample_random_nets(space, n_cal + n_held, cfg.seed, self.num_classes)
+        if len(nets) < n_cal + n_held:
+            self.log(f"the space has only {len(nets)} distinct nets; fewer held-out nets than asked")
+        cal_nets, held = nets[:n_cal], nets[n_cal:]
+        # One queue, calibration and held-out nets alternating: load drift touches both sets alike.
+        order = [n for pair in zip(held, cal_nets) for n in pair] + held[len(cal_nets):] + cal_nets[len(held):]
+        todo = [(n.key, n.arch.to_dict()) for n in order if n.key not in self.net_stats]
         reused = len(nets) - len(todo)
-        self.log(f"accuracy report: {len(nets)} random nets ({reused} measured earlier), end to end")
+        self.log(f"latency model: {len(cal_nets)} calibration + {len(held)} held-out random nets "
+                 f"({reused} measured earlier), end to end")
         if todo and not self.slots:
             raise ProfileError("no live profiling actor is left to measure the report's networks; run again")
         self._run_queue("nets", todo, "measure_nets", 1, self._record(self.net_stats))
         self._save(force=bool(todo))
-        measured = [getattr(LatencyStats.from_dict(self.net_stats[n.key]), cfg.statistic) for n in nets]
-        report = accuracy_report(nets, predicted, measured, units=table.units, extra={
-            "space_hash": space.space_hash(), "device": self.fingerprint, "batch_size": cfg.batch_size,
-            "statistic": table.statistic, "seed": cfg.seed, "protocol": cfg.protocol(),
-            "latency_table": self.store.uri_for(TABLE_KEY)})
-        rec = report["recommended_correction"]
-        correction = None if rec is None else {k: report["corrections"][rec][k] for k in ("kind", "a", "b", "formula")}
-        # The table carries the recommended correction for its users (the search may apply it).
-        self._publish_table(self._table(table.entries, correction))
+
+        def measured(n):
+            return getattr(LatencyStats.from_dict(self.net_stats[n.key]), cfg.statistic)
+
+        def features(n):
+            return unit_features(table, net_signatures(space, n, table.batch, self.num_classes))
+
+        model: LatencyTable = table
+        calibration = None
+        if len(cal_nets) >= 2:
+            f = [features(n) for n in cal_nets]
+            calibration = fit_calibration([x[0] for x in f], [x[1] for x in f], [measured(n) for n in cal_nets],
+                                          {"seed": cfg.seed, "statistic": cfg.statistic})
+            model = LatencyModel.from_table(table, calibration, space)
+        extra = {"space_hash": space.space_hash(), "device": self.fingerprint, "batch_size": cfg.batch_size,
+                 "statistic": table.statistic, "seed": cfg.seed,
+                 "protocol": cfg.measurement_protocol().to_dict(), "latency_table": self.store.uri_for(TABLE_KEY),
+                 "calibration": None if calibration is None else calibration.to_dict()}
+        report = latency_model_report(table, model, space, cal_nets, held, measured, self.num_classes, extra)
+        self._publish_table(model)  # the table now carries the model: search, derive and sweep use it
         self.store.publish_json(REPORT_KEY, report)
-        with tempfile.TemporaryDirectory() as tmp:
-            png = Path(tmp) / SCATTER_KEY
-            corrected = None if rec is None else [r[f"corrected_{rec}_loo"] for r in report["rows"]]
-            latency_scatter(predicted, measured, png, corrected=corrected, units=table.units,
-                            corrected_label=f"{rec} correction (leave-one-out)",
-                            title=f"{space.name}: {len(nets)} nets, {self.fingerprint.get('name')}")
-            self.store.put_file(SCATTER_KEY, png)
-        p = report["plain_sum"]
-        line = (f"plain sum: {p['within_10pct']:.0%} within +-10%, {p['within_5pct']:.0%} within +-5%, "
-                f"MAPE {p['mape_pct']:.1f}%, Spearman {p['spearman']:.3f}")
-        if rec is not None:
-            c = report["corrections"][rec]["leave_one_out"]
-            line += (f"; {rec} correction (leave-one-out): {c['within_10pct']:.0%} within +-10%, "
-                     f"MAPE {c['mape_pct']:.1f}%")
-        self.log(line)
+        if held:
+            rows = report["rows"]
+            with tempfile.TemporaryDirectory() as tmp:
+                png = Path(tmp) / SCATTER_KEY
+                latency_scatter([r["plain_sum"] for r in rows], [r["measured"] for r in rows], png,
+                                corrected=[r["predicted"] for r in rows] if calibration else None, units=table.units,
+                                corrected_label="latency model (held-out nets)",
+                                title=f"{space.name}: {len(held)} held-out nets, {self.fingerprint.get('name')}")
+                self.store.put_file(SCATTER_KEY, png)
+            m, p = report["model"], report["plain_sum"]
+            self.log(f"held-out nets ({len(held)}): latency model {m['within_10pct']:.0%} within +-10%, "
+                     f"MAPE {m['mape_pct']:.1f}%, Spearman {m['spearman']:.3f}; plain sum {p['within_10pct']:.0%} "
+                     f"within +-10%, MAPE {p['mape_pct']:.1f}%")
         return report, len(todo), reused
+
+
+def latency_model_report(table: LatencyTable, model: LatencyTable, space: SearchSpace, cal_nets: Sequence[Any],
+                         held: Sequence[Any], measured: Callable[[Any], float], num_classes: int,
+                         extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The accuracy report: the model and the plain table sum on the held-out nets (the headline), the
+    model on its own calibration nets (in-sample, for reference), one row per net."""
+    def rows(nets, role):
+        out = []
+        for n in nets:
+            sigs = net_signatures(space, n, table.batch, num_classes)
+            plain = float(sum(LatencyTable.lookup(table, s) for s in sigs))
+            pred = model.predict_signatures(sigs) if isinstance(model, LatencyModel) else plain
+            out.append({"key": n.key, "role": role, "units": sum(1 for s in sigs if s.op != "skip"),
+                        "predicted": pred, "plain_sum": plain, "measured": float(measured(n))})
+        return out
+
+    held_rows, cal_rows = rows(held, "held_out"), rows(cal_nets, "calibration")
+    report: dict[str, Any] = {"units": table.units, "n_nets": len(held_rows), "n_calibration_nets": len(cal_rows),
+                              "model_kind": "calibrated" if isinstance(model, LatencyModel) else "plain_sum"}
+    if held_rows:
+        m = [r["measured"] for r in held_rows]
+        report["model"] = accuracy_metrics([r["predicted"] for r in held_rows], m)
+        report["plain_sum"] = accuracy_metrics([r["plain_sum"] for r in held_rows], m)
+    if cal_rows:
+        m = [r["measured"] for r in cal_rows]
+        report["calibration_in_sample"] = accuracy_metrics([r["predicted"] for r in cal_rows], m)
+    report["goal"] = {"within_10pct": 0.95, "spearman": 0.95,
+                      "met": bool(held_rows) and report["model"]["within_10pct"] >= 0.95
+                      and report["model"]["spearman"] >= 0.95}
+    report["rows"] = held_rows + cal_rows
+    report.update(dict(extra or {}))
+    return report
 
 
 def run_profile(cfg: ProfileConfig | Mapping[str, Any], space: Any = None, store: Any = None, ctx: Any = None,
@@ -657,7 +728,12 @@ def run_profile(cfg: ProfileConfig | Mapping[str, Any], space: Any = None, store
         store = getattr(ctx, "store", None)
     if space is None or store is None:
         raise ProfileError("run_profile needs a space and a store (or a StageContext with .store)")
-    return Profiler(cfg, space, store, ctx, callbacks).run()
+    from jobs.diagrams import log_pictures
+    from jobs.epochs import ProgressMetrics
+
+    out = Profiler(cfg, space, store, ctx, [*callbacks, ProgressMetrics(ctx)]).run()
+    log_pictures(ctx, store, [SCATTER_KEY])
+    return out
 
 
 # --------------------------------------------------------------------------- CLI

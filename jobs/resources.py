@@ -177,10 +177,11 @@ def threads_for_cpus(cpus: float) -> int:
 
 
 def torch_trainer(worker_fn, loop_config: dict, request: WorkerResources, *, use_gpu: bool, run_name: str,
-                  storage, max_failures: int, datasets: dict):
+                  storage, max_failures: int, datasets: dict | None):
     """The TorchTrainer both Train stages (search, retrain) run: gloo on CPU / NCCL on GPU, the
     validated worker request, checkpoints in the artifact store (``storage`` = ray_storage(store)),
-    FailureConfig restarts from the latest checkpoint, the last two checkpoints kept."""
+    FailureConfig restarts from the latest checkpoint, the last two checkpoints kept. ``datasets``:
+    Ray Datasets for ``ray.train.get_dataset_shard`` (None when the workers load their own data)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -4,7 +4,8 @@
 
 - the network is ``densenas.arch.build_model(arch, num_classes)`` from the architecture JSON;
 - data: the split's search-train + search-val shards (the full training data, both augmented) and
-  the held-out test shards, through Ray Data, each worker its own shard; the global batch is split
+  the held-out test shards, each worker its own disjoint rows (``data_loading: memory``: read and
+  decoded once, see ``jobs.data``; ``ray_data``: streamed every epoch); the global batch is split
   over the workers and gradients are all-reduced (mean) every step (gloo on CPU, NCCL on GPU);
 - recipe (``densenas.retrain.TrainRecipe``): the paper's SGD momentum 0.9, weight decay 4e-5, label
   smoothing 0.1, cosine schedule as defaults (paper: 240 epochs, batch 1024, lr 0.5);
@@ -35,8 +36,9 @@ from densenas.retrain import TrainRecipe
 from jobs.resources import check_resources, threads_for_cpus, torch_trainer
 from jobs.search import (TrainJobResources, _report_checkpoint, _say, allreduce_mean, allreduce_sum, broadcast_module,
                          capped_batches, latest_checkpoint, numeric_metrics, open_split_store, publish_latest,
-                         steps_per_worker, tracker_info, RankZeroTracker, _load_checkpoint_file, _node_id,
-                         META_FILE)
+                         steps_per_worker, _load_checkpoint_file, _node_id, META_FILE)
+from jobs.epochs import EpochCurves, describe_retrain, retrain_epoch_metrics, stage_tracking
+from jobs.registry import log_retrained_model
 
 __all__ = ["RetrainConfig", "run_retrain", "retrain_stage", "latency_setup"]
 
@@ -59,11 +61,27 @@ class RetrainConfig(TrainJobResources, TrainRecipe):
 
 
 def latency_setup(cfg: RetrainConfig, table: Any = None) -> dict:
-    """(device, batch, threads) for the latency measurement: explicit config, else the table's."""
-    dev = (getattr(table, "device", None) or {}) if table is not None else {}
-    return {"device": cfg.latency_device or dev.get("kind") or "cpu",
-            "batch": cfg.latency_batch or getattr(table, "batch", None) or 1,
-            "threads": cfg.latency_threads or dev.get("threads") or 1}
+    """The measurement protocol of the retrain stage's latency (``densenas.latency_model``): the latency
+    table's own when it records one -- so the measured number is comparable with the model's prediction
+    -- else the config's. An explicit ``latency_device/batch/threads`` that contradicts the table's
+    protocol is refused (``ProtocolMismatchError``) before any training, not silently compared."""
+    from densenas.latency_model import MeasurementProtocol, ProtocolMismatchError, table_protocol
+
+    asked = {k: v for k, v in (("device", cfg.latency_device), ("batch", cfg.latency_batch),
+                               ("threads", cfg.latency_threads)) if v is not None}
+    if table is not None and (getattr(table, "device", None) or {}).get("protocol"):
+        proto = table_protocol(table)
+        diff = [f"retrain.latency_{k}={v!r} vs the table's {getattr(proto, k)!r}" for k, v in asked.items()
+                if v != getattr(proto, k)]
+        if diff:
+            raise ProtocolMismatchError(f"{'; '.join(diff)}: the measured latency would not be comparable with the "
+                                        "latency model's prediction; unset retrain.latency_* to measure under the "
+                                        "table's protocol")
+        return proto.to_dict()
+    device = asked.get("device") or ((getattr(table, "device", None) or {}).get("kind")) or "cpu"
+    return MeasurementProtocol(device=device, batch=asked.get("batch") or getattr(table, "batch", None) or 1,
+                               threads=(asked.get("threads") or 1) if device == "cpu" else None,
+                               warmup=cfg.latency_warmup, repeats=cfg.latency_repeats).to_dict()
 
 
 # --------------------------------------------------------------------------- the worker loop
@@ -74,11 +92,12 @@ def _retrain_worker(config: dict) -> None:
     from densenas.arch import build_model
     from densenas.retrain import (build_optimizer, build_scheduler, evaluate, load_retrain_state,
                                   retrain_state_dict, state_from_bytes, state_to_bytes, train_epoch)
-    from jobs.data import worker_batches
+    from jobs.data import open_worker_streams
 
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     torch.set_num_threads(config["threads"])
+    streams = open_worker_streams(config["data"], rank, world)
     cfg = RetrainConfig.model_validate(config["cfg"])
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     torch.manual_seed(cfg.seed)
@@ -94,9 +113,11 @@ def _retrain_worker(config: dict) -> None:
             print(f"[retrain] resumed at epoch {epoch} from {source}", flush=True)
     broadcast_module(model)
     sync = allreduce_mean if world > 1 else None
-    tracker = RankZeroTracker(config.get("tracking"), enabled=rank == 0)
+    curves = EpochCurves(config.get("tracking"), retrain_epoch_metrics, rank, stage="retrain", total=cfg.epochs,
+                         start=epoch, describe=describe_retrain)
+    curves.catch_up(history)
     while epoch < cfg.epochs:
-        batches = capped_batches(worker_batches("train", config["batch"], drop_last=True, device=device),
+        batches = capped_batches(streams.batches("train", config["batch"], epoch, drop_last=True, device=device),
                                  config["steps"])
         r = train_epoch(model, batches, optimizer, scheduler, cfg, device, grad_sync=sync)
         epoch, step = epoch + 1, step + r["steps"]
@@ -105,36 +126,32 @@ def _retrain_worker(config: dict) -> None:
                   "train_acc": float(stats[1] / stats[2]), "seconds": r["seconds"],
                   "img_per_s": float(stats[2]) / max(r["seconds"], 1e-9)}
         if epoch == cfg.epochs:  # the held-out test set, once, at the end; every rank its shard
-            test = evaluate(model, worker_batches("test", config["batch"], device=device), device,
+            test = evaluate(model, streams.batches("test", config["batch"], epoch, device=device), device,
                             reduce=allreduce_sum)
             record.update(test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"], test_n=test["n"])
         history.append(record)
         if rank == 0:
-            print(f"[retrain] epoch {epoch}/{cfg.epochs} loss {record['train_loss']:.4f} acc {record['train_acc']:.3f} "
-                  f"lr {record['lr']:.4g} {record['img_per_s']:.0f} img/s"
-                  + (f" | test top-1 {record['test_top1']:.3f} top-5 {record['test_top5']:.3f}"
-                     if "test_top1" in record else ""), flush=True)
             state = retrain_state_dict(model, optimizer, scheduler, epoch, step, history,
                                        extra={"node_id": _node_id(), "world": world})
             dir_name = f"epoch-{epoch:04d}"
             _report_checkpoint(numeric_metrics(record), {STATE_FILE: state_to_bytes(state),
                                                         META_FILE: json.dumps({"epoch": epoch}).encode()}, dir_name)
             publish_latest(config["ckpt_store"], config["run_name"], dir_name, epoch, [STATE_FILE, META_FILE])
-            tracker.log(numeric_metrics(record, "retrain_"), step=epoch)
+            curves.log(record)
         else:
             ray.train.report(numeric_metrics(record))
         config["stage_store"].put_json(f"workers/rank-{rank}.json", {"rank": rank, "node_id": _node_id(),
                                                                       "epoch": epoch})
+    curves.close()
 
 
-def _measure_in_task(model_bytes: bytes, arch: Any, num_classes: int, shape: list[int], device: str, threads: int,
-                     warmup: int, repeats: int) -> dict:
+def _measure_in_task(model_bytes: bytes, arch: Any, num_classes: int, protocol: dict) -> dict:
     from densenas.arch import build_model
-    from densenas.retrain import measure_latency
+    from densenas.latency_model import measure_net_latency
 
     model = build_model(arch, num_classes=num_classes)
     model.load_state_dict(torch.load(io.BytesIO(model_bytes), map_location="cpu"))
-    return measure_latency(model, shape, device=device, warmup=warmup, repeats=repeats, threads=threads)
+    return measure_net_latency(model, protocol)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -153,9 +170,10 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
     from cluster.storage import ray_storage
     from densenas.arch import build_model, load_arch
     from densenas.retrain import check_exports, export_onnx, export_torchscript, state_from_bytes
-    from jobs.data import shard_dataset
+    from jobs.data import DataSpec, Stream, trainer_datasets
 
     cfg = cfg if isinstance(cfg, RetrainConfig) else RetrainConfig.model_validate(cfg)
+    protocol = latency_setup(cfg, latency_table) if cfg.measure_latency else None  # refuses a mismatch up front
     if split_manifest is None or store is None or arch is None:
         raise ValueError("run_retrain needs arch, split_manifest and store (or call it as run_retrain(section, ctx))")
     arch = load_arch(arch)
@@ -171,24 +189,24 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
     if not split_manifest["shards"].get("test"):
         raise ValueError("the split has no held-out test shards; set data.test_fraction / test_max_per_class > 0")
     request = cfg.request()
-    check_resources(request, reserve={"CPU": cfg.data_cpus} if cfg.data_cpus else None, what="retrain stage")
+    check_resources(request, reserve=cfg.reserve(), what="retrain stage")
     pointer = latest_checkpoint(ckpt_store)
     if pointer is not None:
         _say(f"retrain: resuming from {ckpt_store.uri_for(pointer['dir'])} (epoch {pointer['epoch']})", ctx)
 
     size, channels = arch.input_size, arch.in_channels
-    train = shard_dataset(split_manifest, "train", shards, train=True, input_size=size, channels=channels).union(
-        shard_dataset(split_manifest, "val", shards, train=True, input_size=size, channels=channels))
-    test = shard_dataset(split_manifest, "test", shards, train=False, input_size=size, channels=channels)
+    data = DataSpec(cfg.data_loading, dict(split_manifest), shards, size, channels, seed=cfg.seed,
+                    streams={"train": Stream(("train", "val"), augment=True, shuffle=True),
+                             "test": Stream(("test",), augment=False, shuffle=False)})
     run_name = f"retrain-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     storage_path, storage_fs = ray_storage(ckpt_store)
     loop_config = {"cfg": cfg.model_dump(mode="json"), "arch": arch.to_dict(), "num_classes": num_classes,
                    "steps": steps, "batch": batch, "threads": threads_for_cpus(cfg.cpus_per_worker),
                    "ckpt_store": ckpt_store, "stage_store": store, "pointer": pointer, "run_name": run_name,
-                   "tracking": tracker_info(ctx)}
+                   "tracking": stage_tracking(ctx), "data": data}
     trainer = torch_trainer(_retrain_worker, loop_config, request, use_gpu=cfg.use_gpu, run_name=run_name,
                             storage=(storage_path, storage_fs), max_failures=cfg.max_failures,
-                            datasets={"train": train, "test": test})
+                            datasets=trainer_datasets(data))
     _say(f"retrain: {arch.one_line()} | {cfg.workers} worker(s) x {request.per_worker()}, {cfg.epochs} epochs, "
          f"{steps} steps/epoch at {batch}/worker, lr {cfg.lr}", ctx)
     t0 = time.time()
@@ -221,18 +239,26 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
                                                if k.endswith(".json")})}
 
     if cfg.measure_latency:
-        setup = latency_setup(cfg, latency_table)
-        shape = [int(setup["batch"]), channels, size, size]
-        resources = {"num_gpus": 1, "num_cpus": 1} if setup["device"] == "cuda" else {"num_cpus": 1}
-        _say(f"retrain: measuring latency on {setup['device']} (batch {setup['batch']}, {setup['threads']} thread(s))", ctx)
+        resources = ({"num_gpus": 1, "num_cpus": 1} if protocol["device"] == "cuda"
+                     else {"num_cpus": min(float(protocol["threads"]), ray.cluster_resources().get("CPU", 1.0))})
+        _say("retrain: measuring latency under the table's protocol (" + ", ".join(
+            f"{k} {protocol[k]}" for k in ("device", "batch", "threads", "dtype", "memory_format", "statistic")) + ")",
+             ctx)
         lat = ray.get(ray.remote(**resources)(_measure_in_task).remote(
-            buf.getvalue(), arch.to_dict(), num_classes, shape, setup["device"], int(setup["threads"]),
-            cfg.latency_warmup, cfg.latency_repeats), timeout=600)
+            buf.getvalue(), arch.to_dict(), num_classes, protocol), timeout=600)
         out["measured_latency"] = lat
-        out["measured_latency_ms"] = metrics["measured_latency_ms"] = lat["median"]
+        out["measured_latency_ms"] = metrics["measured_latency_ms"] = lat["value"]
         predicted = (arch.metadata or {}).get("predicted_cost")
-        if predicted is not None and (arch.metadata or {}).get("cost_units") == "ms":
+        if latency_table is not None:  # the latency model's prediction of this net (as derive's path cost)
+            from densenas.latency import LatencyTableError, predict_latency
+
+            try:
+                predicted = predict_latency(arch, latency_table)
+            except LatencyTableError as e:
+                _say(f"retrain: the latency table cannot predict this net ({e})", ctx)
+        if predicted is not None and (latency_table is not None or (arch.metadata or {}).get("cost_units") == "ms"):
             out["predicted_latency_ms"] = metrics["predicted_latency_ms"] = float(predicted)
+            out["latency_error_pct"] = metrics["latency_error_pct"] = 100 * (predicted - lat["value"]) / lat["value"]
 
     if cfg.export:
         example = torch.randn(2, channels, size, size)
@@ -247,6 +273,7 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
         metrics.update(torchscript_max_abs_diff=check["torchscript_max_abs_diff"],
                        onnx_max_abs_diff=check["onnx_max_abs_diff"])
     out["metrics"] = metrics
+    out["registered_model"] = log_retrained_model(ctx, model, arch, store, metrics, torch.randn(2, channels, size, size))
     store.put_json("metrics.json", out)
     _say(f"retrain: test top-1 {metrics['test_top1']:.3f} top-5 {metrics['test_top5']:.3f} in {seconds:.1f}s", ctx)
     return out

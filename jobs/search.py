@@ -7,7 +7,9 @@ Each Train worker runs ``densenas.search.Searcher`` unchanged. Data parallelism,
 - every rank builds the super network from the same seed and then takes rank 0's tensors
   (broadcast), so all start identical;
 - the global batch ``search.batch_size`` is split evenly over the workers; each worker reads its own
-  shard of the split stage's Parquet shards through Ray Data (``ray.train.get_dataset_shard``);
+  disjoint rows of the split stage's Parquet shards: by default once, into memory, with batch order
+  and augmentation seeded by (seed, epoch, rank, stream) (``data_loading: memory``, see
+  ``jobs.data``), or streamed through Ray Data every epoch (``data_loading: ray_data``);
 - ``Searcher(grad_sync=...)`` all-reduces (mean) the weight gradients of every weight step and the
   architecture gradients of every architecture step (one flat buffer per step, gloo on CPU, NCCL on
   GPU); the sampled ops of a step come from a generator seeded by (seed, epoch, step), identical on
@@ -27,8 +29,8 @@ Warm-up cache: the weights-only warm-up does not depend on lambda / tau / the co
 end state is published to ``warmup_store`` (``warmup_state.pt`` then ``_complete.json`` last); a
 later search with only lambda/tau changed starts from it instead of re-training the warm-up.
 
-Metrics: every epoch's record goes to ``ray.train.report`` (numbers only) and, from rank 0, to
-MLflow (``tracking={"uri", "run_id"}``; failures are printed once and never stop the search).
+Metrics: every epoch's record goes to ``ray.train.report`` (numbers only) and, from rank 0, to the
+stage's MLflow run through ``jobs.epochs.EpochCurves`` (cluster.tracking; step = epoch, each once).
 
 Outputs (in ``store``): ``search_state.pt`` (final state), ``search_record.jsonl`` (per-epoch
 records), ``derived.json`` / ``arch.json`` (the derived network), ``arch_params.json`` (alpha and
@@ -53,6 +55,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from densenas.search import SearchConfig
 from jobs.context import CACHE_COMPLETE
+from jobs.console import verbose
+from jobs.epochs import (EVOLUTION, EpochCurves, describe_search, finish_search_pictures, save_arch_snapshot,
+                         search_epoch_metrics, stage_tracking)
 from jobs.resources import WorkerResources, check_resources, threads_for_cpus, torch_trainer
 
 __all__ = [
@@ -65,7 +70,6 @@ __all__ = [
     "capped_batches",
     "latest_checkpoint",
     "publish_latest",
-    "RankZeroTracker",
     "open_split_store",
     "steps_per_worker",
 ]
@@ -86,7 +90,11 @@ class TrainJobResources(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs per worker (fractions allowed)")
     use_gpu: bool = Field(False, description="one GPU per worker, NCCL; otherwise gloo on CPU")
     max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint (-1: forever)")
-    data_cpus: float = Field(1.0, ge=0, description="CPUs kept free for Ray Data's decode tasks")
+    data_loading: Literal["memory", "ray_data"] = Field(
+        "memory", description="memory: each worker reads and decodes its own rows once and keeps them as tensors "
+                              "(augmentation batched on tensors); ray_data: stream and decode through Ray Data "
+                              "every epoch (data larger than the workers' memory)")
+    data_cpus: float = Field(1.0, ge=0, description="CPUs kept free for Ray Data's decode tasks (ray_data only)")
     custom_resources: dict[str, float] = Field(default_factory=dict, description="custom resources per worker")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="where the workers go: PACK fills a node first; SPREAD puts them on different nodes "
@@ -96,9 +104,13 @@ class TrainJobResources(BaseModel):
         return WorkerResources(self.workers, self.cpus_per_worker, 1.0 if self.use_gpu else 0.0,
                                dict(self.custom_resources), self.placement_strategy)
 
+    def reserve(self) -> dict[str, float] | None:
+        """CPUs kept free beside the workers: Ray Data's decode tasks need them, in-memory data does not."""
+        return {"CPU": self.data_cpus} if self.data_loading == "ray_data" and self.data_cpus else None
 
-_JOB_FIELDS = ("workers", "cpus_per_worker", "use_gpu", "max_failures", "data_cpus", "custom_resources",
-               "placement_strategy")
+
+_JOB_FIELDS = ("workers", "cpus_per_worker", "use_gpu", "max_failures", "data_loading", "data_cpus",
+               "custom_resources", "placement_strategy")
 
 
 class SearchJobConfig(TrainJobResources):
@@ -228,43 +240,9 @@ def _load_checkpoint_file(name: str, ckpt_store, pointer: dict | None) -> tuple[
     return None, ""
 
 
-class RankZeroTracker:
-    """Per-epoch metrics to MLflow from rank 0 only. Tracking trouble is printed once, never raised."""
-
-    def __init__(self, tracking: Mapping[str, Any] | None, enabled: bool):
-        self.uri = (tracking or {}).get("uri")
-        self.run_id = (tracking or {}).get("run_id")
-        self.enabled = bool(enabled and self.uri and self.run_id)
-        self._client = None
-
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
-        if not self.enabled:
-            return
-        try:
-            from mlflow.entities import Metric
-            from mlflow.tracking import MlflowClient
-
-            if self._client is None:
-                self._client = MlflowClient(tracking_uri=self.uri)
-            now = int(time.time() * 1000)
-            self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, int(step))
-                                                         for k, v in metrics.items()])
-        except Exception as e:  # noqa: BLE001 -- tracking must never fail training
-            print(f"tracking: MLflow logging disabled for this run ({type(e).__name__}: {e})", flush=True)
-            self.enabled = False
-
-
 def numeric_metrics(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return {f"{prefix}{k}": float(v) for k, v in record.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
-
-
-def tracker_info(ctx) -> dict | None:
-    """{"uri", "run_id"} of the stage's MLflow run (from ``ctx.tracker``), or None."""
-    tracker = getattr(ctx, "tracker", None)
-    run_id = getattr(tracker, "run_id", None)
-    uri = getattr(tracker, "tracking_uri", None) or getattr(tracker, "uri", None)
-    return {"uri": uri, "run_id": run_id} if run_id and uri else None
 
 
 def open_split_store(split_manifest: Mapping, ctx=None, split_store=None):
@@ -315,17 +293,18 @@ def _search_worker(config: dict) -> None:
 
     from densenas.search import Searcher
     from densenas.supernet import SuperNet
-    from jobs.data import worker_batches
+    from jobs.data import open_worker_streams
 
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     torch.set_num_threads(config["threads"])
+    streams = open_worker_streams(config["data"], rank, world)
     job = SearchJobConfig.model_validate(config["job"])
     search = job.search
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     torch.manual_seed(search.seed)
     net = SuperNet(config["space"], num_classes=config["num_classes"])
-    log = (lambda m: print(f"[search rank 0] {m}", flush=True)) if rank == 0 else None
+    log = (lambda m: print(f"[search rank 0] {m}", flush=True)) if rank == 0 and verbose() else None
     searcher = Searcher(net, search, config["cost_model"], steps_per_epoch=config["steps"], device=device,
                         grad_sync=allreduce_mean if world > 1 else None, log=log)
     ckpt_store, stage_store, warm_store = config["ckpt_store"], config["stage_store"], config["warmup_store"]
@@ -343,7 +322,9 @@ def _search_worker(config: dict) -> None:
     stage_store.put_json(f"{PLACEMENTS}/{time.time_ns()}-rank-{rank}.json", {
         "rank": rank, "world": world, "node_id": _node_id(), "start_epoch": searcher.epoch, "time": time.time()})
     fail = FailureInjection.model_validate(config["fail"]) if config.get("fail") else None
-    tracker = RankZeroTracker(config.get("tracking"), enabled=rank == 0)
+    curves = EpochCurves(config.get("tracking"), search_epoch_metrics, rank, stage="search", total=search.epochs,
+                         start=searcher.epoch, describe=describe_search)
+    curves.catch_up(searcher.history)
 
     def on_step(step: int) -> None:
         if fail and rank == fail.rank and searcher.epoch == fail.epoch and step == fail.step:
@@ -354,10 +335,10 @@ def _search_worker(config: dict) -> None:
 
     digests = []
     while searcher.epoch < search.epochs:
-        train = capped_batches(worker_batches("train", config["batch"], drop_last=True, device=device),
-                               config["steps"], on_step)
-        val = capped_batches(worker_batches("val", config["val_batch"], drop_last=True, device=device),
-                             config["val_steps"])
+        train = capped_batches(streams.batches("train", config["batch"], searcher.epoch, drop_last=True,
+                                               device=device), config["steps"], on_step)
+        val = capped_batches(streams.batches("val", config["val_batch"], searcher.epoch, drop_last=True,
+                                             device=device), config["val_steps"])
         record = searcher.run_epoch(train, val)
         epoch = searcher.epoch
         arch = [p.detach().cpu() for p in searcher.arch_params]
@@ -381,9 +362,11 @@ def _search_worker(config: dict) -> None:
             _report_checkpoint(metrics, {STATE_FILE: buf.getvalue(),
                                          META_FILE: json.dumps({"epoch": epoch}).encode()}, dir_name)
             publish_latest(ckpt_store, config["run_name"], dir_name, epoch, [STATE_FILE, META_FILE])
-            tracker.log(metrics, step=epoch)
+            save_arch_snapshot(stage_store, record, net)
+            curves.log(record)
         else:
             ray.train.report(metrics)
+    curves.close()
 
 
 # --------------------------------------------------------------------------- the stage
@@ -417,7 +400,7 @@ def run_search(cfg: SearchJobConfig | SearchConfig | Mapping, space: Any = None,
     from cluster.storage import ray_storage
     from densenas.latency import load_cost_model
     from densenas.space import load_space
-    from jobs.data import train_datasets
+    from jobs.data import DataSpec, Stream, trainer_datasets
 
     job = cfg if isinstance(cfg, SearchJobConfig) else SearchJobConfig.model_validate(cfg)
     search = job.search
@@ -432,12 +415,13 @@ def run_search(cfg: SearchJobConfig | SearchConfig | Mapping, space: Any = None,
     counts = split_manifest["counts"]
     num_classes = int(split_manifest["num_classes"])
     batch, steps = steps_per_worker(int(counts["train"]), job.workers, search.batch_size)
-    val_batch, val_steps = steps_per_worker(int(counts["val"]), job.workers, search.batch_size)
+    val_batch, val_steps = steps_per_worker(int(counts["val"]), job.workers,
+                                            search.arch_batch_size or search.batch_size)
     if steps < 1 or val_steps < 1:
         raise ValueError(f"the split has {counts['train']} search-train / {counts['val']} search-val images: "
                          f"not one batch per worker for {job.workers} workers; lower workers or add data")
     request = job.request()
-    check_resources(request, reserve={"CPU": job.data_cpus} if job.data_cpus else None, what="search stage")
+    check_resources(request, reserve=job.reserve(), what="search stage")
 
     pointer = latest_checkpoint(ckpt_store)
     warm_ready = bool(warm_store is not None and search.warmup_epochs > 0 and warm_store.exists(CACHE_COMPLETE))
@@ -452,6 +436,7 @@ def run_search(cfg: SearchJobConfig | SearchConfig | Mapping, space: Any = None,
         _say(f"search: resuming from {ckpt_store.uri_for(pointer['dir'])} (epoch {pointer['epoch']})", ctx)
     else:
         store.delete_prefix(PLACEMENTS)   # a fresh search: earlier runs' placements are not its history
+        store.delete_prefix(EVOLUTION)
         if warm_ready:
             _say(f"search: starting from the cached warm-up ({search.warmup_epochs} epochs) at "
                  f"{warm_store.uri_for('')}", ctx)
@@ -466,15 +451,18 @@ def run_search(cfg: SearchJobConfig | SearchConfig | Mapping, space: Any = None,
         "steps": steps, "batch": batch, "val_steps": val_steps, "val_batch": val_batch,
         "threads": threads_for_cpus(job.cpus_per_worker), "ckpt_store": ckpt_store, "stage_store": store,
         "warmup_store": warm_store if search.warmup_epochs > 0 else None, "warmup_ready": warm_ready,
-        "pointer": pointer, "run_name": run_name, "fail": fail, "tracking": tracker_info(ctx),
+        "pointer": pointer, "run_name": run_name, "fail": fail, "tracking": stage_tracking(ctx),
+        "data": DataSpec(job.data_loading, dict(split_manifest), shards, space.input_size, space.in_channels,
+                         seed=search.seed, streams={"train": Stream(("train",), augment=True, shuffle=True),
+                                                    "val": Stream(("val",), augment=False, shuffle=True)}),
     }
-    datasets = train_datasets(split_manifest, shards, input_size=space.input_size, channels=space.in_channels)
+    datasets = trainer_datasets(loop_config["data"])
     trainer = torch_trainer(_search_worker, loop_config, request, use_gpu=job.use_gpu, run_name=run_name,
                             storage=(storage_path, storage_fs), max_failures=job.max_failures,
                             datasets=datasets)
     _say(f"search: {job.workers} worker(s) x {request.per_worker()}, {search.epochs} epochs "
          f"({search.warmup_epochs} warm-up), {steps} weight steps/epoch at {batch}/worker, "
-         f"{val_steps} arch steps/epoch; checkpoints in {ckpt_store.uri_for(run_name)}", ctx)
+         f"{search.arch_steps_per_epoch or val_steps} arch steps/epoch; checkpoints in {ckpt_store.uri_for(run_name)}", ctx)
     t0 = time.time()
     result = trainer.fit()
     if getattr(result, "error", None) is not None:
@@ -510,7 +498,7 @@ def _finish(job: SearchJobConfig, space, cost_model, num_classes: int, steps: in
         "alphas": [{"kind": m.kind, "block": m.block, "edge": list(m.edge) if m.kind == "head" else None,
                     "op_names": list(m.op_names), "alpha": m.alpha.detach().tolist()} for m in net.mixed_ops],
         "betas": [b.detach().tolist() for b in net.betas],
-        "edge_probs": {f"{i}-{j}": float(p) for (i, j), p in net.edge_probs().items()},
+        "edge_probs": {f"{i}-{j}": float(p.detach()) for (i, j), p in net.edge_probs().items()},
     })
     ranks = sorted(k for k in store.list("workers") if k.endswith(".json"))
     workers = [store.get_json(k) for k in ranks]
@@ -519,8 +507,10 @@ def _finish(job: SearchJobConfig, space, cost_model, num_classes: int, steps: in
     last = searcher.history[-1] if searcher.history else {}
     metrics = {k: v for k, v in numeric_metrics(last).items()
                if k in ("val_acc", "train_acc", "val_loss", "train_loss", "expected_latency", "predicted_latency",
-                        "alpha_entropy", "beta_entropy", "macs", "params")}
+                        "alpha_entropy", "beta_entropy", "derived_path_prob", "lambda", "arch_steps", "macs",
+                        "params")}
     metrics.update(epochs=float(searcher.epoch), search_seconds=round(seconds, 2))
+    finish_search_pictures(store, ctx)
     _say(f"search: done in {seconds:.1f}s; derived path {d.path}: {d.official}", ctx)
     return {
         "state_key": STATE_FILE, "records_key": "search_record.jsonl", "derived_key": "derived.json",
@@ -564,6 +554,20 @@ def profile_cost_model(ctx, space) -> Any:
     return table
 
 
+def table_from_uri(uri: str, space) -> Any:
+    """A pinned latency table: the JSON at a store URI (``s3://bucket/.../table.json``, ``file:///...``),
+    e.g. another run's profile table, so a search can be rerun exactly on the same costs."""
+    from cluster.storage import open_store
+    from densenas.latency import LatencyTable
+
+    head, _, name = uri.rstrip("/").rpartition("/")
+    if not head or not name.endswith(".json"):
+        raise ValueError(f"search.cost {uri!r}: a latency-table URI names a .json object (s3://bucket/key.json)")
+    table = LatencyTable.from_dict(open_store(head).get_json(name, verify=False))
+    table.check_compatible(space)
+    return table
+
+
 def search_stage(sections: Mapping[str, Any], ctx) -> dict:
     """The pipeline's stage function: ``sections`` = {"space": ..., "search": SearchConfig or
     SearchJobConfig}; split manifest, latency table, warm-up cache and checkpoints come from ``ctx``."""
@@ -573,6 +577,8 @@ def search_stage(sections: Mapping[str, Any], ctx) -> dict:
     space = _resolve_space(sections["space"])
     if job.search.cost == "profile":
         cost_model = profile_cost_model(ctx, space)
+    elif "://" in job.search.cost:
+        cost_model = table_from_uri(job.search.cost, space)
     else:
         cost_model = load_cost_model(job.search.cost, space, skip_fraction=job.search.macs_skip_fraction)
     return run_search(job, space, ctx.input("split"), cost_model, ctx.store, ctx,

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from densenas import data as D
 from densenas.data import DataError
+from jobs.registry import log_split_dataset
 
 MANIFEST_KEY = "manifest.json"
 MANIFEST_FORMAT = "densenas-shards/1"
@@ -438,6 +439,7 @@ def run_split(cfg: SplitConfig, store, ctx=None) -> dict:
         log(f"skipped {len(skipped)} unreadable images (listed in the manifest)")
     store.publish_json(MANIFEST_KEY, manifest)  # last: its presence means the split is complete
     log(f"published {MANIFEST_KEY}: {manifest['counts']} in {manifest['seconds']} s")
+    log_split_dataset(ctx, manifest, store)
     return manifest
 
 

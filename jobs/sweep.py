@@ -98,6 +98,8 @@ class SweepConfig(BaseModel):
     retrain_epochs: int = Field(3, ge=0, description="retrain epochs (0 means evaluation: supernet)")
     retrain_batch_size: int = Field(64, ge=1)
     retrain_lr: float = Field(0.05, gt=0)
+    recipe: dict[str, Any] = Field(default_factory=dict, description="further densenas.retrain.TrainRecipe fields "
+                                   "of the evaluation's retrain (as the retrain section; default: its defaults)")
     accuracy_split: Literal["test", "val"] = Field("test", description="where accuracy is measured")
     search_epochs: int | None = Field(None, ge=1, description="override search.epochs for the trials")
     max_concurrent: int = Field(1, ge=1, description="trials at once")
@@ -127,6 +129,14 @@ class SweepConfig(BaseModel):
         if any(b <= 0 for b in self.latency_budgets):
             raise ValueError(f"latency_budgets must be > 0, got {self.latency_budgets}")
         return self
+
+    def train_recipe(self) -> Any:
+        """The evaluation's ``densenas.retrain.TrainRecipe``: the retrain stage's recipe (label smoothing,
+        no decay on BN/bias, cosine per step, ...) with the sweep's epochs, batch and lr."""
+        from densenas.retrain import TrainRecipe
+
+        return TrainRecipe.model_validate({**self.recipe, "epochs": max(1, self.retrain_epochs),
+                                           "batch_size": self.retrain_batch_size, "lr": self.retrain_lr})
 
     @property
     def evaluation_mode(self) -> str:
@@ -225,7 +235,6 @@ def _evaluate_worker(config: dict) -> None:
     """Accuracy of one derived network (short retrain, or the super network on the derived path),
     then its measured latency; one ``ray.train.report`` per epoch (Tune sees them via the callback)."""
     import ray.train
-    import torch.nn.functional as F
 
     from densenas.arch import Arch, build_model
     from jobs.data import worker_batches
@@ -244,26 +253,22 @@ def _evaluate_worker(config: dict) -> None:
         return correct / max(total, 1)
 
     if config["mode"] == "retrain":
-        model = build_model(arch, num_classes=config["num_classes"])
-        opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, weight_decay=4e-5, nesterov=True)
-        epochs = int(config["epochs"])
-        # Cosine per step, down to ~0 at the last step: a per-epoch schedule never anneals a short
-        # retrain (with 1 epoch it stays at full lr throughout).
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * config["steps"])
+        # The retrain stage's recipe and code (densenas.retrain), so a sweep accuracy and a retrain
+        # accuracy of the same network and epochs mean the same thing.
+        from densenas.retrain import TrainRecipe, build_optimizer, build_scheduler, train_epoch
+        from jobs.search import capped_batches
+
+        recipe = TrainRecipe.model_validate(config["recipe"])
+        model = build_model(arch, num_classes=config["num_classes"], dropout=recipe.dropout)
+        opt = build_optimizer(model, recipe)
+        sched = build_scheduler(opt, recipe, config["steps"])
+        epochs = recipe.epochs
         for epoch in range(epochs):
-            model.train()
-            loss_sum = n = 0.0
-            for x, y in worker_batches("train", config["batch"], drop_last=True, device=CPU):
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                opt.step()
-                if sched.last_epoch < sched.T_max:
-                    sched.step()
-                loss_sum, n = loss_sum + float(loss) * len(y), n + len(y)
-            model.eval()
-            acc = accuracy(model)
-            metrics = {**static, "epoch": epoch + 1, "train_loss": loss_sum / max(n, 1), "accuracy": acc}
+            r = train_epoch(model, capped_batches(worker_batches("train", recipe.batch_size, drop_last=True,
+                                                                 device=CPU), config["steps"]),
+                            opt, sched, recipe)
+            acc = accuracy(model.eval())
+            metrics = {**static, "epoch": epoch + 1, "train_loss": r["loss"], "accuracy": acc}
             if epoch == epochs - 1:
                 metrics["measured_latency_ms"] = _latency(arch, config)
                 config["result_store"].put_json("metrics.json", metrics)   # before the report: the trial reads it
@@ -373,7 +378,7 @@ def _run_trial(cfg: SweepConfig, point: dict, shared: dict, work: Any) -> dict:
                   "path_prob": d["path_prob"], "search_val_acc": out.get("metrics", {}).get("val_acc")}
         static = {k: float(v) for k, v in static.items() if isinstance(v, (int, float))}
         loop = {"mode": mode, "arch": d["arch"], "num_classes": net.num_classes, "space": space.to_dict(),
-                "path": d["path"], "op_choice": d["op_choice"], "epochs": cfg.retrain_epochs, "lr": cfg.retrain_lr,
+                "path": d["path"], "op_choice": d["op_choice"], "recipe": cfg.train_recipe().model_dump(mode="json"),
                 "batch": cfg.retrain_batch_size, "threads": max(1, int(cfg.cpus_per_worker)),
                 "steps": max(1, steps_per_worker(int(shared["split_manifest"]["counts"]["train"]), 1,
                                                  cfg.retrain_batch_size)[1]),

@@ -49,6 +49,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="replace finished stages of this run id that were made with another config (without it "
                         "such a rerun is refused; the finished result stays valid until the rerun finishes)")
     p.add_argument("--debug", action="store_true", help="on an error, print the traceback too")
+    p.add_argument("--verbose", action="store_true",
+                   help="keep Ray Train's per-report lines, Ray Data's progress bars and library INFO logs")
 
 
 def _sigterm_as_interrupt() -> None:
@@ -76,8 +78,10 @@ def _fail(args: argparse.Namespace, message: str, code: int = 2) -> int:
 def run_from_args(args: argparse.Namespace) -> int:
     from cluster.storage import StorageError
     from pipeline.checks import CheckFailed, open_store_checked, prework_checks
+    from jobs.console import configure
     from pipeline.records import InvalidRunId, LeaseHeld, RunLease, default_run_id, run_exists, validate_run_id
 
+    configure(verbose=getattr(args, "verbose", False))
     try:
         run_id = validate_run_id(args.run_id) if args.run_id else None
     except InvalidRunId as e:

@@ -62,7 +62,7 @@ def open_tracker(cfg: Any, run_id: str, store: Any = None) -> Any:
         return NullTracker()
 
     spool = tracking_spool_dir(store, run_id, cfg.tracking.uri) if store is not None else None
-    return PipelineTracker(cfg.tracking.uri, cfg.tracking.experiment, run_id, spool_dir=spool)
+    return PipelineTracker(cfg.tracking.uri, cfg.tracking.experiment, run_id, config=cfg.dump(), spool_dir=spool)
 
 
 _RAY_LOCK = threading.Lock()

@@ -234,3 +234,99 @@ def test_expected_latency_of_a_one_hot_architecture_is_its_path_cost():
         outs = [j for (_, j, _) in space.out_edges(i)]
         betas.append(torch.tensor([60.0 if j == nxt else -60.0 for j in outs], dtype=torch.float64))
     assert model(alphas, betas).item() == pytest.approx(model.path_cost(path, ops), rel=1e-9)
+
+
+# --------------------------------------------------------------------------- the latency model
+from densenas.latency import predict_latency  # noqa: E402
+from densenas.latency_model import (Calibration, LatencyModel, MeasurementProtocol,  # noqa: E402
+                                    ProtocolMismatchError, arch_signatures, cli_main, fit_calibration,
+                                    measure_net_latency, table_protocol, unit_features)
+from densenas.latency_report import net_signatures, sample_random_nets  # noqa: E402
+
+
+def _op_choice(sites, net):
+    """One op index per mixed op for a concrete random net (off-path mixed ops: 0)."""
+    choice, stack_pos = [], {}
+    for m in sites:
+        if m.kind == "head":
+            edges = list(zip(net.path, net.path[1:]))
+            choice.append(m.op_names.index(net.head_ops[edges.index(m.edge)]) if m.edge in edges else 0)
+        else:
+            k = stack_pos.get(m.block, 0)
+            stack_pos[m.block] = k + 1
+            on = m.block in net.path[1:]
+            choice.append(m.op_names.index(net.stacking_ops[net.path[1:].index(m.block)][k]) if on else 0)
+    return choice
+
+
+def test_protocol_round_trip_and_mismatch_is_refused():
+    p = MeasurementProtocol(batch=32, threads=1, warmup=5, repeats=30)
+    assert MeasurementProtocol.from_dict(p.to_dict()) == p and p.to_dict()["timer"] == "perf_counter"
+    p.check_same(MeasurementProtocol.from_dict(p.to_dict()))
+    with pytest.raises(ProtocolMismatchError, match="batch: 32 vs 1"):
+        p.check_same(p.with_(batch=1))
+    with pytest.raises(ProtocolMismatchError, match="memory_format"):
+        p.check_same(p.with_(memory_format="channels_last"))
+    with pytest.raises(ValueError, match="memory_format"):
+        MeasurementProtocol(memory_format="nhwc")
+    with pytest.raises(ProtocolMismatchError, match="no measurement protocol"):
+        table_protocol(_fake_table(load_space("micro_mbconv")))
+    assert "statistic" not in p.measurement_key()
+
+
+def test_calibration_recovers_known_coefficients():
+    raw = [3.0, 5.0, 8.0, 4.0, 10.0, 6.5]
+    units = [8, 11, 14, 9, 15, 12]
+    measured = [1.2 * s + 0.05 * n + 0.4 for s, n in zip(raw, units)]
+    c = fit_calibration(raw, units, measured)
+    assert c.scale == pytest.approx(1.2) and c.layer_ms == pytest.approx(0.05) and c.fixed_ms == pytest.approx(0.4)
+    assert c.fitted_on["n_nets"] == 6 and c.fitted_on["in_sample_mape_pct"] < 1e-6
+    two = fit_calibration([1.0, 2.0], [5, 5], [1.5, 2.5])  # too few nets: scale and fixed part only
+    assert two.layer_ms == 0 and two.scale == pytest.approx(1.0) and two.fixed_ms == pytest.approx(0.5)
+
+
+def test_model_is_what_the_search_derive_and_cli_use(tmp_path, capsys):
+    """The calibrated model decomposes per signature: the search's path cost of a net, the model's
+    prediction from its signatures and predict_latency(arch, table) agree; skips cost nothing."""
+    micro = load_space("micro_mbconv")
+    table = _fake_table(micro, batch=2)
+    table.device["protocol"] = MeasurementProtocol(batch=2).to_dict()
+    cal = Calibration(scale=1.3, layer_ms=0.07, fixed_ms=0.9)
+    model = LatencyModel.from_table(table, cal, micro)
+    skip = next(s for s in space_signatures(micro, 2, 10) if s.op == "skip")
+    assert model.lookup(skip) == 0 and model.raw_lookup(skip) > 0
+    with torch.device("meta"):
+        sites = SuperNet(micro, num_classes=10).mixed_ops
+    expected = ExpectedLatency(micro, model, num_classes=10)
+    for net in sample_random_nets(micro, 6, seed=3, num_classes=10):
+        sigs = net_signatures(micro, net, 2, 10)
+        raw, n = unit_features(table, sigs)
+        want = 1.3 * raw + 0.07 * n + 0.9
+        assert model.predict_signatures(sigs) == pytest.approx(want)
+        assert expected.path_cost(net.path, _op_choice(sites, net)) == pytest.approx(want)
+        assert predict_latency(net.arch, model) == pytest.approx(want)
+        assert arch_signatures(net.arch, 2) == [s for s in sigs if s.op != "skip"]
+    # The document round trip serves the model again (search, derive, retrain all load it this way).
+    path = tmp_path / "latency_table.json"
+    model.to_json(path)
+    again = LatencyTable.from_json(path)
+    assert isinstance(again, LatencyModel) and again.calibration.scale == 1.3
+    assert type(LatencyTable.from_dict(again.raw_table().to_dict())) is LatencyTable
+    net = sample_random_nets(micro, 1, seed=9, num_classes=10)[0]
+    arch_file = tmp_path / "arch.json"
+    arch_file.write_text(net.arch.to_json() if hasattr(net.arch, "to_json") else json.dumps(net.arch.to_dict()))
+    assert cli_main(["predict", "--table", str(path), "--arch", str(arch_file)]) == 0
+    out = capsys.readouterr().out
+    assert f"{predict_latency(net.arch, again):.4f} ms" in out and "batch=2" in out and "calibration" in out
+
+
+def test_measure_net_latency_follows_the_protocol():
+    micro = load_space("micro_mbconv")
+    arch = sample_random_nets(micro, 1, seed=0, num_classes=10)[0].arch
+    p = MeasurementProtocol(batch=2, threads=1, warmup=1, repeats=3, statistic="p10")
+    threads = torch.get_num_threads()
+    out = measure_net_latency(arch, p)
+    assert out["count"] == 3 and out["value"] == out["p10"] > 0 and out["protocol"]["batch"] == 2
+    assert torch.get_num_threads() == threads  # the caller's thread count is restored
+    cl = measure_net_latency(arch, p.with_(memory_format="channels_last"))
+    assert cl["protocol"]["memory_format"] == "channels_last" and cl["value"] > 0

@@ -6,6 +6,9 @@ from densenas.latency import LatencyTable, LatencyTableError, head_signature, sp
 from densenas.profiling import device_fingerprint
 from densenas.space import load_space
 from jobs.context import StageContext
+from densenas.latency import predict_latency
+from densenas.latency_model import LatencyModel, table_protocol
+from densenas.latency_report import sample_random_nets
 from jobs.profile import (MEASUREMENTS_KEY, REPORT_KEY, SCATTER_KEY, TABLE_KEY, ProfileConfig, ProfileError,
                           Profiler, run_profile, scaled_space)
 
@@ -30,9 +33,9 @@ def micro():
 
 @pytest.fixture(scope="module")
 def first_run(ray_local, micro, tmp_path_factory):
-    """One profile of micro_mbconv with a 5-net report, shared by the tests that inspect it."""
+    """One profile of micro_mbconv: 4 calibration nets and 5 held-out nets, shared by the tests that inspect it."""
     store = open_store(tmp_path_factory.mktemp("profile"))
-    prof = Profiler(ProfileConfig(**TINY, report_paths=5), micro, store, log=lambda m: None)
+    prof = Profiler(ProfileConfig(**TINY, calibration_paths=4, report_paths=5), micro, store, log=lambda m: None)
     return prof, prof.run(), store
 
 
@@ -57,6 +60,8 @@ def test_every_distinct_signature_measured_once(first_run, micro):
     assert set(table.entries) == set(distinct)
     assert all(st.count == 3 for st in table.entries.values())
     assert table.device["threads"] == 1 and table.device["batch"] == 1 and table.device["dtype"] == "float32"
+    # The protocol every number of the stage was measured under is in the device record.
+    assert table_protocol(table) == ProfileConfig(**TINY).measurement_protocol()
     table.check_compatible(micro, device=device_fingerprint("cpu", 1, "float32", 1), num_classes=10)
 
 
@@ -64,15 +69,23 @@ def test_every_distinct_signature_measured_once(first_run, micro):
 def test_report_artifacts(first_run):
     _, result, store = first_run
     report = store.get_json(REPORT_KEY)
-    assert report["n_nets"] == 5 and len(report["rows"]) == 5
+    assert report["n_nets"] == 5 and report["n_calibration_nets"] == 4
+    roles = [r["role"] for r in report["rows"]]
+    assert roles.count("held_out") == 5 and roles.count("calibration") == 4
+    held = {r["key"] for r in report["rows"] if r["role"] == "held_out"}
+    assert not held & {r["key"] for r in report["rows"] if r["role"] == "calibration"}  # held out for real
     for k in ("within_5pct", "within_10pct", "mape_pct", "spearman"):
-        assert k in report["plain_sum"] and f"plain_{k}" in result["metrics"]
-    assert all(r["measured"] > 0 and r["predicted"] > 0 for r in report["rows"])
-    assert set(report["corrections"]) == {"linear", "overhead"}
+        assert k in report["plain_sum"] and k in report["model"]
+        assert f"plain_{k}" in result["metrics"] and f"model_{k}" in result["metrics"]
+    assert all(r["measured"] > 0 and r["predicted"] > 0 and r["plain_sum"] > 0 for r in report["rows"])
     assert store.get_bytes(SCATTER_KEY)[:8] == b"\x89PNG\r\n\x1a\n"
-    table = store.get_json(TABLE_KEY)
-    if report["recommended_correction"]:
-        assert table["meta"]["correction"]["kind"] == report["recommended_correction"]
+    # The published table carries the fitted model: the search, derive and retrain stages load it as one.
+    table = LatencyTable.from_json(store.get_bytes(TABLE_KEY).decode())
+    assert isinstance(table, LatencyModel)
+    assert table.calibration.to_dict()["scale"] == report["calibration"]["scale"]
+    row = next(r for r in report["rows"] if r["role"] == "held_out")
+    net = next(n for n in sample_random_nets(load_space("micro_mbconv"), 9, 0, 10) if n.key == row["key"])
+    assert predict_latency(net.arch, table) == pytest.approx(row["predicted"])
 
 
 @pytest.mark.timeout(180)
@@ -80,13 +93,16 @@ def test_second_run_measures_nothing_new(first_run, micro):
     """Resumable: the pipeline's call shape on the same store reuses every measurement."""
     _, first, store = first_run
     ctx = StageContext(run_id="r", stage="profile", store=store, run_store=store, printer=lambda m: None)
-    again = run_profile({"space": "micro_mbconv", "profile": ProfileConfig(**TINY, report_paths=5)}, ctx)
+    again = run_profile({"space": "micro_mbconv",
+                         "profile": ProfileConfig(**TINY, calibration_paths=4, report_paths=5)}, ctx)
     assert again["measured_signatures"] == 0 and again["reused_signatures"] == first["entries"]
-    assert again["measured_nets"] == 0 and again["reused_nets"] == 5
-    assert again["metrics"]["plain_mape_pct"] == pytest.approx(first["metrics"]["plain_mape_pct"])
-    # Another protocol (more repeats) is another measurement: nothing reused.
+    # every net of the first run (4 calibration + 5 held-out) is reused, none measured again
+    assert again["measured_nets"] == 0 and again["reused_nets"] == 4 + 5 == first["measured_nets"]
+    assert again["metrics"]["model_mape_pct"] == pytest.approx(first["metrics"]["model_mape_pct"])
+    # The reuse key is the protocol (all but the statistic): another protocol is another measurement.
     doc = store.get_json(MEASUREMENTS_KEY)
-    assert doc["protocol"] == {"warmup": 1, "repeats": 3} and len(doc["signatures"]) == first["entries"]
+    assert doc["protocol"] == ProfileConfig(**TINY).measurement_protocol().measurement_key()
+    assert doc["protocol"]["repeats"] == 3 and len(doc["signatures"]) == first["entries"]
 
 
 @pytest.mark.timeout(180)
@@ -103,7 +119,7 @@ def test_killed_actor_work_requeued_and_table_complete(ray_local, micro, tmp_pat
             killed.append(busy[0].index)
             ray_local.kill(busy[0].handle, no_restart=True)
 
-    cfg = ProfileConfig(**{**TINY, "repeats": 5}, report_paths=0, max_actor_restarts=1)
+    cfg = ProfileConfig(**{**TINY, "repeats": 5}, calibration_paths=0, report_paths=0, max_actor_restarts=1)
     result = run_profile(cfg, micro, store, callbacks=[kill_a_busy_actor])
     assert killed and result["actor_deaths"] >= 1
     assert result["requeued_batches"] >= 1 and result["replacement_actors"] == 1

@@ -113,6 +113,50 @@ def test_arch_step_rebalance_keeps_unsampled_probabilities_exactly(micro_data):
     assert moved, "the sampled pairs were updated"
 
 
+@pytest.mark.parametrize("costs, cheap", [((10.0, 12.0, 1.0), 0),   # the pair above the layer's mean
+                                          ((2.0, 1.0, 30.0), 1)])   # the pair below it
+def test_arch_step_cheaper_op_of_the_pair_gains_when_features_are_equal(micro_data, costs, cheap):
+    """Two sampled ops with identical outputs that differ only in table latency: one architecture step
+    moves probability to the cheaper one, whichever side of the layer's mean latency the pair is on."""
+    _, _, vx, vy, _ = micro_data
+    cfg = SearchConfig.model_validate({"epochs": 2, "warmup_epochs": 0, "batch_size": 8, "lambda": 0.5,
+                                       "arch": {"lr": 0.05, "weight_decay": 0.0}})
+    s = _searcher(cfg)
+    k, layer = next((k, m) for k, m in enumerate(s.net.mixed_ops) if m.kind == "stack")
+    assert layer.op_names[:2] == ("mbconv_k3_e3", "mbconv_k5_e3") and layer.op_names[2] == "skip"
+    with torch.no_grad():
+        for op in layer.ops[:2]:
+            op.body[-2].weight.zero_()  # project conv -> 0, BN(0) = 0: both ops output their input
+    x = torch.randn(2, layer.c_in, 8, 8)
+    assert torch.equal(layer.ops[0](x), layer.ops[1](x))
+    n = s.latency.stack_index.index(k)
+    s.latency.stack_costs[n] = torch.tensor(costs, dtype=torch.float64)
+    choices = list(s.net.sample_choices("alpha2", torch.Generator().manual_seed(1)))
+    choices[k] = (0, 1)
+    before = F.softmax(layer.alpha.detach().double(), 0)
+    s.arch_step((vx[:8], vy[:8]), choices=choices)
+    after = F.softmax(layer.alpha.detach().double(), 0)
+    dear = 1 - cheap
+    assert after[cheap] / after[dear] > before[cheap] / before[dear] * 1.05, (before, after)
+    assert after[cheap] > before[cheap] and after[dear] < before[dear]
+    assert float(after[2]) == pytest.approx(float(before[2]), abs=1e-6), "the unsampled op's probability moved"
+
+
+def test_pair_latency_is_the_pair_softmax_mix(micro_data):
+    s = _searcher(SearchConfig(epochs=1, warmup_epochs=0, batch_size=8))
+    with torch.no_grad():
+        for m in s.net.mixed_ops:
+            m.alpha.normal_()
+    single = s.net.sample_choices("alpha1", torch.Generator().manual_seed(0))
+    lat = s.latency(s.alphas, s.betas, single)  # one op per layer: that op's cost
+    by_hand = s.latency(s.alphas, s.betas, None)
+    assert float(lat.detach()) != pytest.approx(float(by_hand.detach()))
+    one_hot = [torch.full_like(a, -1e9).index_fill(0, torch.tensor(c), 0.0) for a, c in zip(s.alphas, single)]
+    assert float(lat.detach()) == pytest.approx(float(s.latency(one_hot, s.betas).detach()), rel=1e-9)
+    with pytest.raises(ValueError, match="choices"):
+        s.latency(s.alphas, s.betas, single[:-1])
+
+
 def test_grad_sync_sees_weight_and_arch_gradients(micro_data):
     tx, ty, vx, vy, _ = micro_data
     seen: list[tuple[int, int]] = []
@@ -197,3 +241,75 @@ def test_cli_runs_a_search_and_writes_record_and_architecture(tmp_path):
     assert (out / "search_state.pt").exists()
     if (out / "arch.json").exists():
         assert json.loads((out / "arch.json").read_text())
+
+
+def test_target_mode_moves_lambda_by_dual_ascent(micro_data):
+    _, _, vx, vy, _ = micro_data
+    base = {"epochs": 2, "warmup_epochs": 0, "batch_size": 8, "lambda": 0.1, "dual_lr": 0.5}
+    s = _searcher(SearchConfig.model_validate(base))
+    cost = s.derived_cost()
+    assert cost == pytest.approx(s.derive().predicted_cost)
+    s.arch_step((vx[:8], vy[:8]))
+    assert s.lam == 0.1, "without a target, lambda is the configured one"
+    over = _searcher(SearchConfig.model_validate({**base, "target_latency": cost / 2}))
+    over.arch_step((vx[:8], vy[:8]))
+    assert over.lam == pytest.approx(0.1 + 0.5 * (over.derived_cost() / (cost / 2) - 1))
+    assert over.lam > 0.1
+    under = _searcher(SearchConfig.model_validate({**base, "target_latency": cost * 4}))
+    under.arch_step((vx[:8], vy[:8]))
+    assert under.lam == 0.0, "lambda is clipped at 0"
+    state = over.state_dict()
+    again = _searcher(SearchConfig.model_validate({**base, "target_latency": cost / 2}))
+    again.load_state_dict(state)
+    assert again.lam == over.lam
+
+
+def test_arch_steps_per_epoch_replays_the_epochs_val_batches(micro_data):
+    tx, ty, vx, vy, _ = micro_data
+    cfg = SearchConfig.model_validate({"epochs": 1, "warmup_epochs": 0, "batch_size": 8,
+                                       "arch_batch_size": 10, "arch_steps_per_epoch": 7})
+    s = _searcher(cfg)
+    val = list(iterate_batches(vx, vy, 10, 0, 0, "val"))
+    assert 1 < len(val) < 7
+    seen = list(s._arch_batches(iter(val)))
+    assert len(seen) == 7 and all(any(b is v for v in val) for b in seen)
+    assert [id(b) for b in seen] == [id(b) for b in s._arch_batches(iter(val))], "replay order is seeded"
+    rec = s.run_epoch(iterate_batches(tx, ty, 8, 0, 0), iterate_batches(vx, vy, 10, 0, 0, "val"))
+    assert rec["arch_steps"] == 7 and s.arch_step_count == 7
+    for key in ("lambda", "derived_path_prob", "alpha_entropy", "beta_entropy"):
+        assert key in rec
+
+
+def _cli_run(tmp_path, name, *extra):
+    cfg = yaml.safe_load((REPO / "configs" / "search_tiny.yaml").read_text())
+    cfg["space"] = "micro_mbconv"
+    cfg["data"].update(classes=3, image_size=16, samples_per_class=30)
+    cfg["search"].update(epochs=3, warmup_epochs=1, batch_size=15, arch_batch_size=6, arch_steps_per_epoch=4,
+                         target_latency=0.05, dual_lr=0.2)
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / name
+    assert main(["--config", str(path), "--out", str(out), "--threads", "1", *extra]) == 0
+    return out
+
+
+def _arch_params(out):
+    return json.loads((out / "arch_params.json").read_text()), json.loads((out / "derived.json").read_text())
+
+
+def test_cli_search_is_reproducible_fresh_and_after_resume(tmp_path):
+    a = _cli_run(tmp_path, "a")
+    b = _cli_run(tmp_path, "b")
+    _cli_run(tmp_path, "c", "--stop-after", "2")
+    assert not (tmp_path / "c" / "derived.json").exists()
+    torch.manual_seed(12345)  # a resumed process starts from other RNG state
+    c = _cli_run(tmp_path, "c")
+    pa, da = _arch_params(a)
+    for other in (b, c):
+        po, do = _arch_params(other)
+        assert (do["path"], do["blocks"]) == (da["path"], da["blocks"])
+        for key in ("alphas", "betas"):
+            for x, y in zip(pa[key], po[key]):
+                assert torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-6, rtol=0), key
+        assert po["lambda"] == pytest.approx(pa["lambda"], abs=1e-9)
+    assert pa["lambda"] != 0.15, "target mode moved lambda"

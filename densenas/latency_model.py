@@ -1,0 +1,431 @@
+"""The latency model: one measurement protocol, per-layer units, and an affine calibration on whole nets.
+
+Why a model and not a plain table sum: the sum of isolated op timings misses what a whole network
+costs (``bench/diagnose_latency_gap.py``, ``docs/profiling.md``): per-layer dispatch and memory
+traffic between layers, which an op timed alone on a cache-warm input does not pay. The model:
+
+``predicted(net) = scale * sum_units(raw table entry) + layer_ms * units + fixed_ms``
+
+- a *unit* is a layer the built network really runs (stem, first layer, each head and non-skip
+  stacking layer, the last 1x1 conv, pooling + classifier); a skip is an identity in the built net
+  and costs nothing;
+- ``scale``, ``layer_ms`` and ``fixed_ms`` are fitted (weighted least squares on relative error)
+  on whole-net measurements of one set of random nets (the calibration nets) and the model is
+  reported on other, held-out nets (``densenas.latency_report``, the profile stage);
+- the model is affine in the per-signature entries, so it decomposes per signature: a layer costs
+  ``scale * raw + layer_ms`` and the stem also carries ``fixed_ms``. ``LatencyModel`` is a
+  ``LatencyTable`` whose ``lookup`` serves exactly that, so the search's expected latency
+  (``ExpectedLatency``, exact in expectation because the model is affine), the derive stage's
+  predicted cost and the sweep's predicted axis all come from this one model unchanged.
+
+``MeasurementProtocol`` is what every latency number here depends on besides the device: batch,
+threads, dtype, memory format, warm-up, repeats, statistic. The table records it in its device
+record (``device["protocol"]``); ``measure_net_latency(net, protocol)`` is the one way a whole net
+is timed (profile stage report, retrain stage, the ``predict`` CLI's users), and comparing a table
+with a measurement of another protocol raises ``ProtocolMismatchError``.
+
+Pure PyTorch + numpy: no Ray, no MLflow.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from densenas.latency import (LatencyStats, LatencyTable, LatencyTableError, OpSignature, space_signatures,
+                              stem_signatures)
+
+__all__ = [
+    "MEMORY_FORMATS",
+    "MeasurementProtocol",
+    "ProtocolMismatchError",
+    "Calibration",
+    "LatencyModel",
+    "measure_net_latency",
+    "time_forward",
+    "unit_features",
+    "fit_calibration",
+    "table_protocol",
+    "predict_arch_latency",
+    "arch_signatures",
+]
+
+MEMORY_FORMATS = ("contiguous", "channels_last")
+_STATISTICS = ("mean", "median", "p10", "p90")
+
+
+class ProtocolMismatchError(LatencyTableError):
+    """Two latency numbers measured under different protocols (batch, threads, dtype, ...) compared."""
+
+
+@dataclass(frozen=True)
+class MeasurementProtocol:
+    """How a latency number is measured. Two numbers are comparable only under the same protocol.
+
+    ``threads`` is the CPU intra-op thread count (None on CUDA, where CUDA events time the GPU).
+    ``statistic`` is what is reported of the ``repeats`` timed forwards (after ``warmup`` discarded).
+    """
+
+    device: str = "cpu"
+    batch: int = 32
+    threads: int | None = 1
+    dtype: str = "float32"
+    memory_format: str = "contiguous"
+    warmup: int = 5
+    repeats: int = 30
+    statistic: str = "median"
+
+    def __post_init__(self):
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"protocol device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.batch < 1 or self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f"protocol needs batch >= 1, repeats >= 1, warmup >= 0; got {self}")
+        if self.device == "cpu" and (self.threads is None or self.threads < 1):
+            raise ValueError(f"a CPU protocol needs threads >= 1, got {self.threads!r}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"protocol dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {self.memory_format!r}")
+        if self.statistic not in _STATISTICS:
+            raise ValueError(f"statistic must be one of {_STATISTICS}, got {self.statistic!r}")
+
+    @property
+    def timer(self) -> str:
+        return "cuda_events" if self.device == "cuda" else "perf_counter"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "timer": self.timer}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "MeasurementProtocol":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        missing = [k for k in cls.__dataclass_fields__ if k not in d]
+        if missing:
+            raise ProtocolMismatchError(f"protocol record {dict(d)} lacks {missing}")
+        return cls(**known)
+
+    def measurement_key(self) -> dict:
+        """The fields that decide whether a stored measurement can be reused (all but the statistic:
+        every statistic is stored)."""
+        return {k: v for k, v in self.to_dict().items() if k != "statistic"}
+
+    def mismatch(self, other: "MeasurementProtocol") -> list[str]:
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b[k]]
+
+    def check_same(self, other: "MeasurementProtocol", what: str = "the measurement") -> None:
+        """Refuse to compare with a number measured under another protocol."""
+        diff = self.mismatch(other)
+        if diff:
+            raise ProtocolMismatchError(
+                f"the latency table's protocol differs from {what}'s ({'; '.join(diff)}): the numbers are not "
+                "comparable; measure with measure_net_latency(net, table_protocol(table)) or profile again "
+                "with this protocol")
+
+    def with_(self, **kw: Any) -> "MeasurementProtocol":
+        return replace(self, **kw)
+
+
+def table_protocol(table: Any) -> MeasurementProtocol:
+    """The protocol recorded in a table's device record (``device["protocol"]``)."""
+    rec = (getattr(table, "device", None) or {}).get("protocol")
+    if rec is None:
+        raise ProtocolMismatchError("the latency table records no measurement protocol (device['protocol']); it was "
+                                    "made before protocols were recorded: profile the space again")
+    return MeasurementProtocol.from_dict(rec)
+
+
+# --------------------------------------------------------------------------- timing
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _prepare(module: nn.Module, x: torch.Tensor, protocol: MeasurementProtocol) -> tuple[nn.Module, torch.Tensor]:
+    dev = torch.device("cuda:0" if protocol.device == "cuda" else "cpu")
+    dt = _torch_dtype(protocol.dtype)
+    module = module.to(device=dev, dtype=dt).eval()
+    x = x.to(device=dev, dtype=dt)
+    if protocol.memory_format == "channels_last" and x.dim() == 4:
+        module = module.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    return module, x
+
+
+@torch.no_grad()
+def time_forward(module: nn.Module, input_shape: Sequence[int], protocol: MeasurementProtocol) -> LatencyStats:
+    """Time ``module`` on a random input of ``input_shape`` under ``protocol`` (eval, no_grad, threads,
+    dtype, memory format, warm-up, repeats); all statistics of the timed runs, in ms."""
+    from densenas.profiling import set_cpu_threads, time_module
+
+    if protocol.device == "cpu":
+        previous = torch.get_num_threads()
+        set_cpu_threads(int(protocol.threads))
+    elif not torch.cuda.is_available():
+        raise ProtocolMismatchError("the protocol's device is 'cuda' but torch sees no CUDA device here")
+    try:
+        module, x = _prepare(module, torch.randn(*input_shape), protocol)
+        samples = time_module(module, x, x.device, protocol.warmup, protocol.repeats)
+    finally:
+        if protocol.device == "cpu":
+            torch.set_num_threads(previous)
+    return LatencyStats.from_samples(samples)
+
+
+def measure_net_latency(net: nn.Module | Any, protocol: MeasurementProtocol | Mapping[str, Any],
+                        num_classes: int | None = None) -> dict:
+    """Time a whole network end to end under ``protocol``: the one whole-net measurement of the project
+    (the profile stage's report nets, the retrain stage's measured latency).
+
+    ``net`` is a module with ``.arch`` (a ``DenseNASNet``) or anything ``densenas.arch.load_arch`` takes
+    (then built with random weights: latency does not depend on them). Returns the statistics (ms),
+    ``value`` (the protocol's statistic) and the protocol record.
+    """
+    if not isinstance(protocol, MeasurementProtocol):
+        protocol = MeasurementProtocol.from_dict(protocol)
+    if not isinstance(net, nn.Module):
+        from densenas.arch import build_model
+
+        net = build_model(net, num_classes=num_classes)
+    arch = getattr(net, "arch", None)
+    if arch is None:
+        raise ValueError("measure_net_latency needs a network built from an architecture (with .arch) "
+                         "to know its input shape")
+    stats = time_forward(net, (protocol.batch, arch.in_channels, arch.input_size, arch.input_size), protocol)
+    return {**stats.to_dict(), "value": getattr(stats, protocol.statistic), "units": "ms",
+            "protocol": protocol.to_dict()}
+
+
+# --------------------------------------------------------------------------- the model
+def _is_unit(sig: OpSignature) -> bool:
+    """Whether a signature is a layer the built network runs (a skip is an identity: dropped)."""
+    return sig.op != "skip"
+
+
+def unit_features(table: LatencyTable, sigs: Sequence[OpSignature]) -> tuple[float, int]:
+    """(sum of the table's raw statistic over the units, number of units) of a net's signatures."""
+    units = [s for s in sigs if _is_unit(s)]
+    return float(sum(LatencyTable.lookup(table, s) for s in units)), len(units)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """``measured ~ scale * sum(raw units) + layer_ms * units + fixed_ms``, fitted on whole nets."""
+
+    scale: float = 1.0
+    layer_ms: float = 0.0
+    fixed_ms: float = 0.0
+    fitted_on: dict = field(default_factory=dict)  # how many nets, seed, in-sample metrics (for the reader)
+
+    def apply(self, raw_sum: float | np.ndarray, units: float | np.ndarray) -> np.ndarray | float:
+        return self.scale * raw_sum + self.layer_ms * units + self.fixed_ms
+
+    def to_dict(self) -> dict:
+        return {"scale": self.scale, "layer_ms": self.layer_ms, "fixed_ms": self.fixed_ms,
+                "formula": "measured ~ scale * sum(raw unit entries) + layer_ms * units + fixed_ms",
+                "fitted_on": dict(self.fitted_on)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Calibration":
+        try:
+            return cls(float(d["scale"]), float(d["layer_ms"]), float(d["fixed_ms"]), dict(d.get("fitted_on") or {}))
+        except (KeyError, TypeError, ValueError):
+            raise LatencyTableError(f"bad latency-model calibration record {dict(d)}; expected scale, layer_ms, "
+                                    "fixed_ms") from None
+
+
+def fit_calibration(raw_sums: Sequence[float], units: Sequence[float], measured: Sequence[float],
+                    fitted_on: Mapping[str, Any] | None = None) -> Calibration:
+    """Weighted least squares on relative error (each net weighs 1/measured): the goal is relative.
+
+    With fewer than 4 nets, or when the layer counts do not vary, only ``scale`` and ``fixed_ms`` are fitted.
+    A fit that would make a layer cost negative falls back to the two-parameter fit."""
+    s, n, m = (np.asarray(v, dtype=np.float64) for v in (raw_sums, units, measured))
+    if not (len(s) == len(n) == len(m)) or len(m) < 2:
+        raise ValueError(f"a calibration needs >= 2 nets with raw sums, unit counts and measurements; got "
+                         f"{len(s)}, {len(n)}, {len(m)}")
+    if (m <= 0).any():
+        raise ValueError("measured latencies must be > 0")
+    w = 1.0 / m
+
+    def solve(cols: list[np.ndarray]) -> np.ndarray:
+        A = np.stack(cols, 1) * w[:, None]
+        coef, *_ = np.linalg.lstsq(A, m * w, rcond=None)
+        return coef
+
+    coef = None
+    if len(m) >= 4 and np.ptp(n) > 0:
+        a, c, b = solve([s, n, np.ones_like(s)])
+        if a > 0:
+            coef = (a, c, b)
+    if coef is None:
+        a, b = solve([s, np.ones_like(s)])
+        coef = (a, 0.0, b)
+    cal = Calibration(float(coef[0]), float(coef[1]), float(coef[2]))
+    rel = (cal.apply(s, n) - m) / m
+    info = {"n_nets": int(len(m)), "in_sample_mape_pct": float(np.abs(rel).mean() * 100),
+            "in_sample_within_10pct": float((np.abs(rel) <= 0.10).mean())}
+    return replace(cal, fitted_on={**info, **dict(fitted_on or {})})
+
+
+class LatencyModel(LatencyTable):
+    """A latency table plus its calibration: ``lookup`` serves each signature's share of a whole net.
+
+    A unit costs ``scale * raw + layer_ms``; a skip costs 0 (the built net drops it); the stem carries
+    ``fixed_ms`` (every net has exactly one stem). So any sum the search makes over a net's signatures
+    -- ``ExpectedLatency.path_cost``, the expected cost under alphas and betas -- is the model's
+    prediction. ``raw_lookup`` is the table's measured entry.
+    """
+
+    def __init__(self, *args: Any, calibration: Calibration | Mapping[str, Any], fixed_key: str, **kw: Any):
+        super().__init__(*args, **kw)
+        self.calibration = calibration if isinstance(calibration, Calibration) else Calibration.from_dict(calibration)
+        self.fixed_sig = OpSignature.parse(fixed_key)
+        if self.fixed_sig not in self.entries:
+            raise LatencyTableError(f"the latency model's fixed part {fixed_key} is not an entry of the table")
+        if self.calibration.scale <= 0 or not all(math.isfinite(v) for v in (
+                self.calibration.scale, self.calibration.layer_ms, self.calibration.fixed_ms)):
+            raise LatencyTableError(f"latency-model calibration must be finite with scale > 0, got {self.calibration}")
+
+    @classmethod
+    def from_table(cls, table: LatencyTable, calibration: Calibration, space: Any) -> "LatencyModel":
+        """Attach ``calibration`` to ``table`` (the model goes in ``meta['latency_model']``)."""
+        from densenas.space import load_space
+
+        space = load_space(space)
+        stem = stem_signatures(space, table.batch)[0]
+        others = [s for s in space_signatures(space, table.batch, 1)[1:] if s.key == stem.key]
+        if others:
+            raise LatencyTableError(f"the stem signature {stem.key} also names another layer of the space; the "
+                                    "fixed part cannot ride on it")
+        meta = {**table.meta, "latency_model": {"calibration": calibration.to_dict(), "fixed_key": stem.key}}
+        return cls(table.entries, table.space_hash, table.device, table.units, table.statistic, meta,
+                   calibration=calibration, fixed_key=stem.key)
+
+    @classmethod
+    def from_plain(cls, table: LatencyTable) -> "LatencyModel":
+        """The model a table document describes (its ``meta['latency_model']``)."""
+        rec = table.meta.get("latency_model") or {}
+        if not isinstance(rec, Mapping) or "calibration" not in rec or "fixed_key" not in rec:
+            raise LatencyTableError(f"bad meta['latency_model'] in the latency table: {rec!r}; expected "
+                                    "{calibration, fixed_key}")
+        return cls(table.entries, table.space_hash, table.device, table.units, table.statistic, table.meta,
+                   calibration=rec["calibration"], fixed_key=rec["fixed_key"])
+
+    def raw_table(self) -> LatencyTable:
+        meta = {k: v for k, v in self.meta.items() if k != "latency_model"}
+        return LatencyTable(self.entries, self.space_hash, self.device, self.units, self.statistic, meta)
+
+    def raw_lookup(self, sig: OpSignature) -> float:
+        return LatencyTable.lookup(self, sig)
+
+    def lookup(self, sig: OpSignature) -> float:
+        if not _is_unit(sig):
+            self.stats(sig)  # still refuse a signature the table lacks
+            return 0.0
+        c = self.calibration
+        cost = c.scale * self.raw_lookup(sig) + c.layer_ms
+        return cost + c.fixed_ms if sig == self.fixed_sig else cost
+
+    def predict_signatures(self, sigs: Sequence[OpSignature]) -> float:
+        """The model's prediction of a net given by its signatures (stem first)."""
+        raw, n = unit_features(self, sigs)
+        return float(self.calibration.apply(raw, n))
+
+    def __repr__(self) -> str:
+        c = self.calibration
+        return (f"LatencyModel({len(self)} entries, batch={self.batch}, space={self.space_hash[:12]}, "
+                f"scale={c.scale:.3f}, layer_ms={c.layer_ms:.4f}, fixed_ms={c.fixed_ms:.3f})")
+
+
+def model_from_doc(doc: Mapping[str, Any]) -> LatencyTable:
+    """A ``LatencyModel`` when the table document carries a calibration, else the plain table
+    (``LatencyTable.from_dict`` does the same)."""
+    return LatencyTable.from_dict(doc)
+
+
+# --------------------------------------------------------------------------- architectures
+def arch_signatures(arch: Any, batch: int) -> list[OpSignature]:
+    """The signatures of an architecture document's layers, in network order (stem first), as the
+    latency table keys them (each layer fed its real input shape)."""
+    from densenas.arch import load_arch
+    from densenas.latency import classifier_signature
+
+    arch = load_arch(arch)
+    r = arch.input_size
+    sigs = [OpSignature(arch.stem.op, arch.in_channels, arch.stem.out, arch.stem.stride, r, batch)]
+    r = -(-r // arch.stem.stride)
+    for b in arch.blocks:
+        sigs.append(OpSignature(b.head_op, b.c_in, b.c_out, b.stride, r, batch))
+        r = -(-r // b.stride)
+        sigs += [OpSignature(o, b.c_out, b.c_out, 1, r, batch) for o in b.stacking_ops]
+    c = arch.blocks[-1].c_out
+    if arch.last_conv is not None:
+        sigs.append(OpSignature(arch.last_conv.op, c, arch.last_conv.out, 1, r, batch))
+        c = arch.last_conv.out
+    sigs.append(classifier_signature(c, r, arch.num_classes, batch))
+    return sigs
+
+
+def predict_arch_latency(arch: Any, table: LatencyTable) -> float:
+    """The model's prediction (ms) of an architecture document on the table's device and protocol: a
+    ``LatencyModel`` applies its calibration, a plain table is summed."""
+    sigs = arch_signatures(arch, table.batch)
+    missing = table.missing(sigs)
+    if missing:
+        from densenas.latency import MissingSignaturesError
+
+        raise MissingSignaturesError(missing, where="latency table (for this architecture)")
+    if isinstance(table, LatencyModel):
+        return table.predict_signatures(sigs)
+    return float(sum(table.lookup(s) for s in sigs))
+
+
+# --------------------------------------------------------------------------- CLI
+def cli_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m densenas.latency predict --table T --arch A.json``: the prediction and the table's protocol."""
+    import argparse
+    import json
+    import sys
+
+    from densenas.arch import ArchError, load_arch
+
+    p = argparse.ArgumentParser(prog="python -m densenas.latency",
+                                description="Latency tables and the latency model of DenseNAS.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("predict", help="predict an architecture's latency from a latency table")
+    pr.add_argument("--table", required=True, help="latency_table.json (the profile stage's artifact)")
+    pr.add_argument("--arch", required=True, help="architecture JSON file, JSON text or preset name")
+    pr.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    try:
+        table = LatencyTable.from_json(args.table)
+        arch = load_arch(args.arch)
+        if table.meta.get("num_classes") and arch.num_classes != table.meta["num_classes"]:
+            arch = arch.replace(num_classes=int(table.meta["num_classes"]))
+        value = predict_arch_latency(arch, table)
+    except (LatencyTableError, ArchError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    proto = (table.device or {}).get("protocol")
+    model = "latency model (calibrated)" if isinstance(table, LatencyModel) else "plain table sum (no calibration)"
+    if args.json:
+        print(json.dumps({"predicted_ms": value, "model": model, "protocol": proto,
+                          "device": {k: table.device.get(k) for k in ("kind", "name", "threads", "torch")},
+                          "calibration": table.calibration.to_dict() if isinstance(table, LatencyModel) else None}))
+        return 0
+    print(f"predicted latency: {value:.4f} ms ({model})")
+    print(f"device: {table.device.get('name')} ({table.device.get('kind')}, torch {table.device.get('torch')})")
+    if proto:
+        print("protocol: " + ", ".join(f"{k}={v}" for k, v in proto.items()))
+    else:
+        print("protocol: not recorded (a table made before protocols were recorded)")
+    if isinstance(table, LatencyModel):
+        c = table.calibration
+        print(f"calibration: {c.scale:.4f} * sum(units) + {c.layer_ms:.4f} ms * units + {c.fixed_ms:.4f} ms "
+              f"(fitted on {c.fitted_on.get('n_nets', '?')} nets)")
+    return 0
