@@ -15,8 +15,8 @@ listing every artifact of every run.
 Ownership: ``runs/<run_id>/lease.json`` (``RunLease``) is created with a conditional put (create only
 if absent) by the driver that runs the run, and its ``heartbeat_at`` is renewed every
 ``ttl_s / 4`` seconds by a thread. A second live submission of the same run id is refused at once,
-naming the holder (``LeaseHeld``). A lease whose heartbeat is older than ``ttl_s`` belongs to a lost
-driver (``kill -9``, a dead node): ``status`` shows the run as ``interrupted (driver lost)`` and the
+naming the holder (``LeaseHeld``). A lease whose heartbeat is older than ``ttl_s`` -- or, seen from the holder's own host, whose
+process is gone -- belongs to a lost driver (``kill -9``, a dead node): ``status`` shows the run as ``interrupted (driver lost)`` and the
 next submission (``--resume`` to continue from the checkpoints) takes the lease over. A clean end,
 failure or interruption deletes the lease.
 """
@@ -86,6 +86,15 @@ def _lease_ttl() -> float:
     return float(os.environ.get("DENSENAS_LEASE_TTL_S") or DEFAULT_LEASE_TTL_S)
 
 
+def _process_start(pid: int) -> int | None:
+    """Kernel start time of ``pid`` (with the pid, it names one process; None when it does not exist)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
 def _holder_text(doc: Mapping[str, Any]) -> str:
     job = doc.get("ray_job") or doc.get("submission_id")
     return (f"pid {doc.get('pid')} on {doc.get('host')}" + (f" (Ray job {job})" if job else "")
@@ -107,6 +116,7 @@ class RunLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.doc = {"token": self.token, "run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                    "pid_start": _process_start(os.getpid()),
                     "ray_job": os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID"),
                     "acquired_at": _now(), "heartbeat_at": _now(), "ttl_s": self.ttl_s}
 
@@ -120,8 +130,14 @@ class RunLease:
 
     @staticmethod
     def is_stale(doc: Mapping[str, Any], now: float | None = None) -> bool:
+        """The holder is gone: its heartbeat is older than its ttl, or (seen from its own host, where
+        that is known at once) its process no longer exists."""
         age = (now or time.time()) - float(doc.get("heartbeat_at") or 0)
-        return age > float(doc.get("ttl_s") or DEFAULT_LEASE_TTL_S)
+        if age > float(doc.get("ttl_s") or DEFAULT_LEASE_TTL_S):
+            return True
+        if doc.get("host") == socket.gethostname() and doc.get("pid"):
+            return _process_start(int(doc["pid"])) != doc.get("pid_start")
+        return False
 
     def acquire(self) -> "RunLease":
         """Take the lease, or raise ``LeaseHeld`` naming the live holder; a stale lease is taken over."""
