@@ -163,30 +163,32 @@ _GRPC_PROBES = ("/ray.rpc.NodeInfoGcsService/GetAllNodeInfo", "/ray.rpc.JobInfoG
 
 
 def _tokenless_verdict(port: int) -> str:
-    """How a port answers a client without the token: 'grpc-refused', 'http-refused', or what it gave."""
+    """How a port answers a client without the token: '...refused', or what it did instead."""
     import grpc
 
+    grpc_seen = "no known Ray gRPC service"
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         for method in _GRPC_PROBES:
             try:
                 channel.unary_unary(method)(b"", timeout=3)
-                return f"grpc-answered {method}"
+                return f"grpc answered {method} without a token"
             except grpc.RpcError as e:
                 code = e.code()
                 if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                     return "grpc-refused"
                 if code == grpc.StatusCode.UNIMPLEMENTED:
                     continue
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    break               # not gRPC (an HTTP server): try HTTP below
-                return f"grpc-{code.name} {method}"
+                grpc_seen = f"grpc {code.name} on {method}"
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                    break               # not a gRPC server (HTTP): ask it over HTTP
+                return f"{grpc_seen} (the call got past authentication)"
     try:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=3)
-        return "http-answered"
+        return f"{grpc_seen}; http answered without a token"
     except urllib.error.HTTPError as e:
-        return "http-refused" if e.code in (401, 403) else f"http-{e.code}"
+        return "http-refused" if e.code in (401, 403) else f"{grpc_seen}; http {e.code}"
     except (urllib.error.URLError, OSError) as e:
-        return f"no-answer ({e})"
+        return f"{grpc_seen}; no http answer ({e})"
 
 
 @pytest.mark.slow
