@@ -139,6 +139,18 @@ class RunLease:
             return _process_start(int(doc["pid"])) != doc.get("pid_start")
         return False
 
+    def check_free(self) -> None:
+        """``LeaseHeld`` when a live driver holds the run id now (the cheap early check; ``acquire`` decides)."""
+        cur = self.read(self.store, self.run_id)
+        if cur is not None and cur.get("token") != self.token and not self.is_stale(cur):
+            raise LeaseHeld(self._held_message(cur))
+
+    def _held_message(self, cur: Mapping[str, Any]) -> str:
+        age = time.time() - float(cur.get("heartbeat_at") or 0)
+        return (f"run {self.run_id!r} is being run by {_holder_text(cur)}; its last heartbeat was {age:.0f} s ago. "
+                f"Wait for it (python -m pipeline status {self.run_id}), stop it (ray job stop), or use another "
+                f"--run-id")
+
     def acquire(self) -> "RunLease":
         """Take the lease, or raise ``LeaseHeld`` naming the live holder; a stale lease is taken over."""
         for _ in range(3):
@@ -150,11 +162,7 @@ class RunLease:
             if cur.get("token") == self.token:   # our own put, retried after a lost reply
                 return self._confirmed()
             if not self.is_stale(cur):
-                age = time.time() - float(cur.get("heartbeat_at") or 0)
-                raise LeaseHeld(
-                    f"run {self.run_id!r} is being run by {_holder_text(cur)}; its last heartbeat was {age:.0f} s ago. "
-                    f"Wait for it (python -m pipeline status {self.run_id}), stop it (ray job stop), or use "
-                    f"another --run-id")
+                raise LeaseHeld(self._held_message(cur))
             self.log(f"lease: the driver of run {self.run_id!r} ({_holder_text(cur)}) stopped sending heartbeats "
                      f"{time.time() - float(cur.get('heartbeat_at') or 0):.0f} s ago; taking the run over")
             self.store.put_json(self.key, self.doc)

@@ -107,10 +107,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         planned, _, _ = plan(graph, resolved, run_store, stages)
         if not args.force:
             refuse_replacing(planned, run_id)
-        held = RunLease.read(store, run_id)
-        if held is not None and not RunLease.is_stale(held) and args.plan:
-            print(f"note: run {run_id!r} is being run now by pid {held.get('pid')} on {held.get('host')}; "
-                  "a submission would be refused", file=sys.stderr)
+        try:
+            RunLease(store, run_id).check_free()      # a live driver runs it: fail now, not after the checks
+        except LeaseHeld as e:
+            if not args.plan:
+                raise
+            print(f"note: {e}", file=sys.stderr)
         prework_checks(resolved, planned, log=lambda m: print(m, file=sys.stderr, flush=True))
         if args.plan:
             for ps in planned:

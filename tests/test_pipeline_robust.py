@@ -541,3 +541,20 @@ def test_lease_on_the_s3_store(s3_store):
     finally:
         held.release()
     assert RunLease.read(s3_store, "r") is None
+
+
+def test_second_live_submission_fails_at_once_from_the_command_line(tmp_path, capsys):
+    from pipeline.records import RunLease
+    from pipeline.run import main
+
+    store = open_store(str(tmp_path / "store"))
+    holder = RunLease(store, "tiny", ttl_s=30)
+    holder.doc.update(host="head-1", pid=4242)
+    store.put_json("runs/tiny/lease.json", holder.doc)
+    t0 = time.monotonic()
+    assert main(_tiny(tmp_path)) == 2
+    err = _one_line_error(capsys)
+    assert "run 'tiny' is being run by pid 4242 on head-1" in err and time.monotonic() - t0 < 10
+    assert not store.exists("runs/tiny/run.json")
+    assert main(_tiny(tmp_path) + ["--plan"]) == 0
+    assert "note: run 'tiny' is being run by pid 4242" in capsys.readouterr().err
