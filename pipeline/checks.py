@@ -145,6 +145,15 @@ def local_nodes(cfg: PipelineConfig) -> list[dict[str, float]]:
     return [node]
 
 
+def _reserve(section: Any) -> dict[str, float]:
+    """What a Train stage keeps free beside its workers: its own ``reserve()`` (the same call the stage
+    checks with), else its ``data_cpus``."""
+    if hasattr(section, "reserve"):
+        return dict(section.reserve() or {})
+    cpus = getattr(section, "data_cpus", 0)
+    return {"CPU": float(cpus)} if cpus else {}
+
+
 def resource_plan(cfg: PipelineConfig, stages: Iterable[str]) -> list[tuple[str, str, Any, dict[str, float]]]:
     """(config key, what, WorkerResources, reserve) for every Ray request of the named stages."""
     from jobs.resources import WorkerResources
@@ -158,11 +167,9 @@ def resource_plan(cfg: PipelineConfig, stages: Iterable[str]) -> list[tuple[str,
         cpu, gpu = res.pop("CPU", 0.0), res.pop("GPU", 0.0)
         out.append(("profile.threads_per_actor", "profile stage (one actor)", WorkerResources(1, cpu, gpu, res), {}))
     if "search" in names and hasattr(cfg.search, "request"):
-        out.append(("search.cpus_per_worker", "search stage", cfg.search.request(),
-                    {"CPU": cfg.search.data_cpus} if getattr(cfg.search, "data_cpus", 0) else {}))
+        out.append(("search.cpus_per_worker", "search stage", cfg.search.request(), _reserve(cfg.search)))
     if "retrain" in names and hasattr(cfg.retrain, "request"):
-        out.append(("retrain.cpus_per_worker", "retrain stage", cfg.retrain.request(),
-                    {"CPU": cfg.retrain.data_cpus} if getattr(cfg.retrain, "data_cpus", 0) else {}))
+        out.append(("retrain.cpus_per_worker", "retrain stage", cfg.retrain.request(), _reserve(cfg.retrain)))
     if "sweep" in names and hasattr(cfg.sweep, "workers_per_trial"):
         sw = cfg.sweep
         out.append(("sweep.cpus_per_worker", "one sweep trial", WorkerResources(sw.workers_per_trial, sw.cpus_per_worker),

@@ -391,7 +391,7 @@ def test_store_tracking_and_ray_reachability_within_10s(tmp_path, capsys, monkey
 
 def test_resources_are_checked_against_the_cluster(tmp_path, capsys):
     err = _check_fails(tmp_path, capsys, "search.cpus_per_worker", "search.cpus_per_worker=64", "ray.num_cpus=2")
-    assert "needs 129" in err and "cluster has 2" in err
+    assert "2 worker(s) x {CPU=64}" in err and "cluster has 2" in err
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):
