@@ -203,7 +203,13 @@ def _cluster_nodes_for(cfg: PipelineConfig, log: Callable[[str], None]) -> list[
         return local_nodes(cfg)
     from pipeline.runtime import ensure_ray
 
-    ensure_ray(cfg.ray, log=log)          # joining a cluster: its nodes are the truth
+    try:
+        ensure_ray(cfg.ray, log=log)      # joining a cluster: its nodes are the truth
+    except CheckFailed:
+        raise
+    except Exception as e:  # noqa: BLE001 -- ray.init's ConnectionError & co.: one line naming the key
+        raise CheckFailed("ray.address", f"cannot join the Ray cluster ({type(e).__name__}: {e}); start it, fix "
+                                         "ray.address / $RAY_ADDRESS, or leave both unset for a local Ray") from None
     return cluster_nodes()
 
 
