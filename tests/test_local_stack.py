@@ -162,12 +162,19 @@ _GRPC_PROBES = ("/ray.rpc.NodeInfoGcsService/GetAllNodeInfo", "/ray.rpc.JobInfoG
                 "/ray.rpc.MetricsAgentService/HealthCheck")
 
 
-def _tokenless_verdict(port: int) -> str:
+def _host_of(addr_hex: str) -> str:
+    """The address to reach a listener at: its own IPv4 address, or loopback for a wildcard / IPv6 one."""
+    if len(addr_hex) == 8 and addr_hex != "00000000":
+        return ".".join(str(b) for b in reversed(bytes.fromhex(addr_hex)))
+    return "127.0.0.1"
+
+
+def _tokenless_verdict(port: int, host: str = "127.0.0.1") -> str:
     """How a port answers a client without the token: '...refused', or what it did instead."""
     import grpc
 
     grpc_seen = "no known Ray gRPC service"
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
         for method in _GRPC_PROBES:
             try:
                 channel.unary_unary(method)(b"", timeout=3)
@@ -183,7 +190,7 @@ def _tokenless_verdict(port: int) -> str:
                     break               # not a gRPC server (HTTP): ask it over HTTP
                 return f"{grpc_seen} (the call got past authentication)"
     try:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=3)
+        urllib.request.urlopen(f"http://{host}:{port}/", timeout=3)
         return f"{grpc_seen}; http answered without a token"
     except urllib.error.HTTPError as e:
         return "http-refused" if e.code in (401, 403) else f"{grpc_seen}; http {e.code}"
@@ -212,7 +219,7 @@ def test_ray_ports_are_loopback_or_refuse_tokenless_clients(tmp_path):
             for addr, port in _listening(pid):
                 if addr not in ("0100007F", "00000000000000000000000001000000"):
                     exposed[port] = addr
-        verdicts = {port: _tokenless_verdict(port) for port in sorted(exposed)}
+        verdicts = {port: _tokenless_verdict(port, _host_of(addr)) for port, addr in sorted(exposed.items())}
         print("non-loopback Ray ports:", verdicts)
         open_ports = {p: v for p, v in verdicts.items() if not v.endswith("refused")}
         assert not open_ports, f"Ray ports that serve a client without the token: {open_ports}"
