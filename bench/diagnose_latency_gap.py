@@ -60,7 +60,7 @@ def in_context_layers(net, protocol: MeasurementProtocol) -> list[float]:
     head = net.forward_head
     net.eval()
     x0 = torch.randn(protocol.batch, net.arch.in_channels, net.arch.input_size, net.arch.input_size)
-    clock = time.perf_counter
+    clock = time.perf_counter if protocol.timer == "wall" else time.thread_time
     samples = [[] for _ in range(len(layers) + 1)]
     for rep in range(protocol.warmup + protocol.repeats):
         x = x0
@@ -96,6 +96,7 @@ def main() -> int:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--statistic", default="median", choices=["median", "p10", "mean"])
+    p.add_argument("--timer", default="wall", choices=["wall", "thread_cpu"])
     p.add_argument("--concurrent-nets", type=int, default=6)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -103,7 +104,7 @@ def main() -> int:
     set_cpu_threads(args.threads)
     space = load_space(args.space)
     proto = MeasurementProtocol(batch=args.batch, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
-                                statistic=args.statistic)
+                                statistic=args.statistic, timer=args.timer)
     nets = sample_random_nets(space, args.nets, args.seed, args.classes)
     load_before = _uptime()
     t_start = time.time()

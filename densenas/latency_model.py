@@ -79,6 +79,7 @@ class MeasurementProtocol:
     warmup: int = 5
     repeats: int = 30
     statistic: str = "median"
+    timer: str = "wall"
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -93,18 +94,21 @@ class MeasurementProtocol:
             raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {self.memory_format!r}")
         if self.statistic not in _STATISTICS:
             raise ValueError(f"statistic must be one of {_STATISTICS}, got {self.statistic!r}")
-
-    @property
-    def timer(self) -> str:
-        return "cuda_events" if self.device == "cuda" else "perf_counter"
+        if self.device == "cuda" and self.timer != "cuda_events":
+            object.__setattr__(self, "timer", "cuda_events")  # the only GPU timer
+        if self.device == "cpu" and self.timer not in ("wall", "thread_cpu"):
+            raise ValueError(f"a CPU protocol's timer is 'wall' or 'thread_cpu', got {self.timer!r}")
+        if self.timer == "thread_cpu" and self.threads != 1:
+            raise ValueError(f"timer 'thread_cpu' counts one thread's CPU time; it needs threads 1, got "
+                             f"{self.threads} (use timer 'wall' with more threads)")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "timer": self.timer}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MeasurementProtocol":
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        missing = [k for k in cls.__dataclass_fields__ if k not in d]
+        missing = [k for k in cls.__dataclass_fields__ if k not in d and k != "timer"]
         if missing:
             raise ProtocolMismatchError(f"protocol record {dict(d)} lacks {missing}")
         return cls(**known)
@@ -169,7 +173,8 @@ def time_forward(module: nn.Module, input_shape: Sequence[int], protocol: Measur
         raise ProtocolMismatchError("the protocol's device is 'cuda' but torch sees no CUDA device here")
     try:
         module, x = _prepare(module, torch.randn(*input_shape), protocol)
-        samples = time_module(module, x, x.device, protocol.warmup, protocol.repeats)
+        samples = time_module(module, x, x.device, protocol.warmup, protocol.repeats,
+                              "wall" if protocol.device == "cuda" else protocol.timer)
     finally:
         if protocol.device == "cpu":
             torch.set_num_threads(previous)

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from densenas.latency import LatencyStats, LatencyTable, OpSignature, space_signatures
 from densenas.latency_model import Calibration, LatencyModel, MeasurementProtocol, fit_calibration, unit_features
@@ -100,6 +100,9 @@ class ProfileConfig(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     memory_format: Literal["contiguous", "channels_last"] = Field(
         "contiguous", description="memory format of the input and weights (part of the protocol)")
+    timer: Literal["wall", "thread_cpu"] = Field(
+        "wall", description="CPU clock: 'wall' (perf_counter) or 'thread_cpu' (the thread's CPU time: a shared "
+                            "machine's preemption is not charged; needs threads_per_actor 1). CUDA: CUDA events")
     warmup: int = Field(20, ge=0, description="discarded runs per signature")
     repeats: int = Field(2000, ge=1, description="timed runs per signature (paper: 2,000)")
     statistic: Literal["median", "mean", "p10", "p90"] = Field(
@@ -122,6 +125,11 @@ class ProfileConfig(BaseModel):
     actor_start_timeout_s: float = Field(300.0, gt=0, description="fail when no actor is ready after this long")
     task_timeout_s: float = Field(900.0, gt=0, description="a batch running longer marks its actor as hung")
 
+    @model_validator(mode="after")
+    def _protocol_is_valid(self) -> "ProfileConfig":
+        self.measurement_protocol()  # e.g. timer thread_cpu with 2 threads: refused here, with the reason
+        return self
+
     def ray_resources(self) -> dict[str, float]:
         """What one actor asks Ray for."""
         cpus = self.num_cpus_per_actor
@@ -138,7 +146,8 @@ class ProfileConfig(BaseModel):
         return MeasurementProtocol(device=self.device, batch=self.batch_size,
                                    threads=self.threads_per_actor if self.device == "cpu" else None,
                                    dtype=self.dtype, memory_format=self.memory_format, warmup=self.warmup,
-                                   repeats=self.repeats, statistic=self.statistic)
+                                   repeats=self.repeats, statistic=self.statistic,
+                                   timer=self.timer if self.device == "cpu" else "cuda_events")
 
     def protocol(self) -> dict[str, Any]:
         """What decides whether a stored measurement can be reused: the protocol but its statistic

@@ -261,7 +261,7 @@ def _op_choice(sites, net):
 
 def test_protocol_round_trip_and_mismatch_is_refused():
     p = MeasurementProtocol(batch=32, threads=1, warmup=5, repeats=30)
-    assert MeasurementProtocol.from_dict(p.to_dict()) == p and p.to_dict()["timer"] == "perf_counter"
+    assert MeasurementProtocol.from_dict(p.to_dict()) == p and p.to_dict()["timer"] == "wall"
     p.check_same(MeasurementProtocol.from_dict(p.to_dict()))
     with pytest.raises(ProtocolMismatchError, match="batch: 32 vs 1"):
         p.check_same(p.with_(batch=1))
