@@ -47,7 +47,8 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from densenas.latency import LatencyStats, LatencyTable, OpSignature, space_signatures
-from densenas.latency_model import Calibration, LatencyModel, MeasurementProtocol, fit_calibration, unit_features
+from densenas.latency_model import (LatencyModel, MeasurementProtocol, fit_calibration, unit_features,
+                                    unit_kind_sums)
 from densenas.latency_report import accuracy_metrics, net_signatures, sample_random_nets
 from densenas.profiling import FINGERPRINT_KEYS, fingerprint_mismatch
 from densenas.space import SearchSpace, load_space
@@ -652,15 +653,15 @@ class Profiler:
         def measured(n):
             return getattr(LatencyStats.from_dict(self.net_stats[n.key]), cfg.statistic)
 
-        def features(n):
-            return unit_features(table, net_signatures(space, n, table.batch, self.num_classes))
-
         model: LatencyTable = table
         calibration = None
         if len(cal_nets) >= 2:
-            f = [features(n) for n in cal_nets]
+            sigs = [net_signatures(space, n, table.batch, self.num_classes) for n in cal_nets]
+            f = [unit_features(table, x) for x in sigs]
+            per_op = sorted({o for o in (*space.head_ops, *space.stacking_ops) if o != "skip"})
             calibration = fit_calibration([x[0] for x in f], [x[1] for x in f], [measured(n) for n in cal_nets],
-                                          {"seed": cfg.seed, "statistic": cfg.statistic})
+                                          {"seed": cfg.seed, "statistic": cfg.statistic},
+                                          kind_sums=[unit_kind_sums(table, x) for x in sigs], per_op=per_op)
             model = LatencyModel.from_table(table, calibration, space)
         extra = {"space_hash": space.space_hash(), "device": self.fingerprint, "batch_size": cfg.batch_size,
                  "statistic": table.statistic, "seed": cfg.seed,
