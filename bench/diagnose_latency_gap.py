@@ -136,7 +136,10 @@ def main() -> int:
             by_kind[kind].append(c / a)
         fixed_idx = [0, 1, len(units) - 2, len(units) - 1] if space.first_layer is not None else \
             [0, len(units) - 2, len(units) - 1]
-        rows.append({"key": net.key, "units": len(units), "skips": len(sigs_all) - len(units) - 0,
+        kind_sums = {}
+        for sig, a in zip(units, unit_alone):
+            kind_sums[sig.op] = kind_sums.get(sig.op, 0.0) + a
+        rows.append({"key": net.key, "kind_sums": kind_sums, "units": len(units), "skips": len(sigs_all) - len(units) - 0,
                      "whole_ms": whole, "table_sum_ms": table_sum, "unit_sum_ms": sum(unit_alone),
                      "in_context_sum_ms": sum(ctx),
                      "fixed_alone_ms": sum(unit_alone[i] for i in fixed_idx),
@@ -173,8 +176,11 @@ def main() -> int:
     fixed_c = np.array([r["fixed_in_context_ms"] for r in rows])
     nunits = np.array([r["units"] for r in rows])
     half = len(rows) // 2
-    cal = fit_calibration(usum[:half], nunits[:half], whole[:half], {"nets": "first half"})
-    held = cal.apply(usum[half:], nunits[half:])
+    per_op = sorted({o for o in (*space.head_ops, *space.stacking_ops) if o != "skip"})
+    ks = [r["kind_sums"] for r in rows]
+    cal = fit_calibration(usum[:half], nunits[:half], whole[:half], {"nets": "first half"}, kind_sums=ks[:half],
+                          per_op=per_op)
+    held = np.array([cal.predict(k, u) for k, u in zip(ks[half:], nunits[half:])])
     summary = {
         "gap_table_sum_vs_whole_pct": float(((tsum - whole) / whole).mean() * 100),
         "table_sum_metrics": accuracy_metrics(tsum, whole),

@@ -4,22 +4,24 @@ Why a model and not a plain table sum: the sum of isolated op timings misses wha
 costs (``bench/diagnose_latency_gap.py``, ``docs/profiling.md``): per-layer dispatch and memory
 traffic between layers, which an op timed alone on a cache-warm input does not pay. The model:
 
-``predicted(net) = scale * sum_units(raw table entry) + layer_ms * units + fixed_ms``
+``predicted(net) = sum over its units of scale(op) * raw table entry + layer_ms * units + fixed_ms``
 
 - a *unit* is a layer the built network really runs (stem, first layer, each head and non-skip
   stacking layer, the last 1x1 conv, pooling + classifier); a skip is an identity in the built net
   and costs nothing;
-- ``scale``, ``layer_ms`` and ``fixed_ms`` are fitted (weighted least squares on relative error)
-  on whole-net measurements of one set of random nets (the calibration nets) and the model is
-  reported on other, held-out nets (``densenas.latency_report``, the profile stage);
+- ``scale`` (one for all ops, or one per searchable op when leave-one-out on the calibration nets
+  prefers it), ``layer_ms`` and ``fixed_ms`` are fitted (weighted least squares on relative error)
+  on whole-net measurements of one set of random nets (the calibration nets); the profile stage
+  reports the model on other, held-out nets;
 - the model is affine in the per-signature entries, so it decomposes per signature: a layer costs
-  ``scale * raw + layer_ms`` and the stem also carries ``fixed_ms``. ``LatencyModel`` is a
+  ``scale(op) * raw + layer_ms`` and the stem also carries ``fixed_ms``. ``LatencyModel`` is a
   ``LatencyTable`` whose ``lookup`` serves exactly that, so the search's expected latency
   (``ExpectedLatency``, exact in expectation because the model is affine), the derive stage's
   predicted cost and the sweep's predicted axis all come from this one model unchanged.
 
 ``MeasurementProtocol`` is what every latency number here depends on besides the device: batch,
-threads, dtype, memory format, warm-up, repeats, statistic. The table records it in its device
+threads, dtype, memory format, warm-up, repeats, statistic, and the CPU timer (wall clock, or the
+thread's CPU time, which does not charge a shared machine's preemption to the net). The table records it in its device
 record (``device["protocol"]``); ``measure_net_latency(net, protocol)`` is the one way a whole net
 is timed (profile stage report, retrain stage, the ``predict`` CLI's users), and comparing a table
 with a measurement of another protocol raises ``ProtocolMismatchError``.

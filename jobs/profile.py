@@ -15,17 +15,21 @@
    actor whose batch runs past ``task_timeout_s`` is treated as dead.
 4. Resumable: measurements are saved to the store every ``save_every`` results
    (``profile_measurements.json``, in ``ctx.checkpoint_store`` under the pipeline), and anything
-   already measured for the same device fingerprint and protocol (warm-up, repeats) is not measured
-   again -- neither from that file nor from an earlier ``latency_table.json`` in the store.
+   already measured for the same device fingerprint and measurement protocol (all of
+   ``MeasurementProtocol`` but the statistic) is not measured again -- neither from that file nor
+   from an earlier ``latency_table.json`` in the store.
 5. The table (``latency_table.json``, published atomically): ``densenas.latency.LatencyTable`` --
-   entries keyed by signature, the space hash, units, and the device fingerprint
+   entries keyed by signature, the space hash, units, and the device record: the fingerprint
    (``densenas.profiling.device_fingerprint``: CPU model, threads, GPU name, CUDA/driver, torch,
-   dtype, batch). The search refuses a table of another space or device (``check_compatible``).
-6. Accuracy report: ``report_paths`` random networks of the space (``densenas.latency_report``),
-   each measured end to end by the same actors the same way; predicted (table sum) vs measured,
-   a least-squares correction, ``accuracy_report.json`` and ``latency_scatter.png``. The
-   recommended correction is also stored in the table's ``meta["correction"]``.
-
+   dtype, batch) plus ``protocol`` (``densenas.latency_model.MeasurementProtocol``: batch, threads,
+   dtype, memory format, warm-up, repeats, statistic, timer). The search refuses a table of another
+   space or device (``check_compatible``).
+6. The latency model (``densenas.latency_model``): ``calibration_paths`` random nets and
+   ``report_paths`` other, held-out random nets, each timed end to end by the same actors under the
+   same protocol (``measure_net_latency``). The calibration is fitted on the first set only and
+   goes into the published table (``meta["latency_model"]``), so every consumer that loads the table
+   -- search, derive, sweep, retrain, ``predict_latency`` -- uses the model; ``accuracy_report.json``
+   and ``latency_scatter.png`` score it (and the plain sum) on the held-out nets.
 CLI: ``python -m jobs.profile --config configs/tiny.yaml [--actors N] [--out URI]`` prints
 ``[profile] 37/120 signatures, 2 actors, eta 40 s`` as it goes.
 """
