@@ -114,6 +114,10 @@ class ProfileConfig(BaseModel):
         "median", description="what the table serves and the report compares (p10 resists a loaded machine)")
     calibration_paths: int = Field(20, ge=0, description="random nets timed end to end to fit the latency model's "
                                                          "calibration (0: no calibration, the plain sum)")
+    report_concurrency: int | None = Field(
+        1, ge=1, description="whole nets timed at once across the actors; 1: each net alone (as the retrain stage "
+                             "times the derived net), since a net timed while another actor works on a core of the "
+                             "same machine is slowed by the shared caches and memory bandwidth; None: one per actor")
     report_paths: int = Field(50, ge=0, description="held-out random nets of the accuracy report, none of them a "
                                                     "calibration net (0: no report)")
     seed: int = Field(0, description="seed of the random nets (calibration and held-out drawn as one distinct set)")
@@ -379,8 +383,9 @@ class Profiler:
 
     # ------------------------------------------------------------------ the queue
     def _run_queue(self, phase: str, items: list[Any], method: str, per_task: int,
-                   on_result: Callable[[str, dict], None]) -> None:
-        """Hand ``items`` out in batches to idle actors until every item has a result."""
+                   on_result: Callable[[str, dict], None], max_inflight: int | None = None) -> None:
+        """Hand ``items`` out in batches to idle actors until every item has a result (at most
+        ``max_inflight`` batches at once when given)."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -396,7 +401,7 @@ class Profiler:
         no_ready_since = time.monotonic()
         while pending or inflight:
             for slot in [s for s in self.slots if s.ready and s.busy_since is None]:
-                if not pending:
+                if not pending or (max_inflight is not None and len(inflight) >= max_inflight):
                     break
                 batch = pending.popleft()
                 ref = getattr(slot.handle, method).remote(batch)
@@ -651,7 +656,8 @@ class Profiler:
                  f"({reused} measured earlier), end to end")
         if todo and not self.slots:
             raise ProfileError("no live profiling actor is left to measure the report's networks; run again")
-        self._run_queue("nets", todo, "measure_nets", 1, self._record(self.net_stats))
+        self._run_queue("nets", todo, "measure_nets", 1, self._record(self.net_stats),
+                        max_inflight=cfg.report_concurrency)
         self._save(force=bool(todo))
 
         def measured(n):
