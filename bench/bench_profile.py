@@ -47,11 +47,48 @@ def _section(config: str, overrides: list[str]) -> tuple[ProfileConfig, str]:
     return ProfileConfig.model_validate(section), doc.get("space", "tiny_mbconv")
 
 
+def _retrain_path_check(store, space, cfg: ProfileConfig, n: int) -> list[dict]:
+    """The retrain stage's latency path on ``n`` fresh random nets (neither calibration nor held-out):
+    ``jobs.retrain.latency_setup`` from the published table, ``_measure_in_task`` as a Ray task with the
+    resources the stage gives it, against ``densenas.latency.predict_latency``."""
+    import io
+
+    import ray
+    import torch
+
+    from densenas.arch import build_model
+    from densenas.latency import LatencyTable, predict_latency
+    from densenas.latency_report import sample_random_nets
+    from jobs.profile import TABLE_KEY
+    from jobs.retrain import RetrainConfig, _measure_in_task, latency_setup
+
+    table = LatencyTable.from_json(store.get_bytes(TABLE_KEY).decode())
+    protocol = latency_setup(RetrainConfig(), table)
+    classes = table.meta["num_classes"]
+    seen = cfg.calibration_paths + cfg.report_paths
+    nets = sample_random_nets(space, seen + n, cfg.seed, classes)[seen:]
+    out = []
+    for net in nets:
+        model = build_model(net.arch, num_classes=classes)
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        lat = ray.get(ray.remote(num_cpus=float(protocol["threads"]))(_measure_in_task).remote(
+            buf.getvalue(), net.arch.to_dict(), classes, protocol), timeout=600)
+        pred = predict_latency(net.arch, table)
+        out.append({"key": net.key, "predicted_ms": pred, "measured_ms": lat["value"],
+                    "error_pct": 100 * (pred - lat["value"]) / lat["value"]})
+        print(f"[bench_profile] retrain path: predicted {pred:.2f} ms, measured {lat['value']:.2f} ms "
+              f"({out[-1]['error_pct']:+.1f}%)", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/tiny.yaml")
     p.add_argument("--set", action="append", default=[], help="override a profile key, e.g. --set statistic=p10")
     p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--retrain-nets", type=int, default=10,
+                   help="fresh random nets timed through the retrain stage's latency path (a Ray task)")
     p.add_argument("--json", default=str(REPO / "docs" / "benchmarks" / "profile_demo.json"))
     p.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "profile.md"))
     args = p.parse_args(argv)
@@ -69,11 +106,13 @@ def main(argv=None) -> int:
             result = Profiler(cfg, space, store, log=lambda m: print(
                 f"[bench_profile +{time.monotonic() - t0:6.1f}s] {m}", flush=True)).run()
             report = store.get_json(REPORT_KEY)
+            retrain_path = _retrain_path_check(store, space, cfg, args.retrain_nets) if args.retrain_nets else []
         runs.append({"run": k + 1, "uptime_before": before, "uptime_after": _uptime(), "wall_s": result["wall_s"],
                      "measured_signatures": result["measured_signatures"], "measured_nets": result["measured_nets"],
                      "model": report.get("model"), "plain_sum": report.get("plain_sum"),
                      "calibration_in_sample": report.get("calibration_in_sample"),
-                     "calibration": report.get("calibration"), "goal": report.get("goal"), "report": report})
+                     "calibration": report.get("calibration"), "goal": report.get("goal"),
+                     "retrain_path": retrain_path, "report": report})
     ray.shutdown()
 
     cmd = "python bench/bench_profile.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -107,6 +146,13 @@ def main(argv=None) -> int:
                      f"{m.get('within_10pct', 0):.0%} | {m.get('within_5pct', 0):.0%} | {m.get('mape_pct', 0):.1f} | "
                      f"{m.get('spearman', 0):.3f} | {pl.get('within_10pct', 0):.0%} | {pl.get('mape_pct', 0):.1f} | "
                      f"{'yes' if (r['goal'] or {}).get('met') else 'no'} |")
+    for r in runs:
+        if r["retrain_path"]:
+            errs = [abs(x["error_pct"]) for x in r["retrain_path"]]
+            lines.append(f"\nRun {r['run']}, the retrain stage's latency path (`jobs.retrain.latency_setup` + "
+                         f"`_measure_in_task`, a Ray task) on {len(errs)} fresh random nets: "
+                         f"{sum(e <= 10 for e in errs)}/{len(errs)} within +-10 % of `predict_latency`, "
+                         f"median |error| {sorted(errs)[len(errs) // 2]:.1f} %, max {max(errs):.1f} %.")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
