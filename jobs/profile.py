@@ -39,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -118,6 +119,10 @@ class ProfileConfig(BaseModel):
         1, ge=1, description="whole nets timed at once across the actors; 1: each net alone (as the retrain stage "
                              "times the derived net), since a net timed while another actor works on a core of the "
                              "same machine is slowed by the shared caches and memory bandwidth; None: one per actor")
+    report_rounds: int = Field(1, ge=1, description="each report net is timed in this many rounds spread over the "
+                                                    "report (repeats split between them; its statistic is the median "
+                                                    "over rounds), so a machine whose speed drifts while the nets are "
+                                                    "timed slows every net alike")
     report_paths: int = Field(50, ge=0, description="held-out random nets of the accuracy report, none of them a "
                                                     "calibration net (0: no report)")
     seed: int = Field(0, description="seed of the random nets (calibration and held-out drawn as one distinct set)")
@@ -205,15 +210,18 @@ class ProfilerActor:
             out.append((key, stats.to_dict(), time.perf_counter() - t0))
         return out
 
-    def measure_nets(self, items: Sequence[tuple[str, dict]]) -> list[tuple[str, dict, float]]:
+    def measure_nets(self, items: Sequence[tuple[str, dict]], repeats: int | None = None
+                     ) -> list[tuple[str, dict, float]]:
         """(key, stats, seconds) per (key, arch document): the whole network, end to end
-        (``measure_net_latency``, the project's one whole-net measurement)."""
+        (``measure_net_latency``, the project's one whole-net measurement); ``repeats`` overrides the
+        protocol's for one round of a multi-round report."""
         from densenas.latency_model import measure_net_latency
 
+        protocol = self.protocol if repeats is None else self.protocol.with_(repeats=int(repeats))
         out = []
         for key, doc in items:
             t0 = time.perf_counter()
-            lat = measure_net_latency(doc, self.protocol)
+            lat = measure_net_latency(doc, protocol)
             stats = {k: lat[k] for k in ("mean", "median", "std", "p10", "p90", "count")}
             out.append((key, stats, time.perf_counter() - t0))
         return out
@@ -383,7 +391,8 @@ class Profiler:
 
     # ------------------------------------------------------------------ the queue
     def _run_queue(self, phase: str, items: list[Any], method: str, per_task: int,
-                   on_result: Callable[[str, dict], None], max_inflight: int | None = None) -> None:
+                   on_result: Callable[[str, dict], None], max_inflight: int | None = None,
+                   kwargs: Mapping[str, Any] | None = None) -> None:
         """Hand ``items`` out in batches to idle actors until every item has a result (at most
         ``max_inflight`` batches at once when given)."""
         import ray
@@ -404,7 +413,7 @@ class Profiler:
                 if not pending or (max_inflight is not None and len(inflight) >= max_inflight):
                     break
                 batch = pending.popleft()
-                ref = getattr(slot.handle, method).remote(batch)
+                ref = getattr(slot.handle, method).remote(batch, **dict(kwargs or {}))
                 inflight[ref] = (slot, batch)
                 slot.busy_since = time.monotonic()
             starting = {s.ready_ref: s for s in self.slots if not s.ready}
@@ -650,15 +659,25 @@ class Profiler:
         cal_nets, held = nets[:n_cal], nets[n_cal:]
         # One queue, calibration and held-out nets alternating: load drift touches both sets alike.
         order = [n for pair in zip(held, cal_nets) for n in pair] + held[len(cal_nets):] + cal_nets[len(held):]
-        todo = [(n.key, n.arch.to_dict()) for n in order if n.key not in self.net_stats]
-        reused = len(nets) - len(todo)
+        rounds = cfg.report_rounds
+        new = [n for n in order if n.key not in self.net_stats]
+        todo = [(f"{n.key}#{r}" if rounds > 1 else n.key, n.arch.to_dict()) for r in range(rounds) for n in new]
+        todo = [t for t in todo if t[0] not in self.net_stats]  # rounds of an interrupted run are kept
+        reused = len(nets) - len(new)
         self.log(f"latency model: {len(cal_nets)} calibration + {len(held)} held-out random nets "
-                 f"({reused} measured earlier), end to end")
+                 f"({reused} measured earlier), end to end" + (f", {rounds} rounds each" if rounds > 1 else ""))
         if todo and not self.slots:
             raise ProfileError("no live profiling actor is left to measure the report's networks; run again")
         self._run_queue("nets", todo, "measure_nets", 1, self._record(self.net_stats),
-                        max_inflight=cfg.report_concurrency)
+                        max_inflight=cfg.report_concurrency,
+                        kwargs={"repeats": max(1, math.ceil(cfg.repeats / rounds))} if rounds > 1 else None)
+        if rounds > 1:  # each statistic: the median over the net's rounds
+            for n in new:
+                parts = [self.net_stats.pop(f"{n.key}#{r}") for r in range(rounds)]
+                merged = {k: statistics.median(p[k] for p in parts) for k in ("mean", "median", "std", "p10", "p90")}
+                self.net_stats[n.key] = {**merged, "count": sum(int(p["count"]) for p in parts), "rounds": rounds}
         self._save(force=bool(todo))
+        measured_count = len(new)
 
         def measured(n):
             return getattr(LatencyStats.from_dict(self.net_stats[n.key]), cfg.statistic)
@@ -676,6 +695,7 @@ class Profiler:
         extra = {"space_hash": space.space_hash(), "device": self.fingerprint, "batch_size": cfg.batch_size,
                  "statistic": table.statistic, "seed": cfg.seed,
                  "protocol": cfg.measurement_protocol().to_dict(), "latency_table": self.store.uri_for(TABLE_KEY),
+                 "report_rounds": rounds, "report_concurrency": cfg.report_concurrency,
                  "calibration": None if calibration is None else calibration.to_dict()}
         report = latency_model_report(table, model, space, cal_nets, held, measured, self.num_classes, extra)
         self._publish_table(model)  # the table now carries the model: search, derive and sweep use it
@@ -693,7 +713,7 @@ class Profiler:
             self.log(f"held-out nets ({len(held)}): latency model {m['within_10pct']:.0%} within +-10%, "
                      f"MAPE {m['mape_pct']:.1f}%, Spearman {m['spearman']:.3f}; plain sum {p['within_10pct']:.0%} "
                      f"within +-10%, MAPE {p['mape_pct']:.1f}%")
-        return report, len(todo), reused
+        return report, measured_count, reused
 
 
 def latency_model_report(table: LatencyTable, model: LatencyTable, space: SearchSpace, cal_nets: Sequence[Any],
