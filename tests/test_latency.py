@@ -346,3 +346,15 @@ def test_per_op_calibration_is_chosen_only_when_it_predicts_left_out_nets_better
     assert c.fitted_on["calibration_loo_mape_pct"]["per_op"] < c.fitted_on["calibration_loo_mape_pct"]["shared"]
     same = [1.2 * r + 0.05 * u + 0.3 for r, u in zip(raw, units)]  # one scale is the truth: keep the shared form
     assert fit_calibration(raw, units, same, kind_sums=kinds, per_op=["a", "b"]).scale == pytest.approx(1.2)
+
+
+@pytest.mark.gpu
+def test_cuda_protocol_times_with_cuda_events_and_a_table_protocol_round_trips():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    micro = load_space("micro_mbconv")
+    arch = sample_random_nets(micro, 1, seed=0, num_classes=10)[0].arch
+    p = MeasurementProtocol(device="cuda", batch=8, threads=None, warmup=3, repeats=10)
+    out = measure_net_latency(arch, p)
+    assert out["protocol"]["timer"] == "cuda_events" and out["value"] > 0 and out["count"] == 10
+    assert MeasurementProtocol.from_dict(out["protocol"]) == p
