@@ -358,3 +358,17 @@ def test_cuda_protocol_times_with_cuda_events_and_a_table_protocol_round_trips()
     out = measure_net_latency(arch, p)
     assert out["protocol"]["timer"] == "cuda_events" and out["value"] > 0 and out["count"] == 10
     assert MeasurementProtocol.from_dict(out["protocol"]) == p
+
+
+def test_retrain_latency_uses_the_table_protocol_and_refuses_a_contradiction():
+    from jobs.retrain import RetrainConfig, latency_setup
+
+    table = _fake_table(load_space("micro_mbconv"), batch=2)
+    proto = MeasurementProtocol(batch=2, threads=1, warmup=3, repeats=7, timer="thread_cpu")
+    table.device["protocol"] = proto.to_dict()
+    assert MeasurementProtocol.from_dict(latency_setup(RetrainConfig(), table)) == proto
+    assert MeasurementProtocol.from_dict(latency_setup(RetrainConfig(latency_batch=2), table)) == proto
+    with pytest.raises(ProtocolMismatchError, match="latency_batch=1 vs the table's 2"):
+        latency_setup(RetrainConfig(latency_batch=1), table)
+    # no table: the config's own protocol (batch 1, 1 thread, wall clock)
+    assert latency_setup(RetrainConfig(), None)["batch"] == 1
