@@ -291,18 +291,22 @@ def _fit_shared(s: np.ndarray, n: np.ndarray, m: np.ndarray) -> tuple[float, flo
 
 
 def _fit_per_op(kind_sums: Sequence[Mapping[str, float]], n: np.ndarray, m: np.ndarray,
-                per_op: Sequence[str]) -> Calibration | None:
-    """Own scales for the ``per_op`` ops, one shared scale for the other units; None when it cannot be fitted."""
+                per_op: Sequence[str], rest_scale: float) -> Calibration | None:
+    """Own scales for the ``per_op`` ops; the other units (the fixed layers, nearly the same in every
+    net and so collinear with ``fixed_ms``) keep the shared form's ``rest_scale``. None when it cannot
+    be fitted."""
     per_op = [k for k in per_op if any(ks.get(k, 0) > 0 for ks in kind_sums)]
     if not per_op or len(m) < len(per_op) + 4:
         return None
     cols = [np.array([ks.get(k, 0.0) for ks in kind_sums]) for k in per_op]
     rest = np.array([sum(v for k, v in ks.items() if k not in per_op) for ks in kind_sums])
-    coef = _wls(cols + [rest, n, np.ones_like(rest)], m)
-    scales, a_rest, c, b = coef[:len(per_op)], coef[-3], coef[-2], coef[-1]
-    if (scales <= 0).any() or a_rest <= 0 or not np.isfinite(coef).all():
+    w = 1.0 / m
+    A = np.stack(cols + [n, np.ones_like(rest)], 1) * w[:, None]
+    coef, *_ = np.linalg.lstsq(A, (m - rest_scale * rest) * w, rcond=None)
+    scales, c, b = coef[:len(per_op)], coef[-2], coef[-1]
+    if (scales <= 0).any() or not np.isfinite(coef).all():
         return None
-    return Calibration(float(a_rest), float(c), float(b), {k: float(v) for k, v in zip(per_op, scales)})
+    return Calibration(float(rest_scale), float(c), float(b), {k: float(v) for k, v in zip(per_op, scales)})
 
 
 def fit_calibration(raw_sums: Sequence[float], units: Sequence[float], measured: Sequence[float],
@@ -336,9 +340,12 @@ def fit_calibration(raw_sums: Sequence[float], units: Sequence[float], measured:
             return float(np.mean(errs) * 100)
 
         loo["shared"] = loo_mape(lambda keep: Calibration(*_fit_shared(s[keep], n[keep], m[keep])))
-        loo["per_op"] = loo_mape(lambda keep: _fit_per_op([kind_sums[i] for i in np.flatnonzero(keep)], n[keep],
-                                                          m[keep], per_op))
-        per = _fit_per_op(kind_sums, n, m, per_op)
+        def per_op_fit(keep):
+            a = _fit_shared(s[keep], n[keep], m[keep])[0]
+            return _fit_per_op([kind_sums[i] for i in np.flatnonzero(keep)], n[keep], m[keep], per_op, a)
+
+        loo["per_op"] = loo_mape(per_op_fit)
+        per = per_op_fit(np.ones(len(m), dtype=bool))
         if per is not None and loo["per_op"] < loo["shared"]:
             cal = per
     pred = (np.array([cal.predict(ks, u) for ks, u in zip(kind_sums, n)]) if cal.op_scales
