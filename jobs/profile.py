@@ -675,7 +675,8 @@ class Profiler:
             for n in new:
                 parts = [self.net_stats.pop(f"{n.key}#{r}") for r in range(rounds)]
                 merged = {k: statistics.median(p[k] for p in parts) for k in ("mean", "median", "std", "p10", "p90")}
-                self.net_stats[n.key] = {**merged, "count": sum(int(p["count"]) for p in parts), "rounds": rounds}
+                self.net_stats[n.key] = {**merged, "count": sum(int(p["count"]) for p in parts),
+                                         "rounds": [{k: p[k] for k in ("median", "p10")} for p in parts]}
         self._save(force=bool(todo))
         measured_count = len(new)
 
@@ -698,6 +699,9 @@ class Profiler:
                  "report_rounds": rounds, "report_concurrency": cfg.report_concurrency,
                  "calibration": None if calibration is None else calibration.to_dict()}
         report = latency_model_report(table, model, space, cal_nets, held, measured, self.num_classes, extra)
+        for row in report["rows"]:  # each round's statistics, to see the measurement noise
+            if isinstance(self.net_stats[row["key"]].get("rounds"), list):
+                row["rounds"] = self.net_stats[row["key"]]["rounds"]
         self._publish_table(model)  # the table now carries the model: search, derive and sweep use it
         self.store.publish_json(REPORT_KEY, report)
         if held:
@@ -728,7 +732,8 @@ def latency_model_report(table: LatencyTable, model: LatencyTable, space: Search
             plain = float(sum(LatencyTable.lookup(table, s) for s in sigs))
             pred = model.predict_signatures(sigs) if isinstance(model, LatencyModel) else plain
             out.append({"key": n.key, "role": role, "units": sum(1 for s in sigs if s.op != "skip"),
-                        "predicted": pred, "plain_sum": plain, "measured": float(measured(n))})
+                        "predicted": pred, "plain_sum": plain, "measured": float(measured(n)),
+                        "raw_by_op": unit_kind_sums(table, sigs)})
         return out
 
     held_rows, cal_rows = rows(held, "held_out"), rows(cal_nets, "calibration")
