@@ -124,7 +124,7 @@ def _retrain_worker(config: dict) -> None:
                                         parallel_strategy_kwargs={"broadcast_buffers": False})
     broadcast_module(model)
     tracker = RankZeroTracker(config.get("tracking"), enabled=rank == 0)
-    weights_sha = []
+    weights_sha, epoch_ends = [], []   # epoch_ends: wall-clock end of each epoch (bench/bench_overhead.py)
     while epoch < cfg.epochs:
         batches = capped_batches(streams.batches("train", config["batch"], epoch, drop_last=True, device=device),
                                  config["steps"])
@@ -132,6 +132,7 @@ def _retrain_worker(config: dict) -> None:
         sync_bn_statistics(model)
         epoch, step = epoch + 1, step + r["steps"]
         weights_sha.append({"epoch": epoch, "weights_sha256": weights_digest(model)})
+        epoch_ends.append({"epoch": epoch, "time": time.time()})
         stats = allreduce_sum(torch.tensor([r["loss"] * r["n"], r["acc"] * r["n"], r["n"]], dtype=torch.float64))
         record = {"epoch": epoch, "step": step, "lr": r["lr"], "train_loss": float(stats[0] / stats[2]),
                   "train_acc": float(stats[1] / stats[2]), "seconds": r["seconds"],
@@ -157,7 +158,8 @@ def _retrain_worker(config: dict) -> None:
             ray.train.report(numeric_metrics(record))
         config["stage_store"].put_json(f"workers/rank-{rank}.json", {"rank": rank, "world": world,
                                                                       "node_id": _node_id(), "epoch": epoch,
-                                                                      "digests": weights_sha})
+                                                                      "digests": weights_sha,
+                                                                      "epoch_ends": epoch_ends})
 
 
 def _measure_in_task(model_bytes: bytes, arch: Any, num_classes: int, shape: list[int], device: str, threads: int,
