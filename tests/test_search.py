@@ -255,9 +255,13 @@ def test_target_mode_moves_lambda_by_dual_ascent(micro_data):
     over.arch_step((vx[:8], vy[:8]))
     assert over.lam == pytest.approx(0.1 + 0.5 * (over.derived_cost() / (cost / 2) - 1))
     assert over.lam > 0.1
-    under = _searcher(SearchConfig.model_validate({**base, "target_latency": cost * 4}))
+    under = _searcher(SearchConfig.model_validate({**base, "target_latency": cost * 4, "target_kind": "at_most"}))
     under.arch_step((vx[:8], vy[:8]))
-    assert under.lam == 0.0, "lambda is clipped at 0"
+    assert under.lam == 0.0, "a budget clips lambda at 0"
+    equal = _searcher(SearchConfig.model_validate({**base, "target_latency": cost * 4}))
+    equal.arch_step((vx[:8], vy[:8]))
+    assert equal.lam < 0, "an equality target lets lambda go negative"
+    equal.arch_step((vx[8:16], vy[8:16]))  # the step with a negative lambda runs
     state = over.state_dict()
     again = _searcher(SearchConfig.model_validate({**base, "target_latency": cost / 2}))
     again.load_state_dict(state)
