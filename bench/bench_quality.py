@@ -149,6 +149,8 @@ def main(argv=None) -> int:
     ap.add_argument("--test-per-class", type=int, default=None, help="cap the test split (default: all of it)")
     ap.add_argument("--rounds", type=int, default=200, help="interleaved re-timing rounds")
     ap.add_argument("--band", type=float, default=0.10, help="random nets within this relative latency")
+    ap.add_argument("--search-epochs", type=int, default=None, help="reduced runs: override search.epochs")
+    ap.add_argument("--arch-steps", type=int, default=None, help="reduced runs: override search.arch_steps_per_epoch")
     ap.add_argument("--out", default=None, help="working directory (default: a temp dir)")
     ap.add_argument("--doc", default=str(REPO / "docs/benchmarks/quality.md"))
     ap.add_argument("--label", default="", help="a line stating what kind of run this is (e.g. reduced)")
@@ -173,6 +175,9 @@ def main(argv=None) -> int:
     data_cfg = cfg.data.model_copy(update={"executor": "local", "test_max_per_class": args.test_per_class})
     manifest = run_split(data_cfg, split_store)
     search = cfg.search_core
+    if args.search_epochs is not None or args.arch_steps is not None:
+        search = search.model_copy(update={k: v for k, v in (("epochs", args.search_epochs),
+                                                            ("arch_steps_per_epoch", args.arch_steps)) if v is not None})
     sweep = cfg.sweep.model_copy(update={"lambdas": args.lambdas, "taus": [search.tau]})
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -258,7 +263,9 @@ def main(argv=None) -> int:
     cmd = (f".venv/bin/python bench/bench_quality.py --lambdas {' '.join(f'{v:g}' for v in args.lambdas)} "
            f"--seeds {args.seeds} --random {args.random} --cost {args.cost}"
            + (f" --epochs {args.epochs}" if args.epochs is not None else "")
-           + (f" --test-per-class {args.test_per_class}" if args.test_per_class else ""))
+           + (f" --test-per-class {args.test_per_class}" if args.test_per_class else "")
+           + (f" --search-epochs {args.search_epochs}" if args.search_epochs else "")
+           + (f" --arch-steps {args.arch_steps}" if args.arch_steps else ""))
     lines = [
         "## Search quality: the lambda sweep vs uniform random nets (bench/bench_quality.py)",
         "",
@@ -270,7 +277,7 @@ def main(argv=None) -> int:
         f"Command: `{cmd}` (under `flock /tmp/heavy.lock`).",
         "",
         f"Setup: `{args.config}`: space `{space.name}`, split {manifest['counts']}, search {search.epochs} epochs "
-        f"({search.warmup_epochs} warm-up, shared), arch steps per epoch {search.arch_steps_per_epoch}, "
+        f"({search.warmup_epochs} warm-up, shared), {search.arch_steps_per_epoch} arch steps per search epoch, "
         f"cost model {cost_model.units}. Retrain recipe (densenas.retrain, the retrain stage's): "
         f"{recipe.epochs} epochs, batch {recipe.batch_size}, lr {recipe.lr}, label smoothing {recipe.label_smoothing}, "
         f"on search-train + search-val ({len(train[1])} images) with flips; test: {len(test[1])} held-out images.",
