@@ -145,6 +145,8 @@ class SearchConfig(BaseModel):
                                 "predicted cost approaches this; lambda is then only its starting value")
     dual_lr: float = Field(0.05, ge=0, description="target mode: lambda += dual_lr * (cost / target - 1) "
                                                    "after every architecture step")
+    target_tolerance: float = Field(0.05, gt=0, lt=1, description="target mode: the derived net is the most "
+                                    "probable one within target * (1 +- target_tolerance) (densenas.derive.near_target)")
     target_kind: Literal["equal", "at_most"] = Field(
         "equal", description="target mode: 'equal' lets lambda go below 0 (the search then spends latency up to "
                              "the target); 'at_most' clips lambda at 0 (a budget: cheaper is fine)")
@@ -487,7 +489,9 @@ class Searcher:
 
     def derive(self, budget: float | None = None) -> Derivation:
         budget = self.config.derive_budget if budget is None else budget
-        return derive(self.net, self.cost_model, budget=budget, build_arch=_arch_available())
+        return derive(self.net, self.cost_model, budget=budget, build_arch=_arch_available(),
+                      target=self.config.target_latency if budget is None else None,
+                      tolerance=self.config.target_tolerance)
 
     def epoch_record(self, train: _Meter, val: _Meter, seconds: float, arch_seconds: float, warm: bool) -> dict:
         with torch.no_grad():
