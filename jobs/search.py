@@ -501,6 +501,7 @@ def _finish(job: SearchJobConfig, space, cost_model, num_classes: int, steps: in
                     "op_names": list(m.op_names), "alpha": m.alpha.detach().tolist()} for m in net.mixed_ops],
         "betas": [b.detach().tolist() for b in net.betas],
         "edge_probs": {f"{i}-{j}": float(p.detach()) for (i, j), p in net.edge_probs().items()},
+        "target_latency": job.search.target_latency, "target_tolerance": job.search.target_tolerance,
     })
     ranks = sorted(k for k in store.list("workers") if k.endswith(".json"))
     workers = [store.get_json(k) for k in ranks]
