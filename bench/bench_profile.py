@@ -1,23 +1,21 @@
-"""Benchmark: latency-table profiling wall time with 1 vs 2 Ray actors, and the table's accuracy on whole nets.
+"""Benchmark: the profile stage exactly as the demo runs it -- wall time and the latency model's accuracy.
 
-    python bench/bench_profile.py [--space tiny_mbconv] [--batch 1] [--warmup 10] [--repeats 100]
-                                  [--report-paths 50] [--report-actors 1]
+    flock /tmp/heavy.lock python bench/bench_profile.py [--config configs/tiny.yaml] [--runs 1]
 
-1. Profiles every distinct op signature of ``--space`` on the CPU into a fresh temporary store,
-   once with 1 actor and once with 2 actors (1 thread each, local Ray with 2 CPUs); wall time of
-   the whole run (actor start included) and of the measuring phase alone.
-2. On the 2-actor table, the accuracy report: ``--report-paths`` random nets of the space
-   measured end to end by ``--report-actors`` actor(s), predicted (table sum) vs measured, and the
-   fitted corrections scored leave-one-out.
-
-Writes docs/benchmarks/profile.md. The machine is shared: load average is recorded next to the
-numbers; re-run when it is quiet before quoting them.
+Loads the ``profile:`` section of ``--config`` (the demo's: 2 actors x 1 thread, batch 32, its
+calibration and held-out nets), starts a local Ray with 2 CPUs (the demo's machine), and runs the
+profile stage (``jobs.profile.Profiler``) into a fresh store, ``--runs`` times (fresh each time).
+Records per run: the stage's wall time (actor start included), the held-out accuracy of the latency
+model and of the plain table sum (within +-5 / +-10 %, MAPE, Spearman), the calibration, and
+``uptime`` before and after. Writes the raw results to ``--json`` and a summary to ``--out``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,110 +24,135 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import yaml  # noqa: E402
+
 from cluster.storage import open_store  # noqa: E402
 from densenas.profiling import cpu_model_name  # noqa: E402
 from jobs.profile import REPORT_KEY, ProfileConfig, Profiler  # noqa: E402
 
 
-def _timed_run(cfg: ProfileConfig, space: str, store) -> dict:
-    marks: dict[str, float] = {}
-    t0 = time.monotonic()
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
-    def log(msg: str) -> None:
-        now = time.monotonic() - t0
-        if msg.startswith("device:"):
-            marks["ready"] = now
-        elif msg.startswith("published latency_table"):
-            marks["table"] = now
-        print(f"[bench_profile +{now:6.1f}s] {msg}", flush=True)
 
-    result = Profiler(cfg, space, store, log=log).run()
-    result["measure_s"] = marks.get("table", float("nan")) - marks.get("ready", float("nan"))
-    result["ready_s"] = marks.get("ready", float("nan"))
-    return result
+def _section(config: str, overrides: list[str]) -> tuple[ProfileConfig, str]:
+    doc = yaml.safe_load(Path(config).read_text())
+    section = dict(doc.get("profile") or {})
+    classes = (doc.get("data") or {}).get("classes")
+    if section.get("num_classes") is None and isinstance(classes, int):
+        section["num_classes"] = classes
+    for o in overrides:
+        k, v = o.split("=", 1)
+        section[k] = yaml.safe_load(v)
+    return ProfileConfig.model_validate(section), doc.get("space", "tiny_mbconv")
+
+
+def _retrain_path_check(store, space, cfg: ProfileConfig, n: int) -> list[dict]:
+    """The retrain stage's latency path on ``n`` fresh random nets (neither calibration nor held-out):
+    ``jobs.retrain.latency_setup`` from the published table, ``_measure_in_task`` as a Ray task with the
+    resources the stage gives it, against ``densenas.latency.predict_latency``."""
+    import io
+
+    import ray
+    import torch
+
+    from densenas.arch import build_model
+    from densenas.latency import LatencyTable, predict_latency
+    from densenas.latency_report import sample_random_nets
+    from jobs.profile import TABLE_KEY
+    from jobs.retrain import RetrainConfig, _measure_in_task, latency_setup
+
+    table = LatencyTable.from_json(store.get_bytes(TABLE_KEY).decode())
+    protocol = latency_setup(RetrainConfig(), table)
+    classes = table.meta["num_classes"]
+    seen = cfg.calibration_paths + cfg.report_paths
+    nets = sample_random_nets(space, seen + n, cfg.seed, classes)[seen:]
+    out = []
+    for net in nets:
+        model = build_model(net.arch, num_classes=classes)
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        lat = ray.get(ray.remote(num_cpus=float(protocol["threads"]))(_measure_in_task).remote(
+            buf.getvalue(), net.arch.to_dict(), classes, protocol), timeout=600)
+        pred = predict_latency(net.arch, table)
+        out.append({"key": net.key, "predicted_ms": pred, "measured_ms": lat["value"],
+                    "error_pct": 100 * (pred - lat["value"]) / lat["value"]})
+        print(f"[bench_profile] retrain path: predicted {pred:.2f} ms, measured {lat['value']:.2f} ms "
+              f"({out[-1]['error_pct']:+.1f}%)", flush=True)
+    return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--space", default="tiny_mbconv")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=100)
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--report-paths", type=int, default=50)
-    p.add_argument("--report-actors", type=int, default=1)
-    p.add_argument("--statistic", default="median", choices=["median", "mean", "p10", "p90"],
-                   help="what the table serves and the report compares (p10 resists a loaded machine)")
+    p.add_argument("--config", default="configs/tiny.yaml")
+    p.add_argument("--set", action="append", default=[], help="override a profile key, e.g. --set statistic=p10")
+    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--retrain-nets", type=int, default=10,
+                   help="fresh random nets timed through the retrain stage's latency path (a Ray task)")
+    p.add_argument("--json", default=str(REPO / "docs" / "benchmarks" / "profile_demo.json"))
     p.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "profile.md"))
     args = p.parse_args(argv)
+    cfg, space = _section(args.config, args.set)
 
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    load_before = os.getloadavg()
-    base = dict(device="cpu", threads_per_actor=1, batch_size=args.batch, warmup=args.warmup,
-                repeats=args.repeats, num_classes=args.num_classes, signatures_per_task=4,
-                statistic=args.statistic)
-    runs = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in (1, 2):
-            store = open_store(Path(tmp) / f"actors{n}")
-            runs[n] = _timed_run(ProfileConfig(**base, actors=n, report_paths=0), args.space, store)
-        store2 = open_store(Path(tmp) / "actors2")
-        rep_run = _timed_run(ProfileConfig(**base, actors=args.report_actors, report_paths=args.report_paths),
-                             args.space, store2)
-        report = store2.get_json(REPORT_KEY) if args.report_paths else None
-    load_after = os.getloadavg()
+    runs = []
+    for k in range(args.runs):
+        before = _uptime()
+        t0 = time.monotonic()
+        with tempfile.TemporaryDirectory() as tmp:
+            store = open_store(Path(tmp) / "profile")
+            result = Profiler(cfg, space, store, log=lambda m: print(
+                f"[bench_profile +{time.monotonic() - t0:6.1f}s] {m}", flush=True)).run()
+            report = store.get_json(REPORT_KEY)
+            retrain_path = _retrain_path_check(store, space, cfg, args.retrain_nets) if args.retrain_nets else []
+        runs.append({"run": k + 1, "uptime_before": before, "uptime_after": _uptime(), "wall_s": result["wall_s"],
+                     "measured_signatures": result["measured_signatures"], "measured_nets": result["measured_nets"],
+                     "model": report.get("model"), "plain_sum": report.get("plain_sum"),
+                     "calibration_in_sample": report.get("calibration_in_sample"),
+                     "calibration": report.get("calibration"), "goal": report.get("goal"),
+                     "retrain_path": retrain_path, "report": report})
     ray.shutdown()
 
     cmd = "python bench/bench_profile.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    raw = {"command": cmd.strip(), "config": args.config, "profile": cfg.model_dump(), "space": space,
+           "machine": {"cpu": cpu_model_name(), "cores": os.cpu_count(), "os": f"{platform.system()} "
+                                                                               f"{platform.release()}"},
+           "torch": __import__("torch").__version__, "ray": ray.__version__, "runs": runs}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(raw, indent=1))
+
+    proto = cfg.measurement_protocol().to_dict()
     lines = [
-        "## Latency-table profiling (jobs.profile)",
+        "## The profile stage on the demo config (jobs.profile)",
         "",
-        f"Machine: {cpu_model_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
-        f"torch {__import__('torch').__version__}, ray {ray.__version__}. "
-        f"Load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f} "
-        "(the machine is shared with other engineers' work; numbers under load are noisy).",
+        f"Machine: {raw['machine']['cpu']}, {os.cpu_count()} cores, {raw['machine']['os']}; torch {raw['torch']}, "
+        f"ray {ray.__version__}; local Ray with 2 CPUs, {cfg.actors} actors x {cfg.threads_per_actor} thread.",
         "",
-        f"Command: `{cmd.strip()}`",
+        f"Command: `flock /tmp/heavy.lock {cmd.strip()}`; raw output: `docs/benchmarks/{Path(args.json).name}`.",
         "",
-        f"Space `{args.space}`, CPU, batch {args.batch}, {args.warmup} warm-up + {args.repeats} timed runs per "
-        f"signature, 1 thread per actor, local Ray with 2 CPUs.",
+        "Protocol: " + ", ".join(f"{k} {v}" for k, v in proto.items()) + f". {cfg.calibration_paths} calibration "
+        f"nets fit the model; {cfg.report_paths} other (held-out) random nets score it.",
         "",
-        "| actors | signatures | whole run (s) | actor start (s) | measuring (s) | signatures/s |",
-        "|---|---|---|---|---|---|",
+        "| run | load before / after | stage wall (s) | model within +-10 % | +-5 % | MAPE % | Spearman | "
+        "plain sum within +-10 % | plain MAPE % | goal met |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for n, r in runs.items():
-        lines.append(f"| {n} | {r['measured_signatures']} | {r['wall_s']:.1f} | {r['ready_s']:.1f} | "
-                     f"{r['measure_s']:.1f} | {r['measured_signatures'] / max(r['measure_s'], 1e-9):.1f} |")
-    if runs[1]["measure_s"] > 0 and runs[2]["measure_s"] > 0:
-        lines += ["", f"Speed-up of the measuring phase, 2 vs 1 actors: "
-                      f"{runs[1]['measure_s'] / runs[2]['measure_s']:.2f}x."]
-    if report is not None:
-        pl = report["plain_sum"]
-        lines += [
-            "",
-            f"### Accuracy report: {report['n_nets']} random nets of `{args.space}`, measured end to end "
-            f"({args.report_actors} actor(s), same protocol); predicted = table sum of each op's "
-            f"{args.statistic}, measured = each net's {args.statistic}",
-            "",
-            "| prediction | within +-5 % | within +-10 % | MAPE % | mean signed error % | Spearman |",
-            "|---|---|---|---|---|---|",
-            f"| plain table sum | {pl['within_5pct']:.0%} | {pl['within_10pct']:.0%} | {pl['mape_pct']:.1f} | "
-            f"{pl['mean_signed_error_pct']:+.1f} | {pl['spearman']:.3f} |",
-        ]
-        for kind, c in report["corrections"].items():
-            m = c["leave_one_out"]
-            lines.append(f"| {kind} correction, leave-one-out (a={c['a']:.4g}, b={c['b']:.4g}) | "
-                         f"{m['within_5pct']:.0%} | {m['within_10pct']:.0%} | {m['mape_pct']:.1f} | "
-                         f"{m['mean_signed_error_pct']:+.1f} | {m['spearman']:.3f} |")
-        best = report["recommended_correction"]
-        best_m = report["corrections"][best]["leave_one_out"] if best else pl
-        goal = best_m["within_10pct"] >= 0.95
-        lines += ["", f"Recommended correction: {best or 'none (plain sum)'}. Goal (>= 95 % of nets within "
-                      f"+-10 % on CPU): {'met' if goal else 'NOT met'} ({best_m['within_10pct']:.0%}). "
-                      f"Nets measured in {rep_run['wall_s']:.1f} s."]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    for r in runs:
+        m, pl = r["model"] or {}, r["plain_sum"] or {}
+        load = lambda s: s.split("load average:")[-1].split(",")[0].strip()  # noqa: E731
+        lines.append(f"| {r['run']} | {load(r['uptime_before'])} / {load(r['uptime_after'])} | {r['wall_s']:.1f} | "
+                     f"{m.get('within_10pct', 0):.0%} | {m.get('within_5pct', 0):.0%} | {m.get('mape_pct', 0):.1f} | "
+                     f"{m.get('spearman', 0):.3f} | {pl.get('within_10pct', 0):.0%} | {pl.get('mape_pct', 0):.1f} | "
+                     f"{'yes' if (r['goal'] or {}).get('met') else 'no'} |")
+    for r in runs:
+        if r["retrain_path"]:
+            errs = [abs(x["error_pct"]) for x in r["retrain_path"]]
+            lines.append(f"\nRun {r['run']}, the retrain stage's latency path (`jobs.retrain.latency_setup` + "
+                         f"`_measure_in_task`, a Ray task) on {len(errs)} fresh random nets: "
+                         f"{sum(e <= 10 for e in errs)}/{len(errs)} within +-10 % of `predict_latency`, "
+                         f"median |error| {sorted(errs)[len(errs) // 2]:.1f} %, max {max(errs):.1f} %.")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

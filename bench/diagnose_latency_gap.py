@@ -60,7 +60,7 @@ def in_context_layers(net, protocol: MeasurementProtocol) -> list[float]:
     head = net.forward_head
     net.eval()
     x0 = torch.randn(protocol.batch, net.arch.in_channels, net.arch.input_size, net.arch.input_size)
-    clock = time.perf_counter
+    clock = time.perf_counter if protocol.timer == "wall" else time.thread_time
     samples = [[] for _ in range(len(layers) + 1)]
     for rep in range(protocol.warmup + protocol.repeats):
         x = x0
@@ -96,6 +96,7 @@ def main() -> int:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--statistic", default="median", choices=["median", "p10", "mean"])
+    p.add_argument("--timer", default="wall", choices=["wall", "thread_cpu"])
     p.add_argument("--concurrent-nets", type=int, default=6)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -103,7 +104,7 @@ def main() -> int:
     set_cpu_threads(args.threads)
     space = load_space(args.space)
     proto = MeasurementProtocol(batch=args.batch, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
-                                statistic=args.statistic)
+                                statistic=args.statistic, timer=args.timer)
     nets = sample_random_nets(space, args.nets, args.seed, args.classes)
     load_before = _uptime()
     t_start = time.time()
@@ -135,7 +136,10 @@ def main() -> int:
             by_kind[kind].append(c / a)
         fixed_idx = [0, 1, len(units) - 2, len(units) - 1] if space.first_layer is not None else \
             [0, len(units) - 2, len(units) - 1]
-        rows.append({"key": net.key, "units": len(units), "skips": len(sigs_all) - len(units) - 0,
+        kind_sums = {}
+        for sig, a in zip(units, unit_alone):
+            kind_sums[sig.op] = kind_sums.get(sig.op, 0.0) + a
+        rows.append({"key": net.key, "kind_sums": kind_sums, "units": len(units), "skips": len(sigs_all) - len(units) - 0,
                      "whole_ms": whole, "table_sum_ms": table_sum, "unit_sum_ms": sum(unit_alone),
                      "in_context_sum_ms": sum(ctx),
                      "fixed_alone_ms": sum(unit_alone[i] for i in fixed_idx),
@@ -172,8 +176,11 @@ def main() -> int:
     fixed_c = np.array([r["fixed_in_context_ms"] for r in rows])
     nunits = np.array([r["units"] for r in rows])
     half = len(rows) // 2
-    cal = fit_calibration(usum[:half], nunits[:half], whole[:half], {"nets": "first half"})
-    held = cal.apply(usum[half:], nunits[half:])
+    per_op = sorted({o for o in (*space.head_ops, *space.stacking_ops) if o != "skip"})
+    ks = [r["kind_sums"] for r in rows]
+    cal = fit_calibration(usum[:half], nunits[:half], whole[:half], {"nets": "first half"}, kind_sums=ks[:half],
+                          per_op=per_op)
+    held = np.array([cal.predict(k, u) for k, u in zip(ks[half:], nunits[half:])])
     summary = {
         "gap_table_sum_vs_whole_pct": float(((tsum - whole) / whole).mean() * 100),
         "table_sum_metrics": accuracy_metrics(tsum, whole),

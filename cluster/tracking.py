@@ -266,7 +266,7 @@ class Tracker:
 
     def __init__(self, uri: Optional[str] = None, experiment: str = DEFAULT_EXPERIMENT,
                  spool_dir: str | os.PathLike | None = None, local_dir: str | os.PathLike | None = None,
-                 retry_interval_s: float = 30.0):
+                 retry_interval_s: float = 30.0, experiment_id: Optional[str] = None):
         _quiet_http_defaults()
         self._local_dir = Path(local_dir).expanduser().resolve() if local_dir else _default_local_dir()
         try:
@@ -279,7 +279,7 @@ class Tracker:
         self.retry_interval_s = retry_interval_s
         self._lock = threading.RLock()
         self._client = None
-        self._experiment_id: Optional[str] = None
+        self._experiment_id: Optional[str] = experiment_id   # known already (e.g. handed to a Tune trial)
         self._runs: dict[str, RunHandle] = {}
         self._active: list[RunHandle] = []
         self._offline_until = 0.0
@@ -296,6 +296,16 @@ class Tracker:
     def spec(self, parent: Optional[RunHandle] = None, run: Optional[RunHandle] = None) -> TrackerSpec:
         return TrackerSpec(self.uri, self.experiment, str(self.spool_dir), parent.run_id if parent else None,
                            run.run_id if run else None)
+
+    @property
+    def experiment_id(self) -> Optional[str]:
+        """The experiment's MLflow id (created if needed); None while MLflow cannot be reached."""
+        try:
+            return self._experiment()
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, _Transient):
+                self._go_offline(exc)
+            return None
 
     # ---- reads (None when MLflow cannot answer: callers decide without it, nothing raises)
     def _read(self, what: str, fn, *args, **kwargs):

@@ -206,10 +206,69 @@ def official_string(space: SearchSpace, blocks: Sequence[Mapping[str, Any]]) -> 
     return "|".join(parts)
 
 
+def near_target(supernet: Any, latency: Any, target: float, tolerance: float = 0.05,
+                k: int = 64) -> tuple[list[int], list[int], bool]:
+    """The most probable network whose predicted cost is within ``target * (1 +- tolerance)``.
+
+    Candidates: the ``k`` most probable block paths; on each, the ops start at argmax and are moved
+    greedily toward the target, each move the op change of a layer on the path that loses the least
+    log-probability per unit of cost gained toward the target (never overshooting further than it
+    was). Score: log p(path) + sum of log softmax(alpha) of the chosen ops on the path. Returns
+    (path, op_choice, in_band); when no candidate reaches the band, the one closest to the target.
+    """
+    import torch.nn.functional as F
+
+    space: SearchSpace = supernet.space
+    with torch.no_grad():
+        probs = {e: float(p) for e, p in supernet.edge_probs().items()}
+        logp = [F.log_softmax(m.alpha.detach().double(), 0).tolist() for m in supernet.mixed_ops]
+    ops0 = argmax_ops(supernet)
+    costs: dict[int, list[float]] = {}
+    for n, idx in enumerate(latency.head_index):
+        costs[idx] = [float(c) for c in latency.head_costs[n]]
+    for n, idx in enumerate(latency.stack_index):
+        costs[idx] = [float(c) for c in latency.stack_costs[n]]
+    head_at = {tuple(m.edge): idx for idx, m in enumerate(supernet.mixed_ops) if m.kind == "head"}
+    stacks_at: dict[int, list[int]] = {}
+    for idx, m in enumerate(supernet.mixed_ops):
+        if m.kind == "stack":
+            stacks_at.setdefault(m.block, []).append(idx)
+    lo, hi = target * (1 - tolerance), target * (1 + tolerance)
+    best = None
+    for path, p in k_best_paths(space, probs, k):
+        layers = [head_at[e] for e in zip(path, path[1:])] + [i for j in path[1:] for i in stacks_at.get(j, [])]
+        ops = list(ops0)
+        cost = latency.path_cost(path, ops)
+        for _ in range(8 * len(layers) + 1):
+            if lo <= cost <= hi:
+                break
+            move = None
+            for i in layers:
+                now = costs[i][ops[i]]
+                for o, c in enumerate(costs[i]):
+                    if o == ops[i] or abs(cost + c - now - target) >= abs(cost - target):
+                        continue
+                    rate = (logp[i][ops[i]] - logp[i][o]) / abs(c - now)
+                    if move is None or rate < move[0]:
+                        move = (rate, i, o, c - now)
+            if move is None:
+                break
+            ops[move[1]] = move[2]
+            cost += move[3]
+        cost = latency.path_cost(path, ops)
+        inside = lo <= cost <= hi
+        score = math.log(p) + sum(logp[i][ops[i]] for i in layers) if inside else -abs(cost - target)
+        if best is None or (inside, score) > best[0]:
+            best = ((inside, score), path, ops)
+    (inside, _), path, ops = best
+    return list(path), ops, inside
+
+
 def derive(supernet: Any, cost_model: Any = None, budget: float | None = None, num_classes: int | None = None,
-           build_arch: bool = True) -> Derivation:
+           build_arch: bool = True, target: float | None = None, tolerance: float = 0.05) -> Derivation:
     """Viterbi path + argmax ops of a super network; with ``budget`` (cost model units), the most
-    probable path whose predicted cost stays within it (ops stay argmax)."""
+    probable path whose predicted cost stays within it (ops stay argmax); with ``target``, the most
+    probable network within ``target * (1 +- tolerance)`` (``near_target``: path and ops)."""
     space: SearchSpace = supernet.space
     with torch.no_grad():
         probs = {e: float(p) for e, p in supernet.edge_probs().items()}
@@ -220,7 +279,14 @@ def derive(supernet: Any, cost_model: Any = None, budget: float | None = None, n
 
         latency = ExpectedLatency(supernet, cost_model, num_classes)
     notes = []
-    if budget is not None:
+    if target is not None:
+        if latency is None:
+            raise ValueError("a latency target needs a cost model (a LatencyTable or MacsCostModel)")
+        path, ops, inside = near_target(supernet, latency, target, tolerance)
+        if not inside:
+            notes.append(f"no network among the most probable paths is within {tolerance:.0%} of the target "
+                         f"{target:g} {latency.units}: the closest was taken")
+    elif budget is not None:
         if latency is None:
             raise ValueError("a latency budget needs a cost model (a LatencyTable or MacsCostModel)")
         fixed, costs = latency.edge_costs(ops)

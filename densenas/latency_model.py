@@ -4,22 +4,24 @@ Why a model and not a plain table sum: the sum of isolated op timings misses wha
 costs (``bench/diagnose_latency_gap.py``, ``docs/profiling.md``): per-layer dispatch and memory
 traffic between layers, which an op timed alone on a cache-warm input does not pay. The model:
 
-``predicted(net) = scale * sum_units(raw table entry) + layer_ms * units + fixed_ms``
+``predicted(net) = sum over its units of scale(op) * raw table entry + layer_ms * units + fixed_ms``
 
 - a *unit* is a layer the built network really runs (stem, first layer, each head and non-skip
   stacking layer, the last 1x1 conv, pooling + classifier); a skip is an identity in the built net
   and costs nothing;
-- ``scale``, ``layer_ms`` and ``fixed_ms`` are fitted (weighted least squares on relative error)
-  on whole-net measurements of one set of random nets (the calibration nets) and the model is
-  reported on other, held-out nets (``densenas.latency_report``, the profile stage);
+- ``scale`` (one for all ops, or one per searchable op when leave-one-out on the calibration nets
+  prefers it), ``layer_ms`` and ``fixed_ms`` are fitted (weighted least squares on relative error)
+  on whole-net measurements of one set of random nets (the calibration nets); the profile stage
+  reports the model on other, held-out nets;
 - the model is affine in the per-signature entries, so it decomposes per signature: a layer costs
-  ``scale * raw + layer_ms`` and the stem also carries ``fixed_ms``. ``LatencyModel`` is a
+  ``scale(op) * raw + layer_ms`` and the stem also carries ``fixed_ms``. ``LatencyModel`` is a
   ``LatencyTable`` whose ``lookup`` serves exactly that, so the search's expected latency
   (``ExpectedLatency``, exact in expectation because the model is affine), the derive stage's
   predicted cost and the sweep's predicted axis all come from this one model unchanged.
 
 ``MeasurementProtocol`` is what every latency number here depends on besides the device: batch,
-threads, dtype, memory format, warm-up, repeats, statistic. The table records it in its device
+threads, dtype, memory format, warm-up, repeats, statistic, and the CPU timer (wall clock, or the
+thread's CPU time, which does not charge a shared machine's preemption to the net). The table records it in its device
 record (``device["protocol"]``); ``measure_net_latency(net, protocol)`` is the one way a whole net
 is timed (profile stage report, retrain stage, the ``predict`` CLI's users), and comparing a table
 with a measurement of another protocol raises ``ProtocolMismatchError``.
@@ -49,6 +51,7 @@ __all__ = [
     "measure_net_latency",
     "time_forward",
     "unit_features",
+    "unit_kind_sums",
     "fit_calibration",
     "table_protocol",
     "predict_arch_latency",
@@ -79,6 +82,7 @@ class MeasurementProtocol:
     warmup: int = 5
     repeats: int = 30
     statistic: str = "median"
+    timer: str = "wall"
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -93,18 +97,21 @@ class MeasurementProtocol:
             raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {self.memory_format!r}")
         if self.statistic not in _STATISTICS:
             raise ValueError(f"statistic must be one of {_STATISTICS}, got {self.statistic!r}")
-
-    @property
-    def timer(self) -> str:
-        return "cuda_events" if self.device == "cuda" else "perf_counter"
+        if self.device == "cuda" and self.timer != "cuda_events":
+            object.__setattr__(self, "timer", "cuda_events")  # the only GPU timer
+        if self.device == "cpu" and self.timer not in ("wall", "thread_cpu"):
+            raise ValueError(f"a CPU protocol's timer is 'wall' or 'thread_cpu', got {self.timer!r}")
+        if self.timer == "thread_cpu" and self.threads != 1:
+            raise ValueError(f"timer 'thread_cpu' counts one thread's CPU time; it needs threads 1, got "
+                             f"{self.threads} (use timer 'wall' with more threads)")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "timer": self.timer}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MeasurementProtocol":
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        missing = [k for k in cls.__dataclass_fields__ if k not in d]
+        missing = [k for k in cls.__dataclass_fields__ if k not in d and k != "timer"]
         if missing:
             raise ProtocolMismatchError(f"protocol record {dict(d)} lacks {missing}")
         return cls(**known)
@@ -169,7 +176,8 @@ def time_forward(module: nn.Module, input_shape: Sequence[int], protocol: Measur
         raise ProtocolMismatchError("the protocol's device is 'cuda' but torch sees no CUDA device here")
     try:
         module, x = _prepare(module, torch.randn(*input_shape), protocol)
-        samples = time_module(module, x, x.device, protocol.warmup, protocol.repeats)
+        samples = time_module(module, x, x.device, protocol.warmup, protocol.repeats,
+                              "wall" if protocol.device == "cuda" else protocol.timer)
     finally:
         if protocol.device == "cpu":
             torch.set_num_threads(previous)
@@ -212,63 +220,141 @@ def unit_features(table: LatencyTable, sigs: Sequence[OpSignature]) -> tuple[flo
     return float(sum(LatencyTable.lookup(table, s) for s in units)), len(units)
 
 
+def unit_kind_sums(table: LatencyTable, sigs: Sequence[OpSignature]) -> dict[str, float]:
+    """The table's raw statistic summed per op name over a net's units (skips dropped)."""
+    out: dict[str, float] = {}
+    for s in sigs:
+        if _is_unit(s):
+            out[s.op] = out.get(s.op, 0.0) + LatencyTable.lookup(table, s)
+    return out
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """``measured ~ scale * sum(raw units) + layer_ms * units + fixed_ms``, fitted on whole nets."""
+    """``measured ~ sum over units of scale(op) * raw + layer_ms * units + fixed_ms``, fitted on whole nets.
+
+    ``scale(op)`` is ``op_scales[op]`` for the ops that have their own (the ``per_op`` form), else ``scale``.
+    """
 
     scale: float = 1.0
     layer_ms: float = 0.0
     fixed_ms: float = 0.0
+    op_scales: dict = field(default_factory=dict)
     fitted_on: dict = field(default_factory=dict)  # how many nets, seed, in-sample metrics (for the reader)
 
+    @property
+    def form(self) -> str:
+        return "per_op" if self.op_scales else "shared"
+
+    def op_scale(self, op: str) -> float:
+        return float(self.op_scales.get(op, self.scale))
+
     def apply(self, raw_sum: float | np.ndarray, units: float | np.ndarray) -> np.ndarray | float:
+        """The shared form on (raw sum, units) features (``predict`` for the per-op form)."""
         return self.scale * raw_sum + self.layer_ms * units + self.fixed_ms
 
+    def predict(self, kind_sums: Mapping[str, float], units: int) -> float:
+        return float(sum(self.op_scale(k) * v for k, v in kind_sums.items()) + self.layer_ms * units + self.fixed_ms)
+
     def to_dict(self) -> dict:
-        return {"scale": self.scale, "layer_ms": self.layer_ms, "fixed_ms": self.fixed_ms,
-                "formula": "measured ~ scale * sum(raw unit entries) + layer_ms * units + fixed_ms",
+        return {"form": self.form, "scale": self.scale, "op_scales": dict(self.op_scales), "layer_ms": self.layer_ms,
+                "fixed_ms": self.fixed_ms,
+                "formula": "measured ~ sum_units scale(op) * raw entry + layer_ms * units + fixed_ms "
+                           "(scale(op) = op_scales[op], else scale)",
                 "fitted_on": dict(self.fitted_on)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Calibration":
         try:
-            return cls(float(d["scale"]), float(d["layer_ms"]), float(d["fixed_ms"]), dict(d.get("fitted_on") or {}))
-        except (KeyError, TypeError, ValueError):
+            return cls(float(d["scale"]), float(d["layer_ms"]), float(d["fixed_ms"]),
+                       {str(k): float(v) for k, v in (d.get("op_scales") or {}).items()},
+                       dict(d.get("fitted_on") or {}))
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise LatencyTableError(f"bad latency-model calibration record {dict(d)}; expected scale, layer_ms, "
                                     "fixed_ms") from None
 
 
-def fit_calibration(raw_sums: Sequence[float], units: Sequence[float], measured: Sequence[float],
-                    fitted_on: Mapping[str, Any] | None = None) -> Calibration:
-    """Weighted least squares on relative error (each net weighs 1/measured): the goal is relative.
+def _wls(cols: list[np.ndarray], m: np.ndarray) -> np.ndarray:
+    """Least squares on relative error: each net's row weighs 1/measured."""
+    w = 1.0 / m
+    coef, *_ = np.linalg.lstsq(np.stack(cols, 1) * w[:, None], m * w, rcond=None)
+    return coef
 
-    With fewer than 4 nets, or when the layer counts do not vary, only ``scale`` and ``fixed_ms`` are fitted.
-    A fit that would make a layer cost negative falls back to the two-parameter fit."""
+
+def _fit_shared(s: np.ndarray, n: np.ndarray, m: np.ndarray) -> tuple[float, float, float]:
+    if len(m) >= 4 and np.ptp(n) > 0:
+        a, c, b = _wls([s, n, np.ones_like(s)], m)
+        if a > 0:
+            return float(a), float(c), float(b)
+    a, b = _wls([s, np.ones_like(s)], m)
+    return float(a), 0.0, float(b)
+
+
+def _fit_per_op(kind_sums: Sequence[Mapping[str, float]], n: np.ndarray, m: np.ndarray,
+                per_op: Sequence[str], rest_scale: float) -> Calibration | None:
+    """Own scales for the ``per_op`` ops; the other units (the fixed layers, nearly the same in every
+    net and so collinear with ``fixed_ms``) keep the shared form's ``rest_scale``. None when it cannot
+    be fitted."""
+    per_op = [k for k in per_op if any(ks.get(k, 0) > 0 for ks in kind_sums)]
+    if not per_op or len(m) < len(per_op) + 4:
+        return None
+    cols = [np.array([ks.get(k, 0.0) for ks in kind_sums]) for k in per_op]
+    rest = np.array([sum(v for k, v in ks.items() if k not in per_op) for ks in kind_sums])
+    w = 1.0 / m
+    A = np.stack(cols + [n, np.ones_like(rest)], 1) * w[:, None]
+    coef, *_ = np.linalg.lstsq(A, (m - rest_scale * rest) * w, rcond=None)
+    scales, c, b = coef[:len(per_op)], coef[-2], coef[-1]
+    if (scales <= 0).any() or not np.isfinite(coef).all():
+        return None
+    return Calibration(float(rest_scale), float(c), float(b), {k: float(v) for k, v in zip(per_op, scales)})
+
+
+def fit_calibration(raw_sums: Sequence[float], units: Sequence[float], measured: Sequence[float],
+                    fitted_on: Mapping[str, Any] | None = None,
+                    kind_sums: Sequence[Mapping[str, float]] | None = None,
+                    per_op: Sequence[str] = ()) -> Calibration:
+    """Fit the calibration by weighted least squares on relative error (each net weighs 1/measured).
+
+    The shared form (one scale, ``layer_ms``, ``fixed_ms``; with fewer than 4 nets or constant layer
+    counts, no ``layer_ms``) always; with ``kind_sums`` and ``per_op`` also the per-op form (own scales
+    for the ``per_op`` ops). Of the two, the one with the lower leave-one-out MAPE *on these nets*
+    is kept -- the choice never sees the held-out nets.
+    """
     s, n, m = (np.asarray(v, dtype=np.float64) for v in (raw_sums, units, measured))
     if not (len(s) == len(n) == len(m)) or len(m) < 2:
         raise ValueError(f"a calibration needs >= 2 nets with raw sums, unit counts and measurements; got "
                          f"{len(s)}, {len(n)}, {len(m)}")
     if (m <= 0).any():
         raise ValueError("measured latencies must be > 0")
-    w = 1.0 / m
+    shared = Calibration(*_fit_shared(s, n, m))
+    cal, loo = shared, {}
+    if kind_sums is not None and per_op and len(m) >= 6:
+        def loo_mape(fit) -> float:
+            errs = []
+            for k in range(len(m)):
+                keep = np.arange(len(m)) != k
+                c = fit(keep)
+                if c is None:
+                    return math.inf
+                errs.append(abs(c.predict(kind_sums[k], n[k]) - m[k]) / m[k])
+            return float(np.mean(errs) * 100)
 
-    def solve(cols: list[np.ndarray]) -> np.ndarray:
-        A = np.stack(cols, 1) * w[:, None]
-        coef, *_ = np.linalg.lstsq(A, m * w, rcond=None)
-        return coef
+        loo["shared"] = loo_mape(lambda keep: Calibration(*_fit_shared(s[keep], n[keep], m[keep])))
+        def per_op_fit(keep):
+            a = _fit_shared(s[keep], n[keep], m[keep])[0]
+            return _fit_per_op([kind_sums[i] for i in np.flatnonzero(keep)], n[keep], m[keep], per_op, a)
 
-    coef = None
-    if len(m) >= 4 and np.ptp(n) > 0:
-        a, c, b = solve([s, n, np.ones_like(s)])
-        if a > 0:
-            coef = (a, c, b)
-    if coef is None:
-        a, b = solve([s, np.ones_like(s)])
-        coef = (a, 0.0, b)
-    cal = Calibration(float(coef[0]), float(coef[1]), float(coef[2]))
-    rel = (cal.apply(s, n) - m) / m
+        loo["per_op"] = loo_mape(per_op_fit)
+        per = per_op_fit(np.ones(len(m), dtype=bool))
+        if per is not None and loo["per_op"] < loo["shared"]:
+            cal = per
+    pred = (np.array([cal.predict(ks, u) for ks, u in zip(kind_sums, n)]) if cal.op_scales
+            else np.asarray(cal.apply(s, n)))
+    rel = (pred - m) / m
     info = {"n_nets": int(len(m)), "in_sample_mape_pct": float(np.abs(rel).mean() * 100),
             "in_sample_within_10pct": float((np.abs(rel) <= 0.10).mean())}
+    if loo:
+        info["calibration_loo_mape_pct"] = loo
     return replace(cal, fitted_on={**info, **dict(fitted_on or {})})
 
 
@@ -287,8 +373,9 @@ class LatencyModel(LatencyTable):
         self.fixed_sig = OpSignature.parse(fixed_key)
         if self.fixed_sig not in self.entries:
             raise LatencyTableError(f"the latency model's fixed part {fixed_key} is not an entry of the table")
-        if self.calibration.scale <= 0 or not all(math.isfinite(v) for v in (
-                self.calibration.scale, self.calibration.layer_ms, self.calibration.fixed_ms)):
+        c = self.calibration
+        if min([c.scale, *c.op_scales.values()]) <= 0 or not all(math.isfinite(v) for v in (
+                c.scale, c.layer_ms, c.fixed_ms, *c.op_scales.values())):
             raise LatencyTableError(f"latency-model calibration must be finite with scale > 0, got {self.calibration}")
 
     @classmethod
@@ -328,13 +415,12 @@ class LatencyModel(LatencyTable):
             self.stats(sig)  # still refuse a signature the table lacks
             return 0.0
         c = self.calibration
-        cost = c.scale * self.raw_lookup(sig) + c.layer_ms
+        cost = c.op_scale(sig.op) * self.raw_lookup(sig) + c.layer_ms
         return cost + c.fixed_ms if sig == self.fixed_sig else cost
 
     def predict_signatures(self, sigs: Sequence[OpSignature]) -> float:
         """The model's prediction of a net given by its signatures (stem first)."""
-        raw, n = unit_features(self, sigs)
-        return float(self.calibration.apply(raw, n))
+        return self.calibration.predict(unit_kind_sums(self, sigs), sum(1 for s in sigs if _is_unit(s)))
 
     def __repr__(self) -> str:
         c = self.calibration
@@ -426,6 +512,8 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         print("protocol: not recorded (a table made before protocols were recorded)")
     if isinstance(table, LatencyModel):
         c = table.calibration
-        print(f"calibration: {c.scale:.4f} * sum(units) + {c.layer_ms:.4f} ms * units + {c.fixed_ms:.4f} ms "
+        scales = ", ".join(f"{k} x{v:.3f}" for k, v in c.op_scales.items())
+        print(f"calibration ({c.form}): {c.scale:.4f} * sum(units){f' ({scales})' if scales else ''} + "
+              f"{c.layer_ms:.4f} ms * units + {c.fixed_ms:.4f} ms "
               f"(fitted on {c.fitted_on.get('n_nets', '?')} nets)")
     return 0

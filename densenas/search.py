@@ -144,7 +144,12 @@ class SearchConfig(BaseModel):
         None, gt=0, description="cost-model units: lambda follows dual ascent so that the derived net's "
                                 "predicted cost approaches this; lambda is then only its starting value")
     dual_lr: float = Field(0.05, ge=0, description="target mode: lambda += dual_lr * (cost / target - 1) "
-                                                   "after every architecture step, clipped at 0")
+                                                   "after every architecture step")
+    target_tolerance: float = Field(0.05, gt=0, lt=1, description="target mode: the derived net is the most "
+                                    "probable one within target * (1 +- target_tolerance) (densenas.derive.near_target)")
+    target_kind: Literal["equal", "at_most"] = Field(
+        "equal", description="target mode: 'equal' lets lambda go below 0 (the search then spends latency up to "
+                             "the target); 'at_most' clips lambda at 0 (a budget: cheaper is fine)")
 
     @model_validator(mode="after")
     def _warmup(self) -> "SearchConfig":
@@ -363,7 +368,9 @@ class Searcher:
         logits = self.net(x, choices, arch_grad=True)
         ce = F.cross_entropy(logits, y)
         lat = self.latency(self.alphas, self.betas, choices)
-        loss = ce + latency_loss(lat, self.lam, self.config.tau)
+        # In target mode ('equal') lambda is a free multiplier and may be negative; otherwise it is >= 0.
+        loss = ce + (latency_loss(lat, self.lam, self.config.tau) if self.lam >= 0
+                     else self.lam * torch.log(lat) / math.log(self.config.tau))
         # Gradients w.r.t. alpha and beta only: autograd skips every weight-gradient kernel.
         grads = torch.autograd.grad(loss, self.arch_params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.arch_params, grads)]
@@ -390,11 +397,14 @@ class Searcher:
         return self.latency.path_cost(viterbi_path(self.space, probs), argmax_ops(self.net))
 
     def dual_step(self) -> float:
-        """Target mode: one dual-ascent step on lambda, the multiplier of the constraint
-        ``cost(derived net) <= target``: ``lambda <- max(0, lambda + dual_lr * (cost / target - 1))``.
+        """Target mode: one dual-ascent step on lambda, the multiplier of the constraint on the derived
+        net's cost: ``lambda <- lambda + dual_lr * (cost / target - 1)``, clipped at 0 when
+        ``target_kind`` is 'at_most' (cost <= target), free in sign when 'equal' (cost = target).
         The derived net's cost (not the expected cost of the distribution) is what the target is about."""
         gap = self.derived_cost() / float(self.config.target_latency) - 1.0
-        self.lam = max(0.0, self.lam + self.config.dual_lr * gap)
+        self.lam = self.lam + self.config.dual_lr * gap
+        if self.config.target_kind == "at_most":
+            self.lam = max(0.0, self.lam)
         return self.lam
 
     @torch.no_grad()
@@ -479,7 +489,9 @@ class Searcher:
 
     def derive(self, budget: float | None = None) -> Derivation:
         budget = self.config.derive_budget if budget is None else budget
-        return derive(self.net, self.cost_model, budget=budget, build_arch=_arch_available())
+        return derive(self.net, self.cost_model, budget=budget, build_arch=_arch_available(),
+                      target=self.config.target_latency if budget is None else None,
+                      tolerance=self.config.target_tolerance)
 
     def epoch_record(self, train: _Meter, val: _Meter, seconds: float, arch_seconds: float, warm: bool) -> dict:
         with torch.no_grad():

@@ -109,6 +109,8 @@ def supernet_from_search_outputs(space: SearchSpace, search_outputs: Any, num_cl
     if not isinstance(obj, Mapping):
         raise DeriveError(f"search output is a {type(obj).__name__}; expected a search state, a SuperNet state "
                           "dict or an arch_params document")
+    # A search in target-latency mode derives within its target band (densenas.derive.near_target).
+    target = {k: (obj.get("config") or {}).get(k, obj.get(k)) for k in ("target_latency", "target_tolerance")}
     if obj.get("format") == "densenas-search-state":
         if obj.get("space_hash") not in (None, space.space_hash()):
             raise DeriveError(f"the search state belongs to space {str(obj['space_hash'])[:12]}, not "
@@ -130,6 +132,7 @@ def supernet_from_search_outputs(space: SearchSpace, search_outputs: Any, num_cl
         raise DeriveError("the number of classes is unknown: the search output does not record it; pass num_classes")
     with torch.device("meta"):
         net = SuperNet(space, num_classes=int(num_classes))
+    net.latency_target = target
     if alphas is None:
         names = [n for n, _ in net.named_arch_parameters()]
         missing = [n for n in names if n not in obj]
@@ -215,7 +218,10 @@ def derive_to_store(cfg: DeriveConfig, supernet: SuperNet, cost_model: Any, stor
     """Derive from ``supernet``'s alpha/beta and write every artifact into ``store``; returns the result."""
     say = progress or (lambda msg: None)
     space = supernet.space
-    d = derive(supernet, cost_model, budget=cfg.latency_budget, build_arch=True)
+    target = getattr(supernet, "latency_target", None) or {}
+    d = derive(supernet, cost_model, budget=cfg.latency_budget, build_arch=True,
+               target=target.get("target_latency") if cfg.latency_budget is None else None,
+               tolerance=target.get("target_tolerance") or 0.05)
     arch = d.arch
     say(f"path {d.path} (p={d.path_prob:.3g}), predicted {d.predicted_cost:.4g} {d.cost_units}: {arch.one_line()}")
     with torch.no_grad():

@@ -15,17 +15,21 @@
    actor whose batch runs past ``task_timeout_s`` is treated as dead.
 4. Resumable: measurements are saved to the store every ``save_every`` results
    (``profile_measurements.json``, in ``ctx.checkpoint_store`` under the pipeline), and anything
-   already measured for the same device fingerprint and protocol (warm-up, repeats) is not measured
-   again -- neither from that file nor from an earlier ``latency_table.json`` in the store.
+   already measured for the same device fingerprint and measurement protocol (all of
+   ``MeasurementProtocol`` but the statistic) is not measured again -- neither from that file nor
+   from an earlier ``latency_table.json`` in the store.
 5. The table (``latency_table.json``, published atomically): ``densenas.latency.LatencyTable`` --
-   entries keyed by signature, the space hash, units, and the device fingerprint
+   entries keyed by signature, the space hash, units, and the device record: the fingerprint
    (``densenas.profiling.device_fingerprint``: CPU model, threads, GPU name, CUDA/driver, torch,
-   dtype, batch). The search refuses a table of another space or device (``check_compatible``).
-6. Accuracy report: ``report_paths`` random networks of the space (``densenas.latency_report``),
-   each measured end to end by the same actors the same way; predicted (table sum) vs measured,
-   a least-squares correction, ``accuracy_report.json`` and ``latency_scatter.png``. The
-   recommended correction is also stored in the table's ``meta["correction"]``.
-
+   dtype, batch) plus ``protocol`` (``densenas.latency_model.MeasurementProtocol``: batch, threads,
+   dtype, memory format, warm-up, repeats, statistic, timer). The search refuses a table of another
+   space or device (``check_compatible``).
+6. The latency model (``densenas.latency_model``): ``calibration_paths`` random nets and
+   ``report_paths`` other, held-out random nets, each timed end to end by the same actors under the
+   same protocol (``measure_net_latency``). The calibration is fitted on the first set only and
+   goes into the published table (``meta["latency_model"]``), so every consumer that loads the table
+   -- search, derive, sweep, retrain, ``predict_latency`` -- uses the model; ``accuracy_report.json``
+   and ``latency_scatter.png`` score it (and the plain sum) on the held-out nets.
 CLI: ``python -m jobs.profile --config configs/tiny.yaml [--actors N] [--out URI]`` prints
 ``[profile] 37/120 signatures, 2 actors, eta 40 s`` as it goes.
 """
@@ -35,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -44,10 +49,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from densenas.latency import LatencyStats, LatencyTable, OpSignature, space_signatures
-from densenas.latency_model import Calibration, LatencyModel, MeasurementProtocol, fit_calibration, unit_features
+from densenas.latency_model import (LatencyModel, MeasurementProtocol, fit_calibration, unit_features,
+                                    unit_kind_sums)
 from densenas.latency_report import accuracy_metrics, net_signatures, sample_random_nets
 from densenas.profiling import FINGERPRINT_KEYS, fingerprint_mismatch
 from densenas.space import SearchSpace, load_space
@@ -100,12 +106,23 @@ class ProfileConfig(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     memory_format: Literal["contiguous", "channels_last"] = Field(
         "contiguous", description="memory format of the input and weights (part of the protocol)")
+    timer: Literal["wall", "thread_cpu"] = Field(
+        "wall", description="CPU clock: 'wall' (perf_counter) or 'thread_cpu' (the thread's CPU time: a shared "
+                            "machine's preemption is not charged; needs threads_per_actor 1). CUDA: CUDA events")
     warmup: int = Field(20, ge=0, description="discarded runs per signature")
     repeats: int = Field(2000, ge=1, description="timed runs per signature (paper: 2,000)")
     statistic: Literal["median", "mean", "p10", "p90"] = Field(
         "median", description="what the table serves and the report compares (p10 resists a loaded machine)")
     calibration_paths: int = Field(20, ge=0, description="random nets timed end to end to fit the latency model's "
                                                          "calibration (0: no calibration, the plain sum)")
+    report_concurrency: int | None = Field(
+        1, ge=1, description="whole nets timed at once across the actors; 1: each net alone (as the retrain stage "
+                             "times the derived net), since a net timed while another actor works on a core of the "
+                             "same machine is slowed by the shared caches and memory bandwidth; None: one per actor")
+    report_rounds: int = Field(1, ge=1, description="each report net is timed in this many rounds spread over the "
+                                                    "report (repeats split between them; its statistic is the median "
+                                                    "over rounds), so a machine whose speed drifts while the nets are "
+                                                    "timed slows every net alike")
     report_paths: int = Field(50, ge=0, description="held-out random nets of the accuracy report, none of them a "
                                                     "calibration net (0: no report)")
     seed: int = Field(0, description="seed of the random nets (calibration and held-out drawn as one distinct set)")
@@ -121,6 +138,11 @@ class ProfileConfig(BaseModel):
     max_actor_restarts: int = Field(4, ge=0, description="replacement actors started after actor deaths")
     actor_start_timeout_s: float = Field(300.0, gt=0, description="fail when no actor is ready after this long")
     task_timeout_s: float = Field(900.0, gt=0, description="a batch running longer marks its actor as hung")
+
+    @model_validator(mode="after")
+    def _protocol_is_valid(self) -> "ProfileConfig":
+        self.measurement_protocol()  # e.g. timer thread_cpu with 2 threads: refused here, with the reason
+        return self
 
     def ray_resources(self) -> dict[str, float]:
         """What one actor asks Ray for."""
@@ -138,7 +160,8 @@ class ProfileConfig(BaseModel):
         return MeasurementProtocol(device=self.device, batch=self.batch_size,
                                    threads=self.threads_per_actor if self.device == "cpu" else None,
                                    dtype=self.dtype, memory_format=self.memory_format, warmup=self.warmup,
-                                   repeats=self.repeats, statistic=self.statistic)
+                                   repeats=self.repeats, statistic=self.statistic,
+                                   timer=self.timer if self.device == "cpu" else "cuda_events")
 
     def protocol(self) -> dict[str, Any]:
         """What decides whether a stored measurement can be reused: the protocol but its statistic
@@ -187,15 +210,18 @@ class ProfilerActor:
             out.append((key, stats.to_dict(), time.perf_counter() - t0))
         return out
 
-    def measure_nets(self, items: Sequence[tuple[str, dict]]) -> list[tuple[str, dict, float]]:
+    def measure_nets(self, items: Sequence[tuple[str, dict]], repeats: int | None = None
+                     ) -> list[tuple[str, dict, float]]:
         """(key, stats, seconds) per (key, arch document): the whole network, end to end
-        (``measure_net_latency``, the project's one whole-net measurement)."""
+        (``measure_net_latency``, the project's one whole-net measurement); ``repeats`` overrides the
+        protocol's for one round of a multi-round report."""
         from densenas.latency_model import measure_net_latency
 
+        protocol = self.protocol if repeats is None else self.protocol.with_(repeats=int(repeats))
         out = []
         for key, doc in items:
             t0 = time.perf_counter()
-            lat = measure_net_latency(doc, self.protocol)
+            lat = measure_net_latency(doc, protocol)
             stats = {k: lat[k] for k in ("mean", "median", "std", "p10", "p90", "count")}
             out.append((key, stats, time.perf_counter() - t0))
         return out
@@ -365,8 +391,10 @@ class Profiler:
 
     # ------------------------------------------------------------------ the queue
     def _run_queue(self, phase: str, items: list[Any], method: str, per_task: int,
-                   on_result: Callable[[str, dict], None]) -> None:
-        """Hand ``items`` out in batches to idle actors until every item has a result."""
+                   on_result: Callable[[str, dict], None], max_inflight: int | None = None,
+                   kwargs: Mapping[str, Any] | None = None) -> None:
+        """Hand ``items`` out in batches to idle actors until every item has a result (at most
+        ``max_inflight`` batches at once when given)."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -382,10 +410,10 @@ class Profiler:
         no_ready_since = time.monotonic()
         while pending or inflight:
             for slot in [s for s in self.slots if s.ready and s.busy_since is None]:
-                if not pending:
+                if not pending or (max_inflight is not None and len(inflight) >= max_inflight):
                     break
                 batch = pending.popleft()
-                ref = getattr(slot.handle, method).remote(batch)
+                ref = getattr(slot.handle, method).remote(batch, **dict(kwargs or {}))
                 inflight[ref] = (slot, batch)
                 slot.busy_since = time.monotonic()
             starting = {s.ready_ref: s for s in self.slots if not s.ready}
@@ -631,33 +659,49 @@ class Profiler:
         cal_nets, held = nets[:n_cal], nets[n_cal:]
         # One queue, calibration and held-out nets alternating: load drift touches both sets alike.
         order = [n for pair in zip(held, cal_nets) for n in pair] + held[len(cal_nets):] + cal_nets[len(held):]
-        todo = [(n.key, n.arch.to_dict()) for n in order if n.key not in self.net_stats]
-        reused = len(nets) - len(todo)
+        rounds = cfg.report_rounds
+        new = [n for n in order if n.key not in self.net_stats]
+        todo = [(f"{n.key}#{r}" if rounds > 1 else n.key, n.arch.to_dict()) for r in range(rounds) for n in new]
+        todo = [t for t in todo if t[0] not in self.net_stats]  # rounds of an interrupted run are kept
+        reused = len(nets) - len(new)
         self.log(f"latency model: {len(cal_nets)} calibration + {len(held)} held-out random nets "
-                 f"({reused} measured earlier), end to end")
+                 f"({reused} measured earlier), end to end" + (f", {rounds} rounds each" if rounds > 1 else ""))
         if todo and not self.slots:
             raise ProfileError("no live profiling actor is left to measure the report's networks; run again")
-        self._run_queue("nets", todo, "measure_nets", 1, self._record(self.net_stats))
+        self._run_queue("nets", todo, "measure_nets", 1, self._record(self.net_stats),
+                        max_inflight=cfg.report_concurrency,
+                        kwargs={"repeats": max(1, math.ceil(cfg.repeats / rounds))} if rounds > 1 else None)
+        if rounds > 1:  # each statistic: the median over the net's rounds
+            for n in new:
+                parts = [self.net_stats.pop(f"{n.key}#{r}") for r in range(rounds)]
+                merged = {k: statistics.median(p[k] for p in parts) for k in ("mean", "median", "std", "p10", "p90")}
+                self.net_stats[n.key] = {**merged, "count": sum(int(p["count"]) for p in parts),
+                                         "rounds": [{k: p[k] for k in ("median", "p10")} for p in parts]}
         self._save(force=bool(todo))
+        measured_count = len(new)
 
         def measured(n):
             return getattr(LatencyStats.from_dict(self.net_stats[n.key]), cfg.statistic)
 
-        def features(n):
-            return unit_features(table, net_signatures(space, n, table.batch, self.num_classes))
-
         model: LatencyTable = table
         calibration = None
         if len(cal_nets) >= 2:
-            f = [features(n) for n in cal_nets]
+            sigs = [net_signatures(space, n, table.batch, self.num_classes) for n in cal_nets]
+            f = [unit_features(table, x) for x in sigs]
+            per_op = sorted({o for o in (*space.head_ops, *space.stacking_ops) if o != "skip"})
             calibration = fit_calibration([x[0] for x in f], [x[1] for x in f], [measured(n) for n in cal_nets],
-                                          {"seed": cfg.seed, "statistic": cfg.statistic})
+                                          {"seed": cfg.seed, "statistic": cfg.statistic},
+                                          kind_sums=[unit_kind_sums(table, x) for x in sigs], per_op=per_op)
             model = LatencyModel.from_table(table, calibration, space)
         extra = {"space_hash": space.space_hash(), "device": self.fingerprint, "batch_size": cfg.batch_size,
                  "statistic": table.statistic, "seed": cfg.seed,
                  "protocol": cfg.measurement_protocol().to_dict(), "latency_table": self.store.uri_for(TABLE_KEY),
+                 "report_rounds": rounds, "report_concurrency": cfg.report_concurrency,
                  "calibration": None if calibration is None else calibration.to_dict()}
         report = latency_model_report(table, model, space, cal_nets, held, measured, self.num_classes, extra)
+        for row in report["rows"]:  # each round's statistics, to see the measurement noise
+            if isinstance(self.net_stats[row["key"]].get("rounds"), list):
+                row["rounds"] = self.net_stats[row["key"]]["rounds"]
         self._publish_table(model)  # the table now carries the model: search, derive and sweep use it
         self.store.publish_json(REPORT_KEY, report)
         if held:
@@ -673,7 +717,7 @@ class Profiler:
             self.log(f"held-out nets ({len(held)}): latency model {m['within_10pct']:.0%} within +-10%, "
                      f"MAPE {m['mape_pct']:.1f}%, Spearman {m['spearman']:.3f}; plain sum {p['within_10pct']:.0%} "
                      f"within +-10%, MAPE {p['mape_pct']:.1f}%")
-        return report, len(todo), reused
+        return report, measured_count, reused
 
 
 def latency_model_report(table: LatencyTable, model: LatencyTable, space: SearchSpace, cal_nets: Sequence[Any],
@@ -688,7 +732,8 @@ def latency_model_report(table: LatencyTable, model: LatencyTable, space: Search
             plain = float(sum(LatencyTable.lookup(table, s) for s in sigs))
             pred = model.predict_signatures(sigs) if isinstance(model, LatencyModel) else plain
             out.append({"key": n.key, "role": role, "units": sum(1 for s in sigs if s.op != "skip"),
-                        "predicted": pred, "plain_sum": plain, "measured": float(measured(n))})
+                        "predicted": pred, "plain_sum": plain, "measured": float(measured(n)),
+                        "raw_by_op": unit_kind_sums(table, sigs)})
         return out
 
     held_rows, cal_rows = rows(held, "held_out"), rows(cal_nets, "calibration")

@@ -102,8 +102,8 @@ def log_retrained_model(ctx: Any, model: Any, arch: Any, store: Any, metrics: Ma
     """Log the retrained network as an MLflow model (+ ONNX) and register a new version; returns the
     registered model's name (None without tracking or when it could not be written)."""
     tracker = getattr(ctx, "tracker", None)
-    if not callable(getattr(tracker, "register_model", None)) or not getattr(tracker, "run_id", None):
-        return None
+    if not callable(getattr(tracker, "register_model", None)):
+        return None   # tracking off (a run created while MLflow is down still gets it: the spool keeps the order)
     try:
         import torch
         from mlflow.models import infer_signature

@@ -3,10 +3,14 @@
 ``run_retrain(cfg, arch, split_manifest, store, ctx) -> dict``
 
 - the network is ``densenas.arch.build_model(arch, num_classes)`` from the architecture JSON;
+- real DDP (``ray.train.torch.prepare_model``): one bucketed gradient all-reduce per step; BatchNorm
+  running statistics averaged across ranks after every epoch (``sync_bn_statistics``), so every rank
+  holds the same network (``workers/rank-N.json`` records its sha256 per epoch) and rank 0's
+  checkpoint, which the driver tests and exports, carries the synchronised statistics;
 - data: the split's search-train + search-val shards (the full training data, both augmented) and
   the held-out test shards, each worker its own disjoint rows (``data_loading: memory``: read and
   decoded once, see ``jobs.data``; ``ray_data``: streamed every epoch); the global batch is split
-  over the workers and gradients are all-reduced (mean) every step (gloo on CPU, NCCL on GPU);
+  over the workers (gloo on CPU, NCCL on GPU);
 - recipe (``densenas.retrain.TrainRecipe``): the paper's SGD momentum 0.9, weight decay 4e-5, label
   smoothing 0.1, cosine schedule as defaults (paper: 240 epochs, batch 1024, lr 0.5);
 - checkpoints every epoch (Ray Train storage = the stage's checkpoint store, ``latest.json`` pointer),
@@ -34,13 +38,13 @@ from pydantic import Field
 
 from densenas.retrain import TrainRecipe
 from jobs.resources import check_resources, threads_for_cpus, torch_trainer
-from jobs.search import (TrainJobResources, _report_checkpoint, _say, allreduce_mean, allreduce_sum, broadcast_module,
-                         capped_batches, latest_checkpoint, numeric_metrics, open_split_store, publish_latest,
+from jobs.search import (TrainJobResources, _digest, _report_checkpoint, _say, allreduce_mean, allreduce_sum,
+                         broadcast_module, capped_batches, latest_checkpoint, numeric_metrics, open_split_store, publish_latest,
                          steps_per_worker, _load_checkpoint_file, _node_id, META_FILE)
 from jobs.epochs import EpochCurves, describe_retrain, retrain_epoch_metrics, stage_tracking
 from jobs.registry import log_retrained_model
 
-__all__ = ["RetrainConfig", "run_retrain", "retrain_stage", "latency_setup"]
+__all__ = ["RetrainConfig", "run_retrain", "retrain_stage", "latency_setup", "sync_bn_statistics", "weights_digest"]
 
 STATE_FILE = "retrain_state.pt"
 
@@ -84,6 +88,25 @@ def latency_setup(cfg: RetrainConfig, table: Any = None) -> dict:
                                warmup=cfg.latency_warmup, repeats=cfg.latency_repeats).to_dict()
 
 
+# --------------------------------------------------------------------------- DDP helpers
+@torch.no_grad()
+def sync_bn_statistics(module: torch.nn.Module) -> None:
+    """Average every BatchNorm's running mean and variance across the process group (in place).
+
+    The running statistics are exponential averages of the batch statistics, so their mean over
+    ranks is the same average of the global batch means (equal per-rank batches); the variance
+    misses only the spread of the ranks' batch means. Without a process group: nothing to do."""
+    stats = [t for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             for t in (m.running_mean, m.running_var) if t is not None]
+    allreduce_mean(stats)
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of the module's state dict (parameters and buffers, in order): equal on every rank
+    that holds the same network."""
+    return _digest(t for t in module.state_dict().values())
+
+
 # --------------------------------------------------------------------------- the worker loop
 def _retrain_worker(config: dict) -> None:
     import ray.train
@@ -111,16 +134,24 @@ def _retrain_worker(config: dict) -> None:
         epoch, step, history = restored["epoch"], restored["step"], restored["history"]
         if rank == 0:
             print(f"[retrain] resumed at epoch {epoch} from {source}", flush=True)
+    # DDP (one bucketed gradient all-reduce per step; rank 0's parameters broadcast at wrapping). Each
+    # rank keeps its own BatchNorm running statistics while training (no per-step buffer broadcast);
+    # they are averaged across ranks after every epoch, before evaluation and the checkpoint.
+    ddp = ray.train.torch.prepare_model(model, move_to_device=False,
+                                        parallel_strategy_kwargs={"broadcast_buffers": False})
     broadcast_module(model)
-    sync = allreduce_mean if world > 1 else None
     curves = EpochCurves(config.get("tracking"), retrain_epoch_metrics, rank, stage="retrain", total=cfg.epochs,
                          start=epoch, describe=describe_retrain)
     curves.catch_up(history)
+    weights_sha, epoch_ends = [], []   # epoch_ends: wall-clock end of each epoch (bench/bench_overhead.py)
     while epoch < cfg.epochs:
         batches = capped_batches(streams.batches("train", config["batch"], epoch, drop_last=True, device=device),
                                  config["steps"])
-        r = train_epoch(model, batches, optimizer, scheduler, cfg, device, grad_sync=sync)
+        r = train_epoch(ddp, batches, optimizer, scheduler, cfg, device)
+        sync_bn_statistics(model)
         epoch, step = epoch + 1, step + r["steps"]
+        weights_sha.append({"epoch": epoch, "weights_sha256": weights_digest(model)})
+        epoch_ends.append({"epoch": epoch, "time": time.time()})
         stats = allreduce_sum(torch.tensor([r["loss"] * r["n"], r["acc"] * r["n"], r["n"]], dtype=torch.float64))
         record = {"epoch": epoch, "step": step, "lr": r["lr"], "train_loss": float(stats[0] / stats[2]),
                   "train_acc": float(stats[1] / stats[2]), "seconds": r["seconds"],
@@ -140,8 +171,10 @@ def _retrain_worker(config: dict) -> None:
             curves.log(record)
         else:
             ray.train.report(numeric_metrics(record))
-        config["stage_store"].put_json(f"workers/rank-{rank}.json", {"rank": rank, "node_id": _node_id(),
-                                                                      "epoch": epoch})
+        config["stage_store"].put_json(f"workers/rank-{rank}.json", {"rank": rank, "world": world,
+                                                                      "node_id": _node_id(), "epoch": epoch,
+                                                                      "digests": weights_sha,
+                                                                      "epoch_ends": epoch_ends})
     curves.close()
 
 
@@ -193,6 +226,8 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
     pointer = latest_checkpoint(ckpt_store)
     if pointer is not None:
         _say(f"retrain: resuming from {ckpt_store.uri_for(pointer['dir'])} (epoch {pointer['epoch']})", ctx)
+    else:
+        store.delete_prefix("workers")   # a fresh run: no other run's per-rank records
 
     size, channels = arch.input_size, arch.in_channels
     data = DataSpec(cfg.data_loading, dict(split_manifest), shards, size, channels, seed=cfg.seed,
@@ -233,10 +268,14 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
                "train_loss": last["train_loss"], "train_acc": last["train_acc"], "epochs": float(state["epoch"]),
                "retrain_seconds": round(seconds, 2),
                "train_img_per_s": sum(r["img_per_s"] for r in history) / len(history)}
+    workers = sorted((store.get_json(k) for k in store.list("workers") if k.endswith(".json")),
+                     key=lambda w: w["rank"])
     out: dict[str, Any] = {"model_key": "model.pt", "arch_key": "arch.json", "records_key": "retrain_record.jsonl",
                            "checkpoint": ckpt_store.uri_for(pointer["dir"]),
-                           "node_ids": sorted({store.get_json(k)["node_id"] for k in store.list("workers")
-                                               if k.endswith(".json")})}
+                           "node_ids": sorted({w["node_id"] for w in workers}),
+                           "workers": [{"rank": w["rank"], "node_id": w["node_id"], "epoch": w["epoch"],
+                                        "weights_sha256": (w.get("digests") or [{}])[-1].get("weights_sha256")}
+                                       for w in workers]}
 
     if cfg.measure_latency:
         resources = ({"num_gpus": 1, "num_cpus": 1} if protocol["device"] == "cuda"

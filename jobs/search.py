@@ -333,7 +333,7 @@ def _search_worker(config: dict) -> None:
                 print(f"[search rank {rank}] failure drill: exiting at epoch {fail.epoch} step {step}", flush=True)
                 os._exit(1)
 
-    digests = []
+    digests, epoch_ends = [], []   # epoch_ends: wall-clock end of each epoch (bench/bench_overhead.py)
     while searcher.epoch < search.epochs:
         train = capped_batches(streams.batches("train", config["batch"], searcher.epoch, drop_last=True,
                                                device=device), config["steps"], on_step)
@@ -343,8 +343,10 @@ def _search_worker(config: dict) -> None:
         epoch = searcher.epoch
         arch = [p.detach().cpu() for p in searcher.arch_params]
         digests.append({"epoch": epoch, "arch_sha256": _digest(arch)})
+        epoch_ends.append({"epoch": epoch, "time": time.time()})
         stage_store.put_json(f"workers/rank-{rank}.json", {
             "rank": rank, "world": world, "node_id": _node_id(), "epoch": epoch, "digests": digests,
+            "epoch_ends": epoch_ends,
             "alphas": [a.detach().cpu().tolist() for a in searcher.alphas],
             "betas": [b.detach().cpu().tolist() for b in searcher.betas]})
         metrics = numeric_metrics(record)
@@ -499,6 +501,7 @@ def _finish(job: SearchJobConfig, space, cost_model, num_classes: int, steps: in
                     "op_names": list(m.op_names), "alpha": m.alpha.detach().tolist()} for m in net.mixed_ops],
         "betas": [b.detach().tolist() for b in net.betas],
         "edge_probs": {f"{i}-{j}": float(p.detach()) for (i, j), p in net.edge_probs().items()},
+        "target_latency": job.search.target_latency, "target_tolerance": job.search.target_tolerance,
     })
     ranks = sorted(k for k in store.list("workers") if k.endswith(".json"))
     workers = [store.get_json(k) for k in ranks]

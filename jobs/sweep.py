@@ -428,89 +428,65 @@ def _numeric(row: Mapping[str, Any]) -> dict:
 
 # --------------------------------------------------------------------------- MLflow
 class _TrialTracker:
-    """A nested MLflow run per trial (client API: no global state in the trial process). Never raises."""
+    """A nested MLflow run per trial, through cluster.tracking (spool, secret filter). Never raises."""
 
     def __init__(self, info: Mapping[str, Any] | None, point: Mapping[str, Any]):
-        self.client = self.run_id = None
+        self.tracker = self.run = None
         if not info:
             return
-        try:
-            from mlflow.tracking import MlflowClient
+        from cluster.tracking import TAG_STAGE, TAG_TRIAL, Tracker
 
-            self.client = MlflowClient(tracking_uri=info["uri"])
-            tags = {"mlflow.parentRunId": info["parent_run_id"], "mlflow.runName": f"trial-{point['key']}",
-                    "densenas.stage": "sweep-trial"}
-            run = self.client.create_run(info["experiment_id"], tags=tags)
-            self.run_id = run.info.run_id
-            self.client.log_param(self.run_id, "lambda", point["lambda"])
-            self.client.log_param(self.run_id, "tau", point["tau"])
-        except Exception as e:  # noqa: BLE001 -- tracking must never fail a trial
-            print(f"tracking: trial run not created ({type(e).__name__}: {e})", flush=True)
-            self.client = None
+        self.tracker = Tracker(info["uri"], info.get("experiment") or "densenas-sweep",
+                               experiment_id=info.get("experiment_id"))
+        self.run = self.tracker.start_run(f"trial-{point['key']}", parent=info["parent_run_id"],
+                                          tags={TAG_STAGE: "sweep-trial", TAG_TRIAL: point["key"]})
+        self.run.log_params({"lambda": point["lambda"], "tau": point["tau"]})
 
     def log(self, result: Mapping[str, Any]) -> None:
-        if self.client is None:
+        if self.run is None:
             return
-        try:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            metrics = []
-            for step, row in enumerate(result["candidates"]):
-                for k in ("accuracy", "measured_latency_ms", "predicted_latency", "params", "macs", "path_prob"):
-                    v = row.get(k)
-                    if isinstance(v, (int, float)) and math.isfinite(float(v)):
-                        metrics.append(Metric(k, float(v), now, step))
-            self.client.log_batch(self.run_id, metrics=metrics)
-            self.client.log_text(self.run_id, json.dumps(result, indent=1, default=str), "trial_result.json")
-        except Exception as e:  # noqa: BLE001
-            print(f"tracking: trial metrics not logged ({type(e).__name__}: {e})", flush=True)
+        for step, row in enumerate(result["candidates"]):
+            self.run.log_metrics({k: row[k] for k in ("accuracy", "measured_latency_ms", "predicted_latency", "params",
+                                                      "macs", "path_prob")
+                                  if isinstance(row.get(k), (int, float)) and math.isfinite(float(row[k]))}, step=step)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp, "trial_result.json")
+            path.write_text(json.dumps(result, indent=1, default=str))
+            self.run.log_artifact(path)
 
     def end(self, status: str, error: str | None = None) -> None:
-        if self.client is None:
+        if self.run is None:
             return
-        try:
-            if error:
-                self.client.set_tag(self.run_id, "error", error[:500])
-            self.client.set_terminated(self.run_id, status)
-        except Exception:  # noqa: BLE001
-            pass
+        if error:
+            self.run.set_tags({"error": error[:500]})
+        self.run.end(status)
+        self.tracker.close()
 
 
 def _open_parent_run(tracking_uri: str | None, experiment: str, work_store: Any, parent_of: str | None,
                      cfg: SweepConfig, say) -> dict | None:
-    """Create the experiment (if needed) and the sweep's parent run, or reuse it on resume."""
+    """The sweep's parent run (cluster.tracking), or the one of an interrupted sweep on resume."""
     if not tracking_uri:
         return None
-    try:
-        from mlflow.tracking import MlflowClient
+    from cluster.tracking import TAG_STAGE, Tracker, flatten_config
 
-        client = MlflowClient(tracking_uri=tracking_uri)
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            location = None
-            if tracking_uri.startswith("sqlite:///"):
-                location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-            exp_id = client.create_experiment(experiment, artifact_location=location)
-        else:
-            exp_id = exp.experiment_id
-        if work_store.exists("mlflow_parent.json"):
-            info = work_store.get_json("mlflow_parent.json")
-            if info.get("uri") == tracking_uri:
-                client.update_run(info["parent_run_id"], status="RUNNING")
-                return info
-        tags = {"mlflow.runName": "sweep", "densenas.stage": "sweep"}
-        if parent_of:
-            tags["mlflow.parentRunId"] = parent_of
-        run = client.create_run(exp_id, tags=tags)
-        for k, v in cfg.model_dump(mode="json", exclude={"fail_trial"}).items():
-            client.log_param(run.info.run_id, k, json.dumps(v) if isinstance(v, (list, dict, tuple)) else v)
-        info = {"uri": tracking_uri, "experiment_id": exp_id, "parent_run_id": run.info.run_id}
-        work_store.put_json("mlflow_parent.json", info)
-        return info
-    except Exception as e:  # noqa: BLE001
-        say(f"tracking: MLflow unavailable for the sweep ({type(e).__name__}: {e}); continuing without it")
+    tracker = Tracker(tracking_uri, experiment)
+    if work_store.exists("mlflow_parent.json"):
+        info = work_store.get_json("mlflow_parent.json")
+        if info.get("uri") == tracking_uri:
+            tracker.reopen(info["parent_run_id"], "sweep")
+            tracker.close()
+            return info
+    run = tracker.start_run("sweep", parent=parent_of, tags={TAG_STAGE: "sweep"})
+    run.log_params(flatten_config(cfg.model_dump(mode="json", exclude={"fail_trial"})))
+    tracker.close()
+    if run.run_id is None:   # created in the spool only: trials would have nothing to nest under
+        say("tracking: MLflow unavailable for the sweep; its runs are spooled, trials are not tracked")
         return None
+    info = {"uri": tracking_uri, "experiment": experiment, "experiment_id": tracker.experiment_id,
+            "parent_run_id": run.run_id}
+    work_store.put_json("mlflow_parent.json", info)
+    return info
 
 
 # --------------------------------------------------------------------------- warm-up
@@ -628,29 +604,36 @@ def _write_outputs(rows: list[dict], store: Any, latency_key: str, say) -> dict:
     return {"front": front, "rows": ok}
 
 
-def _log_parent(mlflow_info: dict | None, store: Any, out: dict, status: str, say) -> None:
+def _log_parent(mlflow_info: dict | None, store: Any, out: dict, status: str, say,
+                latency_key: str = "measured_latency_ms") -> None:
+    """Tables, plot, front archs and metrics onto the sweep's run; the front registered as model versions."""
     if not mlflow_info:
         return
-    try:
-        from mlflow.tracking import MlflowClient
+    from cluster.tracking import Tracker
+    from jobs.registry import register_pareto_front
 
-        client = MlflowClient(tracking_uri=mlflow_info["uri"])
-        rid = mlflow_info["parent_run_id"]
+    tracker = Tracker(mlflow_info["uri"], mlflow_info.get("experiment") or "densenas-sweep",
+                      experiment_id=mlflow_info.get("experiment_id"))
+    run = tracker.attach(mlflow_info["parent_run_id"], "sweep")
+    try:
         with tempfile.TemporaryDirectory() as tmp:
             for key in ["trials.csv", "trials.parquet", "pareto.csv", "pareto.parquet", "pareto.png"]:
                 if store.exists(key):
                     store.get_file(key, f"{tmp}/{key}")
-                    client.log_artifact(rid, f"{tmp}/{key}")
-            for r in out.get("front", []):
-                local = Path(tmp, "pareto_archs", Path(r["arch_key"]).name)
-                store.get_file(r["arch_key"], local)
-                client.log_artifact(rid, str(local), "pareto_archs")
-        m = out.get("metrics", {})
-        for k, v in m.items():
-            client.log_metric(rid, k, float(v))
-        client.set_terminated(rid, status)
-    except Exception as e:  # noqa: BLE001
-        say(f"tracking: parent run not completed ({type(e).__name__}: {e})")
+                    run.log_artifact(f"{tmp}/{key}")
+            if out.get("front"):
+                archs = Path(tmp, "pareto_archs")
+                for r in out["front"]:
+                    store.get_file(r["arch_key"], archs / Path(r["arch_key"]).name)
+                run.log_artifact(archs, "pareto_archs")
+        run.log_metrics({k: float(v) for k, v in out.get("metrics", {}).items()})
+        if status == "FINISHED" and out.get("front"):
+            n = register_pareto_front((tracker, run), out["front"], latency_key)
+            say(f"tracking: {n} Pareto-front net(s) registered (architecture only)")
+    except Exception as e:  # noqa: BLE001 -- tracking never fails the sweep
+        say(f"tracking: sweep run not completed ({type(e).__name__}: {e})")
+    run.end(status)
+    tracker.close()
 
 
 # --------------------------------------------------------------------------- the stage
@@ -772,7 +755,7 @@ def run_sweep(cfg: Any, space: Any = None, search_cfg: Any = None, split_manifes
         raise SweepError(f"{len(missing)} of {len(points)} trial(s) did not finish ({', '.join(missing)}): "
                          f"{'; '.join(errors)[:1500]}. Finished trials are kept: rerun with --resume "
                          "(run_sweep(..., resume=True)) to run only the unfinished ones")
-    _log_parent(mlflow_info, store, out, "FINISHED", say)
+    _log_parent(mlflow_info, store, out, "FINISHED", say, latency_key)
     keep = ("candidate", "trial", "lambda", "tau", "budget", "accuracy", "measured_latency_ms",
             "predicted_latency", "latency_units", "params", "macs", "pareto", "one_line")
     return {"trials": [{k: r.get(k) for k in keep} for r in out["rows"]],

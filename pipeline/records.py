@@ -439,6 +439,8 @@ def inspect_run(store: Any, run_id: str) -> dict:
     if r:
         m = r.get("metrics") or {}
         out["retrained"] = {"metrics": m, "measured_latency_ms": r.get("measured_latency_ms", m.get("latency_ms")),
+                            "predicted_latency_ms": r.get("predicted_latency_ms"),
+                            "latency_protocol": (r.get("measured_latency") or {}).get("protocol"),
                             "uri": r.get("store_uri")}
     s = manifest("search")
     if s:
@@ -477,10 +479,17 @@ def format_inspect(info: Mapping[str, Any]) -> str:
         lines.append(f"retrained: accuracy {'-' if acc is None else f'{acc:.4f}'}; "
                      f"measured latency {'-' if ms is None else f'{ms:.4g}'} ms; " + _key_metrics(m, 6))
         d_pred, units = (d or {}).get("predicted_latency"), (d or {}).get("latency_units") or ""
+        if r.get("predicted_latency_ms") is not None:  # the latency model's prediction, same protocol as measured
+            d_pred, units = r["predicted_latency_ms"], "ms"
         if d_pred is not None and ms is not None:
             if units == "ms":
                 lines.append(f"  predicted vs measured: {d_pred:.4g} ms vs {ms:.4g} ms "
-                             f"({100 * (d_pred - ms) / ms:+.1f}%)")
+                             f"({100 * (d_pred - ms) / ms:+.1f}%), "
+                             f"{'within' if abs(d_pred - ms) <= 0.1 * ms else 'outside'} +-10%")
+                proto = r.get("latency_protocol") or {}
+                if proto:
+                    lines.append("  latency protocol: " + ", ".join(f"{k} {proto[k]}" for k in (
+                        "device", "batch", "threads", "dtype", "memory_format", "timer", "statistic") if k in proto))
             else:   # a MACs proxy is not a latency: show both, compare nothing
                 lines.append(f"  predicted cost {d_pred:.4g} {units} (no latency table: search.cost was not "
                              f"'profile'); measured {ms:.4g} ms")

@@ -240,7 +240,8 @@ def test_expected_latency_of_a_one_hot_architecture_is_its_path_cost():
 from densenas.latency import predict_latency  # noqa: E402
 from densenas.latency_model import (Calibration, LatencyModel, MeasurementProtocol,  # noqa: E402
                                     ProtocolMismatchError, arch_signatures, cli_main, fit_calibration,
-                                    measure_net_latency, table_protocol, unit_features)
+                                    measure_net_latency, table_protocol, unit_features,
+                                    unit_kind_sums)
 from densenas.latency_report import net_signatures, sample_random_nets  # noqa: E402
 
 
@@ -261,7 +262,7 @@ def _op_choice(sites, net):
 
 def test_protocol_round_trip_and_mismatch_is_refused():
     p = MeasurementProtocol(batch=32, threads=1, warmup=5, repeats=30)
-    assert MeasurementProtocol.from_dict(p.to_dict()) == p and p.to_dict()["timer"] == "perf_counter"
+    assert MeasurementProtocol.from_dict(p.to_dict()) == p and p.to_dict()["timer"] == "wall"
     p.check_same(MeasurementProtocol.from_dict(p.to_dict()))
     with pytest.raises(ProtocolMismatchError, match="batch: 32 vs 1"):
         p.check_same(p.with_(batch=1))
@@ -291,7 +292,7 @@ def test_model_is_what_the_search_derive_and_cli_use(tmp_path, capsys):
     micro = load_space("micro_mbconv")
     table = _fake_table(micro, batch=2)
     table.device["protocol"] = MeasurementProtocol(batch=2).to_dict()
-    cal = Calibration(scale=1.3, layer_ms=0.07, fixed_ms=0.9)
+    cal = Calibration(scale=1.3, layer_ms=0.07, fixed_ms=0.9, op_scales={"mbconv_k3_e3": 1.6})
     model = LatencyModel.from_table(table, cal, micro)
     skip = next(s for s in space_signatures(micro, 2, 10) if s.op == "skip")
     assert model.lookup(skip) == 0 and model.raw_lookup(skip) > 0
@@ -301,7 +302,8 @@ def test_model_is_what_the_search_derive_and_cli_use(tmp_path, capsys):
     for net in sample_random_nets(micro, 6, seed=3, num_classes=10):
         sigs = net_signatures(micro, net, 2, 10)
         raw, n = unit_features(table, sigs)
-        want = 1.3 * raw + 0.07 * n + 0.9
+        k3e3 = unit_kind_sums(table, sigs).get("mbconv_k3_e3", 0.0)
+        want = 1.3 * (raw - k3e3) + 1.6 * k3e3 + 0.07 * n + 0.9
         assert model.predict_signatures(sigs) == pytest.approx(want)
         assert expected.path_cost(net.path, _op_choice(sites, net)) == pytest.approx(want)
         assert predict_latency(net.arch, model) == pytest.approx(want)
@@ -330,3 +332,43 @@ def test_measure_net_latency_follows_the_protocol():
     assert torch.get_num_threads() == threads  # the caller's thread count is restored
     cl = measure_net_latency(arch, p.with_(memory_format="channels_last"))
     assert cl["protocol"]["memory_format"] == "channels_last" and cl["value"] > 0
+
+
+def test_per_op_calibration_is_chosen_only_when_it_predicts_left_out_nets_better():
+    rng = __import__("random").Random(0)
+    kinds = [{"a": rng.uniform(1, 5), "b": rng.uniform(1, 5), "stem": 1.0} for _ in range(16)]
+    units = [rng.randint(6, 12) for _ in kinds]
+    truth = Calibration(scale=1.1, layer_ms=0.03, fixed_ms=0.2, op_scales={"a": 1.5, "b": 0.9})
+    measured = [truth.predict(k, u) for k, u in zip(kinds, units)]
+    raw = [sum(k.values()) for k in kinds]
+    c = fit_calibration(raw, units, measured, kind_sums=kinds, per_op=["a", "b"])
+    assert c.form == "per_op" and c.op_scales == pytest.approx({"a": 1.5, "b": 0.9})
+    assert c.fitted_on["calibration_loo_mape_pct"]["per_op"] < c.fitted_on["calibration_loo_mape_pct"]["shared"]
+    same = [1.2 * r + 0.05 * u + 0.3 for r, u in zip(raw, units)]  # one scale is the truth: keep the shared form
+    assert fit_calibration(raw, units, same, kind_sums=kinds, per_op=["a", "b"]).scale == pytest.approx(1.2)
+
+
+@pytest.mark.gpu
+def test_cuda_protocol_times_with_cuda_events_and_a_table_protocol_round_trips():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    micro = load_space("micro_mbconv")
+    arch = sample_random_nets(micro, 1, seed=0, num_classes=10)[0].arch
+    p = MeasurementProtocol(device="cuda", batch=8, threads=None, warmup=3, repeats=10)
+    out = measure_net_latency(arch, p)
+    assert out["protocol"]["timer"] == "cuda_events" and out["value"] > 0 and out["count"] == 10
+    assert MeasurementProtocol.from_dict(out["protocol"]) == p
+
+
+def test_retrain_latency_uses_the_table_protocol_and_refuses_a_contradiction():
+    from jobs.retrain import RetrainConfig, latency_setup
+
+    table = _fake_table(load_space("micro_mbconv"), batch=2)
+    proto = MeasurementProtocol(batch=2, threads=1, warmup=3, repeats=7, timer="thread_cpu")
+    table.device["protocol"] = proto.to_dict()
+    assert MeasurementProtocol.from_dict(latency_setup(RetrainConfig(), table)) == proto
+    assert MeasurementProtocol.from_dict(latency_setup(RetrainConfig(latency_batch=2), table)) == proto
+    with pytest.raises(ProtocolMismatchError, match="latency_batch=1 vs the table's 2"):
+        latency_setup(RetrainConfig(latency_batch=1), table)
+    # no table: the config's own protocol (batch 1, 1 thread, wall clock)
+    assert latency_setup(RetrainConfig(), None)["batch"] == 1

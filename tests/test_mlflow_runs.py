@@ -53,8 +53,10 @@ def tiny_runs(stack_mlflow, tmp_path_factory):
     args = ["--config", "configs/tiny.yaml", "--run-id", run_id,
             *[a for o in [*TEST_OVERRIDES, f"tracking.experiment={experiment}"] for a in ("--set", o)]]
     first = _run(args, env)
+    (tmp / "console-first.txt").write_text(first.stdout + "\n--- stderr ---\n" + first.stderr)  # for a look
     assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-6000:]
     second = _run(args, env, timeout=300)
+    (tmp / "console-second.txt").write_text(second.stdout + "\n--- stderr ---\n" + second.stderr)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return MlflowClient(stack_mlflow.mlflow_uri), experiment, run_id, tmp / "store", first, second
 

@@ -35,7 +35,8 @@ def micro():
 def first_run(ray_local, micro, tmp_path_factory):
     """One profile of micro_mbconv: 4 calibration nets and 5 held-out nets, shared by the tests that inspect it."""
     store = open_store(tmp_path_factory.mktemp("profile"))
-    prof = Profiler(ProfileConfig(**TINY, calibration_paths=4, report_paths=5), micro, store, log=lambda m: None)
+    prof = Profiler(ProfileConfig(**TINY, calibration_paths=4, report_paths=5, report_rounds=2), micro, store,
+                    log=lambda m: None)
     return prof, prof.run(), store
 
 
@@ -55,7 +56,9 @@ def test_every_distinct_signature_measured_once(first_run, micro):
     assert head_signature(micro, "mbconv_k3_e3", 0, 1, 1) == head_signature(micro, "mbconv_k3_e3", 0, 2, 1)
     assert _raw_signature_count(micro, 1, 10) > len(distinct)
     assert result["measured_signatures"] == len(distinct) == result["entries"]
-    assert sum(prof.qstats.per_actor_results.values()) == len(distinct) + result["measured_nets"]
+    # each report net is timed in 2 rounds
+    assert sum(prof.qstats.per_actor_results.values()) == len(distinct) + 2 * result["measured_nets"]
+    assert result["measured_nets"] == 4 + 5
     table = LatencyTable.from_json(store.get_bytes(TABLE_KEY).decode())
     assert set(table.entries) == set(distinct)
     assert all(st.count == 3 for st in table.entries.values())
@@ -94,7 +97,7 @@ def test_second_run_measures_nothing_new(first_run, micro):
     _, first, store = first_run
     ctx = StageContext(run_id="r", stage="profile", store=store, run_store=store, printer=lambda m: None)
     again = run_profile({"space": "micro_mbconv",
-                         "profile": ProfileConfig(**TINY, calibration_paths=4, report_paths=5)}, ctx)
+                         "profile": ProfileConfig(**TINY, calibration_paths=4, report_paths=5, report_rounds=2)}, ctx)
     assert again["measured_signatures"] == 0 and again["reused_signatures"] == first["entries"]
     # every net of the first run (4 calibration + 5 held-out) is reused, none measured again
     assert again["measured_nets"] == 0 and again["reused_nets"] == 4 + 5 == first["measured_nets"]

@@ -255,9 +255,13 @@ def test_target_mode_moves_lambda_by_dual_ascent(micro_data):
     over.arch_step((vx[:8], vy[:8]))
     assert over.lam == pytest.approx(0.1 + 0.5 * (over.derived_cost() / (cost / 2) - 1))
     assert over.lam > 0.1
-    under = _searcher(SearchConfig.model_validate({**base, "target_latency": cost * 4}))
+    under = _searcher(SearchConfig.model_validate({**base, "target_latency": cost * 4, "target_kind": "at_most"}))
     under.arch_step((vx[:8], vy[:8]))
-    assert under.lam == 0.0, "lambda is clipped at 0"
+    assert under.lam == 0.0, "a budget clips lambda at 0"
+    equal = _searcher(SearchConfig.model_validate({**base, "target_latency": cost * 4}))
+    equal.arch_step((vx[:8], vy[:8]))
+    assert equal.lam < 0, "an equality target lets lambda go negative"
+    equal.arch_step((vx[8:16], vy[8:16]))  # the step with a negative lambda runs
     state = over.state_dict()
     again = _searcher(SearchConfig.model_validate({**base, "target_latency": cost / 2}))
     again.load_state_dict(state)
@@ -313,3 +317,21 @@ def test_cli_search_is_reproducible_fresh_and_after_resume(tmp_path):
                 assert torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-6, rtol=0), key
         assert po["lambda"] == pytest.approx(pa["lambda"], abs=1e-9)
     assert pa["lambda"] != 0.15, "target mode moved lambda"
+
+
+def test_target_mode_derives_the_most_probable_net_within_the_band():
+    s = _searcher(SearchConfig(epochs=1, warmup_epochs=0, batch_size=8))
+    with torch.no_grad():
+        for m in s.net.mixed_ops:
+            m.alpha.normal_()
+        for b in s.net.betas:
+            b.normal_()
+    free = s.derive()
+    for factor in (0.8, 1.3, 1.6):
+        target = free.predicted_cost * factor
+        t = _searcher(SearchConfig.model_validate({"epochs": 1, "warmup_epochs": 0, "batch_size": 8,
+                                                   "target_latency": target}))
+        t.net.load_state_dict(s.net.state_dict())
+        d = t.derive()
+        assert abs(d.predicted_cost / target - 1) <= 0.05, (factor, d.predicted_cost, target, d.notes)
+        assert not d.notes

@@ -172,3 +172,95 @@ def test_rank0_helper(stack_mlflow, tmp_path):
     from mlflow.tracking import MlflowClient
 
     assert MlflowClient(stack_mlflow.mlflow_uri).get_run(run.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
+
+
+# --------------------------------------------------------------------------- curves, registry, parent reuse
+def _sqlite(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_epoch_curves_resume_logs_each_epoch_once(tmp_path):
+    """A worker group restarted from a checkpoint catches up what the run lacks, and no epoch twice."""
+    from jobs.epochs import EpochCurves, search_epoch_metrics
+
+    tracker = Tracker(_sqlite(tmp_path), experiment="curves", spool_dir=tmp_path / "spool")
+    stage = tracker.start_run("search")
+    spec = tracker.spec(run=stage)
+    records = [{"epoch": e, "val_acc": 0.1 * e, "seconds": 2.0, "derived": {"path_prob": 0.5}, "phase": "search"}
+               for e in (1, 2, 3, 4)]
+    first = EpochCurves(spec, search_epoch_metrics, rank=0, stage="search", total=4)
+    assert [first.log(r) for r in records[:2]] == [True, True]
+    first.close()
+    # the restarted rank 0: its checkpoint holds epochs 1-3 (epoch 3 finished but was never logged)
+    second = EpochCurves(spec, search_epoch_metrics, rank=0)
+    assert second.catch_up(records[:3]) == 1 and second.log(records[3]) and not second.log(records[3])
+    second.close()
+    inert = EpochCurves(spec, search_epoch_metrics, rank=1)
+    assert not inert.active and not inert.log(records[0])
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(tracker.uri).get_metric_history(stage.run_id, "val_acc")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    assert MlflowClient(tracker.uri).get_metric_history(stage.run_id, "path_prob")[0].value == 0.5
+
+
+def test_parent_reused_by_a_rerun_and_summary_forwarded(tmp_path):
+    from pipeline._tracking_adapter import PipelineTracker
+
+    uri = _sqlite(tmp_path)
+    first = PipelineTracker(uri, "reuse", "r1", config={"search": {"lambda": 0.1}})
+    search = first.stage("search", "fp1")
+    for epoch in (1, 2):
+        search.log_metrics({"val_acc": 0.2 * epoch}, step=epoch)
+    search.log_metrics({"val_acc": 0.4, "search_seconds": 12.5})   # the runner's summary: no step
+    search.log_summary(tags={"densenas.arch": "16 | 24:k3e3"})
+    search.log_dataset("fmnist-10cls", "d" * 40, "file:///x/split", profile={"counts": {"train": 8}})
+    search.end()
+    first.end()
+    again = PipelineTracker(uri, "reuse", "r1", config={"search": {"lambda": 0.1}})
+    again.end()
+    other = PipelineTracker(uri, "reuse", "r1", config={"search": {"lambda": 0.3}})
+    other.end()
+    assert again.reused and again.run_id == first.run_id and not other.reused and other.run_id != first.run_id
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(search.run_id, "val_acc")] == [1, 2]
+    parent = client.get_run(first.run_id)
+    assert parent.data.metrics["search_seconds"] == 12.5 and parent.data.metrics["search_val_acc"] == 0.4
+    assert parent.data.tags["densenas.arch"] == "16 | 24:k3e3" and parent.data.tags["densenas.reruns"] == "1"
+    assert parent.info.status == "FINISHED"
+    (dataset,) = parent.inputs.dataset_inputs
+    assert dataset.dataset.name == "fmnist-10cls" and len(dataset.dataset.digest) <= 36
+
+
+def test_register_model_version_after_its_artifacts(tmp_path):
+    from cluster.tracking import registered_model_name
+
+    tracker = Tracker(_sqlite(tmp_path), experiment="reg", spool_dir=tmp_path / "spool")
+    run = tracker.start_run("retrain")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "arch.json").write_text("{}")
+    run.log_artifact(folder, "model")
+    name = registered_model_name("reg")
+    tracker.register_model(name, "model", {"densenas.arch": "16 | 24"}, run=run)
+    tracker.register_model(name, "model", {"densenas.arch": "16 | 24"}, run=run)
+    run.end()
+    assert tracker.dropped == 0
+    from mlflow.tracking import MlflowClient
+
+    versions = MlflowClient(tracker.uri).search_model_versions(f"name='{name}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2] and {v.run_id for v in versions} == {run.run_id}
+    assert all(v.source.endswith("/model") and v.tags["densenas.arch"] == "16 | 24" for v in versions)
+
+
+def test_search_evolution_plot(tmp_path):
+    from jobs.diagrams import search_evolution
+
+    snaps = [{"epoch": e, "phase": "warmup" if e == 1 else "search", "labels": ["head (0, 1)", "stack 1"],
+              "alphas": [[0.5, 0.5], [0.2 + 0.1 * e, 0.8 - 0.1 * e]],
+              "edge_probs": {"0-1": 0.5, "0-2": 0.5, "1-3": 1.0, "2-3": 1.0}, "path": [0, 1]} for e in (1, 2, 3)]
+    out = search_evolution(snaps, tmp_path / "evolution.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000

@@ -1,0 +1,346 @@
+"""Benchmark: the Train stages' epoch time against the same steps in one plain process.
+
+    python bench/bench_overhead.py [--workers 1,2] [--stages search,retrain] [--modes memory]
+                                   [--search-epochs 6] [--retrain-epochs 5] [--json docs/benchmarks/overhead.json]
+
+The demo's data (configs/tiny.yaml: Fashion-MNIST, 10 classes, 200 per class split 80/20, 100 per
+class held out) is split into a temporary local store. For each stage and worker count:
+
+- stage: ``jobs.search.run_search`` / ``jobs.retrain.run_retrain`` through Ray Train (1 CPU and one
+  torch thread per worker, gloo, checkpoints every epoch to the store). Its epoch time is the median
+  wall-clock interval between consecutive epoch ends on rank 0 (``epoch_ends`` in
+  ``workers/rank-0.json``), so data loading, gradient all-reduce, derive, report and checkpoint
+  are all inside it; the first epoch (start-up) and, in retrain, the last (test evaluation) are
+  left out.
+- in process: the same per-rank work (one rank's rows, its per-worker batch, its step count, the
+  same thread count) with ``densenas.search.Searcher.run_epoch`` / ``densenas.retrain.train_epoch``
+  in this process, no Ray, batches already in memory as tensors: pure compute.
+
+Prints ratio = stage epoch time / in-process epoch time (goal <= 1.3). The search stage uses
+tiny.yaml's search settings with the MACs cost model (no profile stage) and ``--search-epochs``
+epochs (1 weights-only warm-up, the rest search epochs; the search epochs are compared); the retrain
+stage a network derived from the seeded super network with tiny.yaml's retrain settings. Records
+``uptime`` before and after (the machine is shared).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return f"load average {os.getloadavg()}"
+
+
+def _intervals(ends: list[dict]) -> dict[int, float]:
+    """{epoch: seconds since the previous epoch ended} (the first epoch has no interval)."""
+    ends = sorted(ends, key=lambda e: e["epoch"])
+    return {b["epoch"]: b["time"] - a["time"] for a, b in zip(ends, ends[1:]) if b["epoch"] == a["epoch"] + 1}
+
+
+# What a Train worker's training thread was doing, by the first matching frame name in its stack
+# (most specific first). Stacks outside the worker loop (Ray's own threads) are not counted.
+CATEGORIES = (
+    ("report + checkpoint", ("_report_checkpoint", "publish_latest", "report (", "put_json", "put_bytes")),
+    ("waiting for Ray Data batches", ("iter_torch_batches", "iter_batches", "_iter_batches", "get_next")),
+    ("gradient all-reduce", ("allreduce_mean", "all_reduce", "_sync_buffers", "reducer")),
+    ("augmentation + batching", ("augment_batch", "roi_align", "WorkerSplit.batches", "batches (jobs/data.py")),
+    ("loading the worker's rows", ("load_worker_split", "read_worker_rows", "_decode_rows")),
+    ("derive + epoch record", ("derive", "epoch_record", "collapse_warnings")),
+    ("backward", ("backward", "autograd.grad", "run_backward")),
+    ("forward", ("forward", "_call_impl")),
+    ("optimizer", ("step (torch/optim", "optimizer", "_single_tensor", "_multi_tensor")),
+)
+LOOPS = ("_search_worker", "_retrain_worker")
+
+
+def summarise_stacks(path: Path) -> dict[str, float]:
+    """Share of the training thread's samples per category, from a ``py-spy record --format raw`` file."""
+    counts: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not any(loop in stack for loop in LOOPS) or not n.isdigit():
+            continue
+        frames = stack.split(";")
+        cat = "other"
+        for frame in reversed(frames):   # leaf first
+            hit = next((c for c, keys in CATEGORIES if any(k in frame for k in keys)), None)
+            if hit:
+                cat = hit
+                break
+        counts[cat] = counts.get(cat, 0) + int(n)
+    total = sum(counts.values()) or 1
+    return {k: round(v / total, 3) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
+def _ray_processes() -> dict[int, str]:
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            if cmd.startswith("ray::") or "raylet" in cmd or "gcs_server" in cmd:
+                out[int(d.name)] = cmd.split()[0] if cmd.startswith("ray::") else Path(cmd.split()[0]).name
+    return out
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class StageProfiler(threading.Thread):
+    """Once ``ready()`` (the first epoch ended), py-spy records every Ray Train worker for ``duration`` s (raw folded stacks,
+    idle included, not pausing the process) and /proc gives every Ray process's CPU seconds over the
+    same window."""
+
+    def __init__(self, out_dir: Path, tag: str, ready, duration: float, delay: float = 0.5):
+        super().__init__(daemon=True)
+        self.out_dir, self.tag, self.ready, self.duration, self.delay = out_dir, tag, ready, duration, delay
+        self.result: dict = {}
+
+    def run(self) -> None:
+        t_start = time.time()
+        while not self.ready() and time.time() - t_start < 600:
+            time.sleep(0.2)
+        time.sleep(self.delay)
+        procs = _ray_processes()
+        before = {p: _cpu_seconds(p) for p in procs}
+        spies = []
+        for pid, name in procs.items():
+            if "RayTrainWorker" in name or "TrainWorker" in name:
+                out = self.out_dir / f"{self.tag}-pid{pid}.txt"
+                spies.append((pid, out, subprocess.Popen(
+                    [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--duration",
+                     str(int(self.duration)), "--rate", "50", "--format", "raw", "--idle", "--nonblocking",
+                     "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+        t0 = time.time()
+        time.sleep(self.duration)
+        wall = time.time() - t0
+        cpu: dict[str, float] = {}
+        for pid, name in procs.items():
+            b, a = before.get(pid), _cpu_seconds(pid)
+            if b is not None and a is not None:
+                cpu[name] = round(cpu.get(name, 0.0) + a - b, 2)
+        for pid, out, proc in spies:
+            proc.wait(timeout=self.duration + 60)
+        self.result = {"window_s": round(wall, 1), "cpu_seconds_by_process": dict(sorted(cpu.items(), key=lambda kv: -kv[1])),
+                       "train_thread_share": {str(pid): summarise_stacks(out) for pid, out, _ in spies if out.exists()}}
+
+
+def _tiny() -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+
+
+def _search_settings(tiny: dict, epochs: int) -> dict:
+    s = {k: v for k, v in tiny["search"].items() if k not in ("workers", "cpus_per_worker", "data_cpus")}
+    return s | {"epochs": epochs, "warmup_epochs": 1, "cost": "macs"}
+
+
+def in_process_search(manifest, split_store, space, settings: dict, workers: int, threads: int) -> dict:
+    """Per-epoch seconds of one rank's search epochs in this process (pure compute)."""
+    import torch
+
+    from densenas.latency import load_cost_model
+    from densenas.search import SearchConfig, Searcher
+    from densenas.supernet import SuperNet
+    from jobs.data import load_worker_split, stream_seed
+    from jobs.search import steps_per_worker
+
+    torch.set_num_threads(threads)
+    cfg = SearchConfig.model_validate(settings)
+    counts = manifest["counts"]
+    batch, steps = steps_per_worker(int(counts["train"]), workers, cfg.batch_size)
+    val_batch, val_steps = steps_per_worker(int(counts["val"]), workers, cfg.batch_size)
+    train = load_worker_split(manifest, ["train"], split_store, rank=0, world=workers, augment=True,
+                              input_size=space.input_size, channels=space.in_channels)
+    val = load_worker_split(manifest, ["val"], split_store, rank=0, world=workers, augment=False,
+                            input_size=space.input_size, channels=space.in_channels)
+    torch.manual_seed(cfg.seed)
+    net = SuperNet(space, num_classes=int(manifest["num_classes"]))
+    cost = load_cost_model(cfg.cost, space, skip_fraction=cfg.macs_skip_fraction)
+    searcher = Searcher(net, cfg, cost, steps_per_epoch=steps, device="cpu", log=None)
+    out = {}
+    while searcher.epoch < cfg.epochs:
+        e = searcher.epoch
+        tb = list(train.batches(batch, stream_seed(cfg.seed, e, 0, "train"), shuffle=True, drop_last=True))[:steps]
+        vb = list(val.batches(val_batch, stream_seed(cfg.seed, e, 0, "val"), shuffle=True, drop_last=True))[:val_steps]
+        t0 = time.perf_counter()
+        rec = searcher.run_epoch(tb, vb)
+        out[searcher.epoch] = {"seconds": time.perf_counter() - t0, "phase": rec["phase"]}
+    return {"epochs": out, "batch": batch, "steps": steps, "val_batch": val_batch, "val_steps": val_steps}
+
+
+def in_process_retrain(manifest, split_store, arch, rcfg, workers: int, threads: int) -> dict:
+    import torch
+
+    from densenas.arch import build_model
+    from densenas.retrain import build_optimizer, build_scheduler, train_epoch
+    from jobs.data import load_worker_split, stream_seed
+    from jobs.search import steps_per_worker
+
+    torch.set_num_threads(threads)
+    counts = manifest["counts"]
+    batch, steps = steps_per_worker(int(counts["train"]) + int(counts["val"]), workers, rcfg.batch_size)
+    data = load_worker_split(manifest, ["train", "val"], split_store, rank=0, world=workers, augment=True,
+                             input_size=arch.input_size, channels=arch.in_channels)
+    torch.manual_seed(rcfg.seed)
+    model = build_model(arch, num_classes=int(manifest["num_classes"]), dropout=rcfg.dropout)
+    opt = build_optimizer(model, rcfg)
+    sched = build_scheduler(opt, rcfg, steps)
+    out = {}
+    for e in range(rcfg.epochs):
+        b = list(data.batches(batch, stream_seed(rcfg.seed, e, 0, "train"), shuffle=True, drop_last=True))[:steps]
+        t0 = time.perf_counter()
+        train_epoch(model, b, opt, sched, rcfg, "cpu")
+        out[e + 1] = {"seconds": time.perf_counter() - t0}
+    return {"epochs": out, "batch": batch, "steps": steps}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--stages", default="search,retrain")
+    ap.add_argument("--modes", default="memory", help="data_loading modes of the stage: memory, ray_data")
+    ap.add_argument("--search-epochs", type=int, default=6)
+    ap.add_argument("--retrain-epochs", type=int, default=5)
+    ap.add_argument("--json", default=None, help="write the results here (e.g. docs/benchmarks/overhead.json)")
+    ap.add_argument("--profile", default=None, help="py-spy + /proc CPU time of each stage run into this folder")
+    ap.add_argument("--profile-seconds", type=float, default=8.0, help="recorded from the end of the first epoch")
+    args = ap.parse_args(argv)
+
+    import ray
+    import torch
+
+    from cluster.storage import open_store
+    from densenas.arch import load_arch
+    from densenas.derive import derive
+    from densenas.latency import describe_device
+    from densenas.space import load_space
+    from densenas.supernet import SuperNet
+    from jobs.retrain import RetrainConfig, run_retrain
+    from jobs.search import SearchJobConfig, run_search
+    from jobs.split import SplitConfig, run_split
+
+    load_before = _uptime()
+    print(f"uptime before: {load_before}", flush=True)
+    tiny = _tiny()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    split_store = open_store(str(tmp / "split"))
+    d = tiny["data"]
+    manifest = run_split(SplitConfig(classes=d["classes"], max_per_class=d["max_per_class"],
+                                     val_fraction=d["val_fraction"], test_max_per_class=d["test_max_per_class"],
+                                     shard_size=d["shard_size"], seed=d["seed"], executor="local"), split_store)
+    space = load_space(tiny["space"])
+    settings = _search_settings(tiny, args.search_epochs)
+    torch.manual_seed(0)
+    arch = derive(SuperNet(space, num_classes=int(manifest["num_classes"]))).arch
+    arch = load_arch(arch.to_json())
+    r = tiny["retrain"]
+    rows = []
+    workers_list = [int(w) for w in args.workers.split(",")]
+    modes = args.modes.split(",")
+    stages = args.stages.split(",")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for stage in stages:
+            for w in workers_list:
+                threads = 1
+                if stage == "search":
+                    base = in_process_search(manifest, split_store, space, settings, w, threads)
+                    base_t = statistics.median(v["seconds"] for e, v in base["epochs"].items()
+                                               if v["phase"] == "search" and e > 2)
+                else:
+                    rcfg = RetrainConfig(epochs=args.retrain_epochs, batch_size=r["batch_size"], lr=r["lr"],
+                                         workers=w, cpus_per_worker=1, max_failures=0, measure_latency=False,
+                                         export=False)
+                    base = in_process_retrain(manifest, split_store, arch, rcfg, w, threads)
+                    base_t = statistics.median(v["seconds"] for e, v in base["epochs"].items() if e > 1)
+                for mode in modes:
+                    store = open_store(str(tmp / f"{stage}-{w}-{mode}"))
+                    # ray_data keeps a CPU free for its decode tasks: the workers share the other one
+                    cpus = 1 if mode == "memory" else 1 / w
+                    job = {"workers": w, "cpus_per_worker": cpus, "max_failures": 0, "data_loading": mode,
+                           "data_cpus": 1}
+                    prof = None
+                    if args.profile:
+                        Path(args.profile).mkdir(parents=True, exist_ok=True)
+                        prof = StageProfiler(Path(args.profile), f"{stage}-{w}w-{mode}",
+                                             lambda st=store: st.exists("workers/rank-0.json"), args.profile_seconds)
+                        prof.start()
+                    t0 = time.time()
+                    if stage == "search":
+                        run_search(SearchJobConfig.model_validate(job | settings), space, manifest, None, store,
+                                   split_store=split_store)
+                    else:
+                        rcfg = RetrainConfig(epochs=args.retrain_epochs, batch_size=r["batch_size"], lr=r["lr"],
+                                             measure_latency=False, export=False, **job)
+                        run_retrain(rcfg, arch, manifest, store, split_store=split_store)
+                    wall = time.time() - t0
+                    rank0 = store.get_json("workers/rank-0.json")
+                    iv = _intervals(rank0["epoch_ends"])
+                    if stage == "search":
+                        recs = {json.loads(x)["epoch"]: json.loads(x)
+                                for x in store.get_bytes("search_record.jsonl").decode().splitlines()}
+                        used = {e: s for e, s in iv.items() if recs[e]["phase"] == "search" and e > 2}
+                    else:
+                        used = {e: s for e, s in iv.items() if e < args.retrain_epochs}
+                    stage_t = statistics.median(used.values())
+                    first_end = min(x["time"] for x in rank0["epoch_ends"])
+                    row = {"stage": stage, "workers": w, "data_loading": mode, "cpus_per_worker": cpus,
+                           "threads_per_worker": threads, "per_worker_batch": base["batch"],
+                           "steps_per_epoch": base["steps"], "arch_steps_per_epoch": base.get("val_steps"),
+                           "stage_epoch_s": round(stage_t, 3), "in_process_epoch_s": round(base_t, 3),
+                           "ratio": round(stage_t / base_t, 3),
+                           "stage_epoch_intervals_s": {str(k): round(v, 3) for k, v in sorted(iv.items())},
+                           "in_process_epochs_s": {str(k): round(v["seconds"], 3) for k, v in base["epochs"].items()},
+                           "stage_wall_s": round(wall, 1), "start_to_first_epoch_end_s": round(first_end - t0, 1)}
+                    if prof is not None:
+                        prof.join(timeout=args.profile_seconds + 120)
+                        row["profile"] = prof.result
+                        print(f"  profile: {json.dumps(prof.result)}", flush=True)
+                    rows.append(row)
+                    print(f"{stage:8s} {w} worker(s) {mode:8s}: stage epoch {stage_t:6.2f}s | in process "
+                          f"{base_t:6.2f}s | ratio {stage_t / base_t:5.2f} | intervals {row['stage_epoch_intervals_s']}"
+                          f" | in-process {row['in_process_epochs_s']} | wall {wall:.1f}s", flush=True)
+    finally:
+        ray.shutdown()
+    load_after = _uptime()
+    print(f"uptime after: {load_after}", flush=True)
+    result = {"command": "python bench/bench_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": {"cpu": describe_device("cpu").get("name") or platform.processor() or platform.machine(),
+                          "cores": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__},
+              "load_before": load_before, "load_after": load_after, "data": manifest["counts"],
+              "search_settings": settings, "retrain": {"batch_size": r["batch_size"], "lr": r["lr"],
+                                                       "epochs": args.retrain_epochs},
+              "goal_ratio": 1.3, "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
