@@ -17,8 +17,12 @@ Python API (tests and the demo start only what they need)::
 What it guarantees, and why:
 
 - Every port is explicit (SeaweedFS alone opens ten; Ray a dozen) so several stacks -- other
-  engineers' on a shared host, or a test's -- never collide on a default port. Everything binds
-  127.0.0.1.
+  engineers' on a shared host, or a test's -- never collide on a default port. SeaweedFS, MLflow,
+  the Ray dashboard, the dashboard agent's HTTP port, the runtime-env agent and Ray's metrics
+  servers bind 127.0.0.1 (``--node-ip-address 127.0.0.1`` makes Ray treat the node as local). Ray
+  has no flag to bind its gRPC servers (GCS, raylet, object manager, workers, the dashboard agent's
+  gRPC) to loopback: they listen on every interface, and token authentication refuses every call
+  without the token -- tests/test_local_stack.py probes each such port with a tokenless client.
 - SeaweedFS runs with S3 authentication on: an access/secret key pair is generated once into the
   state directory (mode 0600) and reused; buckets are not auto-created (the stack creates the
   project bucket itself); telemetry off; GOMEMLIMIT set. The *whole* flag set is passed on every
