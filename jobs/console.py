@@ -6,7 +6,8 @@
     print(progress.line(epoch, seconds, "val_acc 0.41"))  # "[search] epoch 3/8 (38%) ... ETA 3m20s"
 
 Quiet (the default) turns off: the INFO line Ray Train logs for every ``ray.train.report`` of every
-worker (``Reporting training result ...: TrainingReport(...)``), Ray Data's progress bars (tqdm),
+worker (``Reporting training result ...: TrainingReport(...)``), Ray Train's controller INFO lines
+(``RunConfig.logging_config``, set by ``jobs.resources.torch_trainer``), Ray Data's progress bars (tqdm),
 Ray Data's interrupted helper threads (``InterruptedError`` tracebacks when an iterator is closed
 early, on runs that succeed), MLflow's and boto's INFO chatter ("View run ... at ..."). Warnings
 and errors stay. ``--verbose`` (``DENSENAS_VERBOSE=1``) keeps all of it, including the searcher's
@@ -20,7 +21,8 @@ import threading
 import time
 from typing import Optional
 
-__all__ = ["configure", "verbose", "quiet_train_worker", "EpochProgress", "format_duration", "VERBOSE_ENV"]
+__all__ = ["configure", "verbose", "quiet_train_worker", "train_log_level", "EpochProgress", "format_duration",
+           "VERBOSE_ENV"]
 
 VERBOSE_ENV = "DENSENAS_VERBOSE"
 _QUIET_LOGGERS = {"ray.data": logging.ERROR, "ray.train": logging.WARNING, "ray.tune": logging.WARNING,
@@ -55,6 +57,8 @@ def configure(verbose: bool = False) -> None:
         return
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")          # mlflow resets its logger on import
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")   # "View run ... at" per run
     _quiet_loggers()
 
 
@@ -69,6 +73,12 @@ def quiet_train_worker() -> None:
     except Exception:  # noqa: BLE001 -- another Ray layout: leave its logging alone
         pass
     _quiet_loggers()
+
+
+def train_log_level() -> str:
+    """Ray Train's console log level (``RunConfig.logging_config``): its controller's and workers'
+    INFO lines (resources requested, worker group started, process group set up) only with --verbose."""
+    return "INFO" if verbose() else "WARNING"
 
 
 def format_duration(seconds: float) -> str:

@@ -182,8 +182,10 @@ def torch_trainer(worker_fn, loop_config: dict, request: WorkerResources, *, use
     validated worker request, checkpoints in the artifact store (``storage`` = ray_storage(store)),
     FailureConfig restarts from the latest checkpoint, the last two checkpoints kept. ``datasets``:
     Ray Datasets for ``ray.train.get_dataset_shard`` (None when the workers load their own data)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.console import train_log_level
 
     storage_path, storage_fs = storage
     return TorchTrainer(
@@ -192,5 +194,6 @@ def torch_trainer(worker_fn, loop_config: dict, request: WorkerResources, *, use
         scaling_config=ScalingConfig(**request.scaling_kwargs()),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=LoggingConfig(log_level=train_log_level())),
         datasets=datasets)
