@@ -280,9 +280,9 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
     if cfg.measure_latency:
         resources = ({"num_gpus": 1, "num_cpus": 1} if protocol["device"] == "cuda"
                      else {"num_cpus": min(float(protocol["threads"]), ray.cluster_resources().get("CPU", 1.0))})
-        _say("retrain: measuring latency under the table's protocol (" + ", ".join(
-            f"{k} {protocol[k]}" for k in ("device", "batch", "threads", "dtype", "memory_format", "statistic")) + ")",
-             ctx)
+        _say(f"retrain: measuring latency under the {'table' if latency_table is not None else 'config'}'s protocol ("
+             + ", ".join(f"{k} {protocol[k]}" for k in ("device", "batch", "threads", "dtype", "memory_format", "timer",
+                                                         "statistic")) + ")", ctx)
         lat = ray.get(ray.remote(**resources)(_measure_in_task).remote(
             buf.getvalue(), arch.to_dict(), num_classes, protocol), timeout=600)
         out["measured_latency"] = lat
