@@ -263,6 +263,15 @@ def main(argv=None) -> int:
     workers_list = [int(w) for w in args.workers.split(",")]
     modes = args.modes.split(",")
     stages = args.stages.split(",")
+    def run_stage(stage: str, job: dict, store) -> None:
+        if stage == "search":
+            run_search(SearchJobConfig.model_validate(job | settings), space, manifest, None, store,
+                       split_store=split_store)
+        else:
+            rcfg = RetrainConfig(epochs=args.retrain_epochs, batch_size=r["batch_size"], lr=r["lr"],
+                                 measure_latency=False, export=False, **job)
+            run_retrain(rcfg, arch, manifest, store, split_store=split_store)
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for stage in stages:
@@ -291,13 +300,14 @@ def main(argv=None) -> int:
                                              lambda st=store: st.exists("workers/rank-0.json"), args.profile_seconds)
                         prof.start()
                     t0 = time.time()
-                    if stage == "search":
-                        run_search(SearchJobConfig.model_validate(job | settings), space, manifest, None, store,
-                                   split_store=split_store)
-                    else:
-                        rcfg = RetrainConfig(epochs=args.retrain_epochs, batch_size=r["batch_size"], lr=r["lr"],
-                                             measure_latency=False, export=False, **job)
-                        run_retrain(rcfg, arch, manifest, store, split_store=split_store)
+                    try:
+                        run_stage(stage, job, store)
+                    except Exception as e:  # noqa: BLE001 -- one failed run must not lose the other rows
+                        rows.append({"stage": stage, "workers": w, "data_loading": mode,
+                                     "error": f"{type(e).__name__}: {str(e)[:500]}"})
+                        print(f"{stage:8s} {w} worker(s) {mode:8s}: FAILED {type(e).__name__}: {str(e)[:300]}",
+                              flush=True)
+                        continue
                     wall = time.time() - t0
                     rank0 = store.get_json("workers/rank-0.json")
                     iv = _intervals(rank0["epoch_ends"])
