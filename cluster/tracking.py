@@ -516,7 +516,7 @@ class Tracker:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.uri)
+            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)  # never a process-global registry
         return self._client
 
     def _call(self, fn, *args, **kwargs):

@@ -129,9 +129,14 @@ def test_registry_version_reproduces_the_retrain_logits(tiny_runs):
     x = torch.randn(3, arch.in_channels, arch.input_size, arch.input_size)
     with torch.no_grad():
         expected = model(x).numpy()
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(client.tracking_uri)
     mlflow.set_registry_uri(client.tracking_uri)
-    served = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
+    try:
+        served = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
+    finally:  # later tests must not register into this session's server
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
     got = np.asarray(served.predict(x.numpy()))
     assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-4
 
