@@ -47,22 +47,8 @@ def test_state_files_are_private(stack_s3):
 
 
 def _listening_addresses(pid: int) -> set[str]:
-    """Local addresses of the LISTEN sockets owned by ``pid`` (from /proc, no extra tools)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    addresses = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A = LISTEN
-                addresses.add(fields[1].split(":")[0])
-    return addresses
+    """Local addresses (hex, as /proc writes them) of the LISTEN sockets owned by ``pid``."""
+    return {addr for addr, _ in _listening(pid)}
 
 
 def test_seaweedfs_loopback_only_auth_on_no_autocreate(stack_s3):

@@ -16,9 +16,6 @@ from cluster.storage import open_store  # noqa: E402
 from jobs.search import SearchJobConfig, run_search  # noqa: E402
 from jobs.split import SplitConfig, run_split  # noqa: E402
 
-if "data_loading" not in SearchJobConfig.model_fields:
-    pytest.skip("the search stage streams through Ray Data only (no seeded in-memory batch order)",
-                allow_module_level=True)
 
 JOB = dict(workers=2, cpus_per_worker=0.5, max_failures=1, data_cpus=0, data_loading="memory",
            epochs=3, warmup_epochs=1, batch_size=16, arch_batch_size=8, arch_steps_per_epoch=6, seed=5,
