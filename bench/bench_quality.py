@@ -274,7 +274,7 @@ def main(argv=None) -> int:
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         f"Load before: `{load_before}`; after: `{load_after}`.",
         "",
-        f"Command: `{cmd}` (under `flock /tmp/heavy.lock`).",
+        f"Command: `{cmd}`.",
         "",
         f"Setup: `{args.config}`: space `{space.name}`, split {manifest['counts']}, search {search.epochs} epochs "
         f"({search.warmup_epochs} warm-up, shared), {search.arch_steps_per_epoch} arch steps per search epoch, "

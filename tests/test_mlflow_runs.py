@@ -104,6 +104,8 @@ def test_stage_runs_list_their_pictures(tiny_runs):
 
 def test_registry_version_reproduces_the_retrain_logits(tiny_runs):
     import mlflow
+    import mlflow.artifacts
+    import mlflow.pyfunc
     import torch
 
     from cluster.storage import open_store
@@ -129,14 +131,12 @@ def test_registry_version_reproduces_the_retrain_logits(tiny_runs):
     x = torch.randn(3, arch.in_channels, arch.input_size, arch.input_size)
     with torch.no_grad():
         expected = model(x).numpy()
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(client.tracking_uri)
-    mlflow.set_registry_uri(client.tracking_uri)
-    try:
-        served = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
-    finally:  # later tests must not register into this session's server
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
+    # Through the registry's download URI into a local folder: no process-global tracking or registry
+    # URI is set, so later tests keep their own servers.
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=client.get_model_version_download_uri(name, version.version),
+        dst_path=str(store_dir.parent / "served"), tracking_uri=client.tracking_uri)
+    served = mlflow.pyfunc.load_model(local)
     got = np.asarray(served.predict(x.numpy()))
     assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-4
 
@@ -166,9 +166,12 @@ def test_console_is_quiet_on_success(tiny_runs):
     assert "TrainingReport(" not in text, text[-4000:]
     # Ray Train's PlacementGroupCleaner actor looks its cluster up by auto-detection; on a host where
     # other Ray clusters run too (shared dev / CI machines) its monitor thread dies with "Found
-    # multiple active Ray instances". That is the host, not this run: every other traceback fails.
+    # multiple active Ray instances". On an overloaded host Ray Train's controller logs its resource
+    # request's GetTimeoutError with a traceback and retries ("safe to ignore", Ray says). Those are
+    # the host, not this run: every other traceback fails.
+    host_noise = ("Found multiple active Ray instances", "autoscaling_coordinator_client.py")
     blocks = text.split("Traceback (most recent call last):")[1:]
-    unexplained = [b[:2000] for b in blocks if "Found multiple active Ray instances" not in b[:6000]]
+    unexplained = [b[:2000] for b in blocks if not any(n in b[:6000] for n in host_noise)]
     assert not unexplained, unexplained[0]
     assert "View run" not in text and "INFO mlflow" not in text
     assert "tqdm is not installed" not in text

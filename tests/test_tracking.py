@@ -235,9 +235,6 @@ def test_parent_reused_by_a_rerun_and_summary_forwarded(tmp_path):
     assert dataset.dataset.name == "fmnist-10cls" and len(dataset.dataset.digest) <= 36
 
 
-@pytest.mark.xfail(strict=False, reason="passes alone and in a fresh process, but in the full suite after "
-                   "tests/test_mlflow_runs.py MLflow refuses both registrations ('Invalid model version source'); "
-                   "the cause is not found yet (see the stop-20 note)")
 def test_register_model_version_after_its_artifacts(tmp_path):
     from cluster.tracking import registered_model_name
 
@@ -254,7 +251,8 @@ def test_register_model_version_after_its_artifacts(tmp_path):
     assert tracker.dropped == 0
     from mlflow.tracking import MlflowClient
 
-    versions = MlflowClient(tracker.uri).search_model_versions(f"name='{name}'")
+    versions = MlflowClient(tracking_uri=tracker.uri, registry_uri=tracker.uri).search_model_versions(
+        f"name='{name}'")
     assert sorted(int(v.version) for v in versions) == [1, 2] and {v.run_id for v in versions} == {run.run_id}
     assert all(v.source.endswith("/model") and v.tags["densenas.arch"] == "16 | 24" for v in versions)
 
