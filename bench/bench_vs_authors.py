@@ -22,9 +22,10 @@ The authors' code is imported at run time from ``--authors`` (default
 /work/.mirror/JaminFong+DenseNAS/repo), never copied into this repository. A checkout whose work tree is
 absent (only ``.git``) is exported with ``git archive`` to a cache directory outside the repository
 (``--authors-cache``). Their files are not edited: in the benchmark's own subprocesses only,
-``torch.Tensor.cuda`` and ``nn.Module.cuda`` become no-ops (CPU) and ``yaml.load`` gets a ``Loader``
-(PyYAML >= 6) while their config is read; their latency list is read with ``ast.literal_eval``
-(same value as their ``eval``).
+``torch.Tensor.cuda`` and ``nn.Module.cuda`` become no-ops (CPU), ``yaml.load`` gets a ``Loader``
+(PyYAML >= 6) while their config is read, and during their ``Optimizer.rescale_arch_params`` a 0-dim
+``scatter_`` source is broadcast to the index (PyTorch 1.0 read it as a scalar; current PyTorch
+rejects it); their latency list is read with ``ast.literal_eval`` (same value as their ``eval``).
 
 Same hyper-parameters on both sides (checked against their config at run time): SGD lr 0.2, momentum
 0.9, weight decay 4e-5; Adam lr 3e-4 (alpha and beta), betas (0.5, 0.999), weight decay 1e-3;
@@ -41,8 +42,10 @@ computation of the latency term does not depend on them.
     python bench/bench_vs_authors.py --sizes 64 --batch 2 --steps 1 --out /tmp/vs   # smoke run
     python bench/bench_vs_authors.py --authors /path/to/DenseNAS   # another checkout
 
-Full run on a quiet 2-core machine: about 8-12 minutes; peak memory about 10-11 GB (the 224x224 batch 8
-arch-step row's interleaved process holds both super networks; the authors' alone peaked at 5.1 GB there).
+Full run (the first command) on a quiet 2-core machine: about 7-10 minutes (12 processes; per row 22
+steps of each code plus 4 super-network builds). Peak memory about 10 GB: the 224x224 batch 8
+arch-step row's interleaved process holds both super networks (the authors' alone peaked at 5.1 GB
+there before); every other process stays below that.
 """
 from __future__ import annotations
 
@@ -173,6 +176,34 @@ def _yaml_loader():
         yaml.load = original
 
 
+def _patch_rescale(optimizer_cls) -> None:
+    """Their ``Optimizer.rescale_arch_params`` scatters a 0-dim tensor (``zeros.scatter_(0, index, value)``):
+    PyTorch 1.0 took it as the scalar overload; current PyTorch takes the tensor overload and requires
+    ``src`` at least as large as ``index``. For the duration of their call only (their code is not
+    edited), a 0-dim ``src`` is broadcast to ``index``'s shape: the same result as in PyTorch 1.0."""
+    import torch
+
+    original = optimizer_cls.rescale_arch_params
+    if getattr(original, "_bench_patched", False):
+        return
+    tensor_scatter = torch.Tensor.scatter_
+
+    def scatter_(self, dim, index, src=None, **kw):
+        if isinstance(src, torch.Tensor) and src.dim() == 0:
+            src = src.expand(index.shape)
+        return tensor_scatter(self, dim, index, **kw) if src is None else tensor_scatter(self, dim, index, src, **kw)
+
+    def rescale_arch_params(self, *args, **kwargs):
+        torch.Tensor.scatter_ = scatter_  # type: ignore[method-assign]
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            torch.Tensor.scatter_ = tensor_scatter  # type: ignore[method-assign]
+
+    rescale_arch_params._bench_patched = True  # type: ignore[attr-defined]
+    optimizer_cls.rescale_arch_params = rescale_arch_params
+
+
 def build_theirs(tree: str, kind: str, batch: int):
     """Their super network, optimizer and scheduler as run_apis/search.py sets them up; a step closure."""
     import torch
@@ -192,6 +223,7 @@ def build_theirs(tree: str, kind: str, batch: int):
     for mod in (models, run_apis):
         if not str(Path(mod.__file__).resolve()).startswith(str(Path(tree).resolve())):
             raise RuntimeError(f"imported {mod.__name__} from {mod.__file__}, not from the authors' tree {tree}")
+    _patch_rescale(Optimizer)
     update_cfg_from_cfg(search_cfg, cfg)
     with _yaml_loader():
         merge_cfg_from_file(str(Path(tree) / AUTHORS_CONFIG), cfg)
@@ -397,7 +429,8 @@ def report(result: dict) -> str:
         "",
         f"Authors' code: JaminFong/DenseNAS at {a['commit'] or 'unknown commit'} ({a['source']}"
         + (f", exported to {a['tree']}" if a["exported"] else "") + "), imported at run time and run unmodified "
-        "except, in the benchmark's processes only, `.cuda()` as a no-op and `yaml.load` given a Loader. Their "
+        "except, in the benchmark's processes only, `.cuda()` as a no-op, `yaml.load` given a Loader and, during "
+        "their `rescale_arch_params`, a 0-dim `scatter_` source broadcast to the index (PyTorch 1.0 semantics). Their "
         "`Network` (models/search_space_mbv2.py) from their configs/imagenet_search_cfg_mbv2.yaml in "
         "`nn.DataParallel`, stepped by their `run_apis/optimizer.Optimizer` (`weight_step` after their scheduler's "
         "step / `arch_step`, search stage 1, the other parameter group frozen as their search loop does) with "
