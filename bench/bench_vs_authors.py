@@ -24,8 +24,8 @@ absent (only ``.git``) is exported with ``git archive`` to a cache directory out
 (``--authors-cache``). Their files are not edited: in the benchmark's own subprocesses only,
 ``torch.Tensor.cuda`` and ``nn.Module.cuda`` become no-ops (CPU), ``yaml.load`` gets a ``Loader``
 (PyYAML >= 6) while their config is read, and during their ``Optimizer.rescale_arch_params`` a 0-dim
-``scatter_`` source is broadcast to the index (PyTorch 1.0 read it as a scalar; current PyTorch
-rejects it); their latency list is read with ``ast.literal_eval`` (same value as their ``eval``).
+``scatter_`` source is broadcast to the index (current PyTorch rejects a 0-dim source for a 2-element
+index; broadcast, both sampled ops get the eq. 9 shift that their code computes); their latency list is read with ``ast.literal_eval`` (same value as their ``eval``).
 
 Same hyper-parameters on both sides (checked against their config at run time): SGD lr 0.2, momentum
 0.9, weight decay 4e-5; Adam lr 3e-4 (alpha and beta), betas (0.5, 0.999), weight decay 1e-3;
@@ -177,10 +177,10 @@ def _yaml_loader():
 
 
 def _patch_rescale(optimizer_cls) -> None:
-    """Their ``Optimizer.rescale_arch_params`` scatters a 0-dim tensor (``zeros.scatter_(0, index, value)``):
-    PyTorch 1.0 took it as the scalar overload; current PyTorch takes the tensor overload and requires
-    ``src`` at least as large as ``index``. For the duration of their call only (their code is not
-    edited), a 0-dim ``src`` is broadcast to ``index``'s shape: the same result as in PyTorch 1.0."""
+    """Their ``Optimizer.rescale_arch_params`` scatters a 0-dim tensor (``zeros.scatter_(0, index, value)``)
+    over a 2-element index; current PyTorch requires ``src`` at least as large as ``index`` and raises.
+    For the duration of their call only (their code is not edited), a 0-dim ``src`` is broadcast to
+    ``index``'s shape: both sampled ops get the shift their code computes (the paper's eq. 9)."""
     import torch
 
     original = optimizer_cls.rescale_arch_params
@@ -430,7 +430,7 @@ def report(result: dict) -> str:
         f"Authors' code: JaminFong/DenseNAS at {a['commit'] or 'unknown commit'} ({a['source']}"
         + (f", exported to {a['tree']}" if a["exported"] else "") + "), imported at run time and run unmodified "
         "except, in the benchmark's processes only, `.cuda()` as a no-op, `yaml.load` given a Loader and, during "
-        "their `rescale_arch_params`, a 0-dim `scatter_` source broadcast to the index (PyTorch 1.0 semantics). Their "
+        "their `rescale_arch_params`, a 0-dim `scatter_` source broadcast to the index (current PyTorch rejects it; both sampled ops get the eq. 9 shift). Their "
         "`Network` (models/search_space_mbv2.py) from their configs/imagenet_search_cfg_mbv2.yaml in "
         "`nn.DataParallel`, stepped by their `run_apis/optimizer.Optimizer` (`weight_step` after their scheduler's "
         "step / `arch_step`, search stage 1, the other parameter group frozen as their search loop does) with "
