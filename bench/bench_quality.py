@@ -154,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="working directory (default: a temp dir)")
     ap.add_argument("--doc", default=str(REPO / "docs/benchmarks/quality.md"))
     ap.add_argument("--label", default="", help="a line stating what kind of run this is (e.g. reduced)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run in --out: reuse its profiled table and finished sweep trials")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -186,8 +188,9 @@ def main(argv=None) -> int:
             from jobs.profile import TABLE_KEY, run_profile
 
             profile_store = open_store(str(work / "profile"))
-            run_profile(cfg.profile.model_copy(update={"num_classes": int(manifest["num_classes"])}),
-                        space, profile_store)
+            if not (args.resume and profile_store.exists(TABLE_KEY)):
+                run_profile(cfg.profile.model_copy(update={"num_classes": int(manifest["num_classes"])}),
+                            space, profile_store)
             cost_model = LatencyTable.from_dict(profile_store.get_json(TABLE_KEY))
         else:
             cost_model = load_cost_model(args.cost, space)
@@ -196,7 +199,8 @@ def main(argv=None) -> int:
         t0 = time.time()
         out = run_sweep(sweep, space, search, manifest, open_store(str(work / "sweep")), split_store=split_store,
                         cost_model=cost_model, work_store=open_store(str(work / "work")),
-                        tracking_uri=f"sqlite:///{work / 'mlflow.db'}", experiment="bench-quality")
+                        tracking_uri=f"sqlite:///{work / 'mlflow.db'}", experiment="bench-quality",
+                        resume=args.resume)
         sweep_s = time.time() - t0
     finally:
         ray.shutdown()
@@ -265,7 +269,8 @@ def main(argv=None) -> int:
            + (f" --epochs {args.epochs}" if args.epochs is not None else "")
            + (f" --test-per-class {args.test_per_class}" if args.test_per_class else "")
            + (f" --search-epochs {args.search_epochs}" if args.search_epochs else "")
-           + (f" --arch-steps {args.arch_steps}" if args.arch_steps else ""))
+           + (f" --arch-steps {args.arch_steps}" if args.arch_steps else "")
+           + (" --resume" if args.resume else ""))
     lines = [
         "## Search quality: the lambda sweep vs uniform random nets (bench/bench_quality.py)",
         "",

@@ -557,7 +557,11 @@ class Searcher:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.arch_step_count = int(state["arch_step"])
-        self.lam = float(state.get("lam", self.config.lambda_))
+        # lambda is the config's: a state from a shared warm-up (or another trial's lambda) must not
+        # carry its lambda into this search. Only the target mode's dual ascent makes it state, once it
+        # has taken architecture steps.
+        adapted = self.config.target_latency is not None and self.arch_step_count > 0
+        self.lam = float(state.get("lam", self.config.lambda_)) if adapted else float(self.config.lambda_)
         self.history = list(state["history"])
 
     def save(self, path: str | Path) -> None:

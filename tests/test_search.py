@@ -268,6 +268,23 @@ def test_target_mode_moves_lambda_by_dual_ascent(micro_data):
     assert again.lam == over.lam
 
 
+def test_a_loaded_state_keeps_the_configs_lambda(micro_data):
+    """A sweep trial starts from the shared warm-up's state: the trial's lambda, not the warm-up's,
+    weights the latency term (a state carries lambda only as the target mode's adapted dual)."""
+    _, _, vx, vy, _ = micro_data
+    base = {"epochs": 2, "warmup_epochs": 0, "batch_size": 8, "lambda": 0.15}
+    warm = _searcher(SearchConfig.model_validate(base))
+    state = warm.state_dict()
+    for lam in (0.0, 3.0):
+        trial = _searcher(SearchConfig.model_validate({**base, "lambda": lam}))
+        trial.load_state_dict(state)
+        assert trial.lam == lam
+    warm.arch_step((vx[:8], vy[:8]))
+    trial = _searcher(SearchConfig.model_validate({**base, "lambda": 3.0}))
+    trial.load_state_dict(warm.state_dict())
+    assert trial.lam == 3.0, "a fixed lambda is config, even after architecture steps"
+
+
 def test_arch_steps_per_epoch_replays_the_epochs_val_batches(micro_data):
     tx, ty, vx, vy, _ = micro_data
     cfg = SearchConfig.model_validate({"epochs": 1, "warmup_epochs": 0, "batch_size": 8,

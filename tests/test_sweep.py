@@ -73,6 +73,8 @@ def test_three_trial_sweep_interrupted_then_resumed(tmp_path):
     for k in keys:
         records = [json.loads(x) for x in work.get_bytes(f"trials/{k}/search/search_record.jsonl").decode().splitlines()]
         assert [r["epoch"] for r in records] == [1, 2] and records[0]["phase"] == "warmup"
+        result = work.get_json(f"trials/{k}/result.json")   # searched with its own lambda, not the warm-up's
+        assert result["search_metrics"]["lambda"] == pytest.approx(result["lambda"])
 
     # Every trial reports predicted + measured latency, accuracy, params and MACs.
     assert len(out["trials"]) == 3
