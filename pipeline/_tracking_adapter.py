@@ -170,6 +170,15 @@ class PipelineTracker(_HandleFacade):
                                                             fingerprint=fingerprint))
         return StageTracker(self._tracker, handle, name, self)
 
+    def end_stale_run(self, run_id: str, status: str = "KILLED") -> None:
+        """End a stage run a lost driver left RUNNING (``kill -9``: nothing ended it), so MLflow shows no
+        attempt as live that is not. A run that already ended is left alone; while MLflow is down the
+        end is spooled like any other operation."""
+        found = self._tracker._read("a run", lambda: self._tracker._mlflow().get_run(run_id))
+        if found is not None and found.info.status != "RUNNING":
+            return
+        self._tracker.end_run(status, run=self._tracker.attach(run_id, "stale stage run"))
+
     def end(self, status: str = "FINISHED") -> None:
         self.handle.end(status)
         self._tracker.flush()
