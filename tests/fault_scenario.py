@@ -269,6 +269,21 @@ class FaultScenario:
         victim = pids[-1]
         os.kill(victim, signal.SIGKILL)
         fault.detail = {"killed_pid": victim, "train_workers": pids}
+        # over once Ray Train restarted the group: a rank's placement record newer than the kill
+        placements = self.run_store.child("search")
+        deadline = time.monotonic() + 600
+        while True:
+            self._alive()
+            try:
+                docs = [placements.get_json(k, verify=False) for k in placements.list("placements") if k.endswith(".json")]
+                restarted = [d for d in docs if d["time"] > fault.injected_at]
+            except Exception:  # noqa: BLE001 -- a half-written object: look again
+                restarted = []
+            if restarted:
+                fault.detail["restarted_from_epoch"] = min(d["start_epoch"] for d in restarted)
+                break
+            assert time.monotonic() < deadline, "Ray Train did not restart the search's worker group"
+            time.sleep(0.5)
         fault.over_at = time.time()
 
     def stop_mlflow(self, after_epoch: int) -> None:
@@ -320,7 +335,7 @@ class FaultScenario:
         try:
             self._submit(resume=False)
             self.kill_worker(at_epoch=2)
-            self.stop_mlflow(after_epoch=self.watcher.ckpt.get("search", 2))
+            self.stop_mlflow(after_epoch=self.faults[-1].detail["restarted_from_epoch"])
             self.restart_s3()
             self.kill_driver()
             rc = self._proc.wait(timeout=max(60.0, timeout_s - (time.time() - t0)))
@@ -411,7 +426,9 @@ class FaultScenario:
             epoch_s = statistics.median(durations) if durations else 0.0
             window_end = faults[i + 1].injected_at if i + 1 < len(faults) else float("inf")
             before = [e for e in ends if e[1] < fault.injected_at]
-            done_before = max((e[0] for e in before), default=0)
+            # done = checkpointed (an epoch whose end was recorded but whose checkpoint was not yet
+            # published is the interrupted one, not a finished one)
+            done_before = fault.ckpt_before if fault.ckpt_before is not None else 0
             after = [e for e in ends if fault.injected_at <= e[1] < window_end]
             # epochs whose end was seen again after the fault (completed work thrown away)
             redone = sorted(e[0] for e in after if e[0] <= done_before)
@@ -421,11 +438,15 @@ class FaultScenario:
                 b[0] <= a[0] for a, b in zip(after, after[1:])))
             stage_done = fault.stage != "search" or done_before < SEARCH_EPOCHS
             interrupted = 1 if (restarted or fault.name in ("worker", "driver")) and stage_done else 0
-            first_new = min((e[1] for e in after if e[0] > done_before), default=None)
+            # the first epoch end of the recovered stage beyond the last checkpoint (a killed worker's or
+            # driver's survivors may still end an epoch after the injection: count from the recovery)
+            t_from = fault.over_at if fault.name in ("worker", "driver") else fault.injected_at
+            first_new = min((e[1] for e in after if e[0] > done_before and e[1] >= t_from), default=None)
             stall = (first_new - fault.injected_at) if first_new else None
             out[fault.name] = {
                 "stage": fault.stage, "trigger": fault.trigger, "checkpoint_before": fault.ckpt_before,
-                "epochs_done_before": done_before, "resumed_from_epoch": resumed_from,
+                "epochs_done_before": done_before,
+                "epoch_ends_seen_before": max((e[0] for e in before), default=0), "resumed_from_epoch": resumed_from,
                 "restarted": restarted, "epochs_redone": len(redone), "partial_epoch_lost": interrupted,
                 "epochs_repeated": len(redone) + interrupted,
                 "stall_s": None if stall is None else round(stall, 1), "epoch_s": round(epoch_s, 1),
