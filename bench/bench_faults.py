@@ -100,13 +100,16 @@ def render(doc: dict) -> str:
               f"Epoch ends seen per stage (epoch: times seen): "
               + "; ".join(f"{s} {dict(sorted(c.items()))}" for s, c in r["epoch_completions"].items()) + ".",
               f"MLflow parent runs for the run id: {r['mlflow']['parents']} (status {r['mlflow']['parent_status']}).",
-              "", "Definitions: *last epoch done before* is the highest epoch whose end the watcher saw before the "
-              "injection; *resumed from* is the epoch the stage continued from (first epoch ended after the fault, "
-              "minus one); *finished epochs trained again* counts epoch ends seen a second time; the *interrupted "
-              "epoch* is the unfinished one a killed worker or driver throws away; *stall* runs from the injection "
-              "to the first end of a new epoch, *time lost* is the stall less the stage's median epoch time. "
-              "The MLflow and S3 faults overlap whatever stage runs at the time (their stage column names where "
-              "they were triggered)."]
+              "", "Definitions: *last epoch done before* is the last epoch checkpoint the watcher saw before the "
+              "injection (an epoch that ended but was not checkpointed yet is the interrupted one); *resumed from* "
+              "is the epoch the stage continued from (first epoch ended after the fault, minus one; `-` when no "
+              "epoch ended between this fault and the next); *finished epochs trained again* counts checkpointed "
+              "epochs whose end was seen again; the *interrupted epoch* is the unfinished one a killed worker or "
+              "driver, or a restarted worker group, throws away; *stall* runs from the injection (for a killed "
+              "worker or driver: from the recovery) to the first end of an epoch beyond that checkpoint, *time "
+              "lost* is the stall less the stage's median epoch time (`-`: no epoch ended before the next fault). "
+              "The MLflow and S3 faults overlap whatever runs at the time (the stage column names where they were "
+              "triggered). This file is rendered from faults.json (`bench.bench_faults.render`)."]
     if doc.get("problems"):
         lines += ["", "**Problems found:** " + "; ".join(doc["problems"])]
     return "\n".join(lines) + "\n"
