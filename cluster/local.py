@@ -17,12 +17,16 @@ Python API (tests and the demo start only what they need)::
 What it guarantees, and why:
 
 - Every port is explicit (SeaweedFS alone opens ten; Ray a dozen) so several stacks -- other
-  engineers' on a shared host, or a test's -- never collide on a default port. SeaweedFS, MLflow,
-  the Ray dashboard, the dashboard agent's HTTP port, the runtime-env agent and Ray's metrics
-  servers bind 127.0.0.1 (``--node-ip-address 127.0.0.1`` makes Ray treat the node as local). Ray
-  has no flag to bind its gRPC servers (GCS, raylet, object manager, workers, the dashboard agent's
-  gRPC) to loopback: they listen on every interface, and token authentication refuses every call
-  without the token -- tests/test_local_stack.py probes each such port with a tokenless client.
+  engineers' on a shared host, or a test's -- never collide on a default port. Every one binds
+  127.0.0.1. For Ray that takes more than ``--node-ip-address 127.0.0.1``: Ray 2.60 replaces a
+  loopback node address by the host's own (``services.resolve_ip_for_localhost``), and its servers
+  then bind that address or 0.0.0.0 (GCS, raylet, object manager, workers: refused without the
+  token; the metrics export server: answered anyone). ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
+  (``RAY_SINGLE_NODE_ENV``, set for ``ray start`` and exported in env.sh so drivers agree) is Ray's
+  single-node switch: the node address stays 127.0.0.1, every Ray server -- gRPC, HTTP, metrics,
+  client server, agents, workers -- binds it, and no other node can join (the local stack is one
+  node). tests/test_local_stack.py lists every LISTEN socket of the Ray tree; token authentication
+  stays on regardless.
 - SeaweedFS runs with S3 authentication on: an access/secret key pair is generated once into the
   state directory (mode 0600) and reused; buckets are not auto-created (the stack creates the
   project bucket itself); telemetry off; GOMEMLIMIT set. The *whole* flag set is passed on every
@@ -74,6 +78,8 @@ MLFLOW_ARTIFACT_PREFIX = "mlflow-artifacts"
 START_TIMEOUT_S = {"s3": 45.0, "mlflow": 90.0, "ray": 90.0}
 STOP_GRACE_S = {"s3": 30.0, "mlflow": 15.0, "ray": 20.0}
 WEED_GOMEMLIMIT = "256MiB"
+# Ray's single-node mode: the node address stays 127.0.0.1 (see the module doc), for `ray start` and drivers
+RAY_SINGLE_NODE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 class StackError(RuntimeError):
@@ -480,6 +486,7 @@ class LocalStack:
                 "RAY_DASHBOARD_URL": self.ray_dashboard_url,   # `ray job submit --address $RAY_DASHBOARD_URL`
                 "RAY_AUTH_MODE": "token",
                 "RAY_AUTH_TOKEN_PATH": str(self.ray_token_path()),
+                **RAY_SINGLE_NODE_ENV,
             })
         return env
 

@@ -24,7 +24,8 @@ from typing import Any, Callable, Mapping, Optional
 
 from cluster.tracking import NullTracker, TrackerSpec, rank0_attach
 
-__all__ = ["EpochCurves", "stage_tracking", "search_epoch_metrics", "retrain_epoch_metrics", "describe_search",
+__all__ = ["EpochCurves", "stage_tracking", "stage_tracking_or_unrouted", "log_curves_from_driver",
+           "search_epoch_metrics", "retrain_epoch_metrics", "describe_search",
            "describe_retrain", "ProgressMetrics",
            "save_arch_snapshot", "finish_search_pictures", "EVOLUTION"]
 
@@ -75,6 +76,29 @@ def stage_tracking(ctx: Any) -> Optional[TrackerSpec]:
     """The stage run's ``TrackerSpec`` (picklable, for the Train loop's config), or None without tracking."""
     spec = getattr(getattr(ctx, "tracker", None), "spec", None)
     return spec if isinstance(spec, TrackerSpec) and spec.run_id else None
+
+
+def stage_tracking_or_unrouted(ctx: Any) -> tuple[Optional[TrackerSpec], bool]:
+    """(``stage_tracking(ctx)``, unrouted): unrouted is True when the stage logs to MLflow but its run has
+    no MLflow id yet -- the server was down when the stage started, the run's creation waits in the
+    driver's spool -- so the Train workers get no run to log into. The stage then logs the epochs from
+    its driver after the Train run (``log_curves_from_driver``), behind the spooled creation."""
+    spec = stage_tracking(ctx)
+    handle = getattr(getattr(ctx, "tracker", None), "handle", None)
+    return spec, spec is None and handle is not None and getattr(handle, "run_id", "") is None
+
+
+def log_curves_from_driver(ctx: Any, history, metrics_of: Callable[[Mapping[str, Any]], Mapping[str, float]]) -> int:
+    """Log each record of ``history`` (the final checkpoint's) at ``step = epoch`` into the stage run
+    through the driver's tracker; for a stage whose workers were unrouted. Returns the records logged."""
+    n = 0
+    for record in history:
+        try:
+            ctx.tracker.log_metrics(dict(metrics_of(record)), step=int(record["epoch"]))
+            n += 1
+        except Exception as e:  # noqa: BLE001 -- curves never fail a stage
+            print(f"tracking: epoch {record.get('epoch')} not logged ({type(e).__name__}: {e})", flush=True)
+    return n
 
 
 def describe_search(record: Mapping[str, Any]) -> str:

@@ -41,7 +41,8 @@ from jobs.resources import check_resources, threads_for_cpus, torch_trainer
 from jobs.search import (TrainJobResources, _digest, _report_checkpoint, _say, allreduce_mean, allreduce_sum,
                          broadcast_module, capped_batches, latest_checkpoint, numeric_metrics, open_split_store, publish_latest,
                          steps_per_worker, _load_checkpoint_file, _node_id, META_FILE)
-from jobs.epochs import EpochCurves, describe_retrain, retrain_epoch_metrics, stage_tracking
+from jobs.epochs import (EpochCurves, describe_retrain, log_curves_from_driver, retrain_epoch_metrics,
+                         stage_tracking_or_unrouted)
 from jobs.registry import log_retrained_model
 
 __all__ = ["RetrainConfig", "run_retrain", "retrain_stage", "latency_setup", "sync_bn_statistics", "weights_digest"]
@@ -235,10 +236,11 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
                              "test": Stream(("test",), augment=False, shuffle=False)})
     run_name = f"retrain-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     storage_path, storage_fs = ray_storage(ckpt_store)
+    tracking, unrouted = stage_tracking_or_unrouted(ctx)
     loop_config = {"cfg": cfg.model_dump(mode="json"), "arch": arch.to_dict(), "num_classes": num_classes,
                    "steps": steps, "batch": batch, "threads": threads_for_cpus(cfg.cpus_per_worker),
                    "ckpt_store": ckpt_store, "stage_store": store, "pointer": pointer, "run_name": run_name,
-                   "tracking": stage_tracking(ctx), "data": data}
+                   "tracking": tracking, "data": data}
     trainer = torch_trainer(_retrain_worker, loop_config, request, use_gpu=cfg.use_gpu, run_name=run_name,
                             storage=(storage_path, storage_fs), max_failures=cfg.max_failures,
                             datasets=trainer_datasets(data))
@@ -262,6 +264,8 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
     store.put_bytes("model.pt", buf.getvalue())
     store.put_bytes("arch.json", arch.to_json().encode())
     history = state["history"]
+    if unrouted:   # MLflow was down when the stage started: its workers could not log the epochs
+        log_curves_from_driver(ctx, history, retrain_epoch_metrics)
     store.put_bytes("retrain_record.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
     last = history[-1]
     metrics = {"test_top1": last["test_top1"], "test_top5": last["test_top5"], "test_loss": last["test_loss"],

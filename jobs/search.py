@@ -56,8 +56,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from densenas.search import SearchConfig
 from jobs.context import CACHE_COMPLETE
 from jobs.console import verbose
-from jobs.epochs import (EVOLUTION, EpochCurves, describe_search, finish_search_pictures, save_arch_snapshot,
-                         search_epoch_metrics, stage_tracking)
+from jobs.epochs import (EVOLUTION, EpochCurves, describe_search, finish_search_pictures, log_curves_from_driver,
+                         save_arch_snapshot, search_epoch_metrics, stage_tracking, stage_tracking_or_unrouted)
 from jobs.resources import WorkerResources, check_resources, threads_for_cpus, torch_trainer
 
 __all__ = [
@@ -448,12 +448,13 @@ def run_search(cfg: SearchJobConfig | SearchConfig | Mapping, space: Any = None,
 
     run_name = f"search-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     storage_path, storage_fs = ray_storage(ckpt_store)
+    tracking, unrouted = stage_tracking_or_unrouted(ctx)
     loop_config = {
         "job": job.dump(), "space": space.to_dict(), "num_classes": num_classes, "cost_model": cost_model,
         "steps": steps, "batch": batch, "val_steps": val_steps, "val_batch": val_batch,
         "threads": threads_for_cpus(job.cpus_per_worker), "ckpt_store": ckpt_store, "stage_store": store,
         "warmup_store": warm_store if search.warmup_epochs > 0 else None, "warmup_ready": warm_ready,
-        "pointer": pointer, "run_name": run_name, "fail": fail, "tracking": stage_tracking(ctx),
+        "pointer": pointer, "run_name": run_name, "fail": fail, "tracking": tracking,
         "data": DataSpec(job.data_loading, dict(split_manifest), shards, space.input_size, space.in_channels,
                          seed=search.seed, streams={"train": Stream(("train",), augment=True, shuffle=True),
                                                     "val": Stream(("val",), augment=False, shuffle=True)}),
@@ -469,7 +470,11 @@ def run_search(cfg: SearchJobConfig | SearchConfig | Mapping, space: Any = None,
     result = trainer.fit()
     if getattr(result, "error", None) is not None:
         raise RuntimeError(f"search Train run {run_name} failed: {result.error}") from result.error
-    return _finish(job, space, cost_model, num_classes, steps, ckpt_store, store, time.time() - t0, ctx)
+    out = _finish(job, space, cost_model, num_classes, steps, ckpt_store, store, time.time() - t0, ctx)
+    if unrouted:   # MLflow was down when the stage started: its workers could not log the epochs
+        log_curves_from_driver(ctx, [json.loads(line) for line in store.get_bytes("search_record.jsonl").decode()
+                                     .splitlines() if line.strip()], search_epoch_metrics)
+    return out
 
 
 def _finish(job: SearchJobConfig, space, cost_model, num_classes: int, steps: int, ckpt_store, store,

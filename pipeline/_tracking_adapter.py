@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from cluster.tracking import TAG_CONFIG, TAG_RUN_ID, Tracker, flatten_config, standard_tags
+from cluster.tracking import TAG_CONFIG, TAG_RUN_ID, TAG_STAGE, Tracker, flatten_config, standard_tags
 
 # stage summary metric -> parent metric: what a user compares runs by
 PARENT_SUMMARY = {
@@ -169,6 +169,24 @@ class PipelineTracker(_HandleFacade):
                                          tags=standard_tags(run_id=self.pipeline_run_id, stage=name,
                                                             fingerprint=fingerprint))
         return StageTracker(self._tracker, handle, name, self)
+
+    def end_stale_runs(self, stage: str, run_id: str | None = None, status: str = "KILLED") -> None:
+        """End the runs of ``stage`` a lost driver left RUNNING (``kill -9``: nothing ended them), so MLflow
+        shows no attempt as live that is not. First the spools dead drivers / workers left are replayed
+        (a run created while MLflow was down exists only there), then every RUNNING run of this pipeline
+        run and stage, and ``run_id`` (the record's), is ended. Called before the stage's new run starts;
+        a run that already ended is left alone; while MLflow is down the known one's end is spooled."""
+        self._tracker.flush()
+        stale = {run_id} if run_id else set()
+        found = self._tracker.find_runs(f"tags.`{TAG_RUN_ID}` = '{_quote(self.pipeline_run_id)}' and "
+                                        f"tags.`{TAG_STAGE}` = '{_quote(stage)}' and attributes.status = 'RUNNING'",
+                                        max_results=50)
+        stale |= {r.info.run_id for r in found or []}
+        for rid in sorted(stale):
+            got = self._tracker._read("a run", lambda: self._tracker._mlflow().get_run(rid))
+            if got is not None and got.info.status != "RUNNING":
+                continue
+            self._tracker.end_run(status, run=self._tracker.attach(rid, "stale stage run"))
 
     def end(self, status: str = "FINISHED") -> None:
         self.handle.end(status)

@@ -460,6 +460,11 @@ def _run_one(st: Stage, fp: str, cache_fps: Mapping[str, str], cfg: PipelineConf
         stage_store.delete_prefix(ckpt_prefix)
         has_ckpt = False
     inputs = {u: run_store.get_json(f"{u}/{MANIFEST}") for u in st.upstream}
+    prev = record.stages.get(st.name) or {}
+    if prev.get("state") == "running" and callable(getattr(tracker, "end_stale_runs", None)):
+        # the record says running, yet we hold the lease: its driver was lost (kill -9) and left the
+        # stage's MLflow run RUNNING; end it (KILLED) before this attempt's run starts
+        tracker.end_stale_runs(st.name, prev.get("mlflow_run_id"))
     stage_tracker = tracker.stage(st.name, fingerprint=fp) if hasattr(tracker, "stage") else tracker
     caches = {name: store.child(f"cache/{name}/{cfp}") for name, cfp in cache_fps.items()}
     ctx = StageContext(run_id=run_id, stage=st.name, store=stage_store, run_store=run_store, root_store=store,

@@ -185,34 +185,51 @@ def _tokenless_verdict(port: int, host: str = "127.0.0.1") -> str:
         return f"{grpc_seen}; no http answer ({type(e).__name__})"
 
 
+# LISTEN addresses (as /proc writes them) that only this host can reach: 127.0.0.1, ::1, ::ffff:127.0.0.1
+_LOOPBACK_HEX = ("0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F")
+
+
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.xfail(strict=False, reason="first run (load 2-8): one non-loopback Ray port answered neither "
-                                        "UNAUTHENTICATED to the gRPC probe nor HTTP (an HTTP/2 reply): which port "
-                                        "and why is not yet known; the test prints every port's verdict")
 def test_ray_ports_are_loopback_or_refuse_tokenless_clients(tmp_path):
-    """Ray has no flag to bind its gRPC servers to loopback (``--node-ip-address 127.0.0.1`` sets the
-    address it advertises; GCS, raylet, object manager and workers listen on every interface). So each
-    port of the stack's Ray that listens beyond 127.0.0.1 must refuse a client without the token."""
+    """Every port of the stack's Ray listens on loopback only. ``--node-ip-address 127.0.0.1`` alone does
+    not do it (Ray 2.60 swaps a loopback node address for the host's: the client server, the runtime-env
+    agent and the agent's HTTP port then bound 192.0.2.x, the metrics export server 0.0.0.0 and answered
+    anyone, the gRPC servers 0.0.0.0); with Ray's single-node switch the node address stays 127.0.0.1
+    and every server binds it (cluster/local.py, ``RAY_SINGLE_NODE_ENV``). Should a Ray upgrade open a
+    port beyond loopback again, that port must at least refuse a client without the token."""
     stack = LocalStack(tmp_path / "stack", StackPorts.free(), verbose=False)
     try:
         stack.up(("ray",))
         import time as _time
 
-        _time.sleep(5)     # the dashboard agent and its children open their ports after `up` returns
-        leader = stack.status()["ray"].pid
         from cluster.local import _pids_mentioning, _session_pids
 
-        pids = set(_session_pids(leader)) | set(_pids_mentioning(str(stack.ray_temp_dir)))
-        exposed: dict[int, str] = {}
+        leader = stack.status()["ray"].pid
+        deadline = _time.monotonic() + 60
+        while True:   # the dashboard agent and its children open their ports after `up` returns
+            pids = set(_session_pids(leader)) | set(_pids_mentioning(str(stack.ray_temp_dir)))
+            ports = {port: addr for pid in pids for addr, port in _listening(pid)}
+            if {stack.ports.ray_metrics, stack.ports.ray_client, stack.ports.ray_runtime_env,
+                    stack.ports.ray_agent_http, stack.ports.ray_agent_grpc} <= set(ports) or _time.monotonic() > deadline:
+                break
+            _time.sleep(1)
+        listening: dict[int, set[str]] = {}
         for pid in pids:
             for addr, port in _listening(pid):
-                if addr not in ("0100007F", "00000000000000000000000001000000"):
-                    exposed[port] = addr
+                listening.setdefault(port, set()).add(addr)
+        print("Ray LISTEN sockets:", {p: sorted(a) for p, a in sorted(listening.items())})
+        for name in ("ray_metrics", "ray_client", "ray_runtime_env", "ray_agent_http", "ray_dashboard"):
+            port = getattr(stack.ports, name)
+            assert port in listening, f"{name} port {port} is not listening"
+            assert listening[port] <= set(_LOOPBACK_HEX), f"{name} port {port} listens on {sorted(listening[port])}"
+        assert stack.ports.ray in listening and len(listening) >= 8, listening
+        exposed = {port: next(a for a in sorted(addrs) if a not in _LOOPBACK_HEX)
+                   for port, addrs in listening.items() if not addrs <= set(_LOOPBACK_HEX)}
         verdicts = {port: _tokenless_verdict(port, _host_of(addr)) for port, addr in sorted(exposed.items())}
-        print("non-loopback Ray ports:", verdicts)
         open_ports = {p: v for p, v in verdicts.items() if not v.endswith("refused")}
         assert not open_ports, f"Ray ports that serve a client without the token: {open_ports}"
+        assert not exposed, f"Ray ports beyond loopback (each refuses a tokenless client): {verdicts}"
     finally:
         stack.down()
 
