@@ -285,7 +285,7 @@ def scan_folder(cfg: PipelineConfig) -> None:
 
 # --------------------------------------------------------------------------- latency tables
 def check_latency_table(cfg: PipelineConfig) -> None:
-    cost = cfg.search_core.cost
+    cost = cfg.search.cost
     if cost in COST_SOURCES or "://" in cost:
         return
     from densenas.latency import LatencyTable
