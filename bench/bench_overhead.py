@@ -56,7 +56,7 @@ def _intervals(ends: list[dict]) -> dict[int, float]:
 # What a Train worker's training thread was doing, by the first matching frame name in its stack
 # (most specific first). Stacks outside the worker loop (Ray's own threads) are not counted.
 CATEGORIES = (
-    ("report + checkpoint", ("_report_checkpoint", "publish_latest", "report (", "put_json", "put_bytes")),
+    ("report + checkpoint", ("report_checkpoint", "publish_latest", "report (", "put_json", "put_bytes")),
     ("waiting for Ray Data batches", ("iter_torch_batches", "iter_batches", "_iter_batches", "get_next")),
     ("gradient all-reduce", ("allreduce_mean", "all_reduce", "_sync_buffers", "reducer")),
     ("augmentation + batching", ("augment_batch", "roi_align", "WorkerSplit.batches", "batches (jobs/data.py")),
@@ -167,7 +167,7 @@ def in_process_search(manifest, split_store, space, settings: dict, workers: int
     from densenas.search import SearchConfig, Searcher
     from densenas.supernet import SuperNet
     from jobs.data import load_worker_split, stream_seed
-    from jobs.search import steps_per_worker
+    from jobs.train import steps_per_worker
 
     torch.set_num_threads(threads)
     cfg = SearchConfig.model_validate(settings)
@@ -199,7 +199,7 @@ def in_process_retrain(manifest, split_store, arch, rcfg, workers: int, threads:
     from densenas.arch import build_model
     from densenas.retrain import build_optimizer, build_scheduler, train_epoch
     from jobs.data import load_worker_split, stream_seed
-    from jobs.search import steps_per_worker
+    from jobs.train import steps_per_worker
 
     torch.set_num_threads(threads)
     counts = manifest["counts"]

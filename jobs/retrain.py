@@ -32,18 +32,19 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from pydantic import Field
 
 from densenas.retrain import TrainRecipe
-from jobs.resources import check_resources, threads_for_cpus, torch_trainer
 from jobs.context import StageContext, StageOutput
-from jobs.search import (TrainJobResources, _digest, _report_checkpoint, allreduce_mean, allreduce_sum,
-                         broadcast_module, capped_batches, latest_checkpoint, numeric_metrics, publish_latest,
-                         steps_per_worker, _load_checkpoint_file, _node_id, META_FILE)
+from jobs.resources import check_resources
 from jobs.split import SplitOutput
+from jobs.train import (META_FILE, TrainJobResources, allreduce_mean, allreduce_sum, broadcast_module,
+                        capped_batches, latest_checkpoint, load_checkpoint_file, node_id, numeric_metrics,
+                        publish_latest, report_checkpoint, steps_per_worker, tensors_digest, threads_for_cpus,
+                        torch_trainer)
 from jobs.epochs import EpochCurves, describe_retrain, retrain_epoch_metrics, stage_tracking
 from jobs.registry import log_retrained_model
 
@@ -108,7 +109,7 @@ def sync_bn_statistics(module: torch.nn.Module) -> None:
 def weights_digest(module: torch.nn.Module) -> str:
     """sha256 of the module's state dict (parameters and buffers, in order): equal on every rank
     that holds the same network."""
-    return _digest(t for t in module.state_dict().values())
+    return tensors_digest(t for t in module.state_dict().values())
 
 
 # --------------------------------------------------------------------------- the worker loop
@@ -132,7 +133,7 @@ def _retrain_worker(config: dict) -> None:
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, config["steps"])
     epoch, step, history = 0, 0, []
-    data, source = _load_checkpoint_file(STATE_FILE, config["ckpt_store"], config["pointer"])
+    data, source = load_checkpoint_file(STATE_FILE, config["ckpt_store"], config["pointer"])
     if data is not None:
         restored = load_retrain_state(state_from_bytes(data, device), model, optimizer, scheduler)
         epoch, step, history = restored["epoch"], restored["step"], restored["history"]
@@ -167,16 +168,16 @@ def _retrain_worker(config: dict) -> None:
         history.append(record)
         if rank == 0:
             state = retrain_state_dict(model, optimizer, scheduler, epoch, step, history,
-                                       extra={"node_id": _node_id(), "world": world})
+                                       extra={"node_id": node_id(), "world": world})
             dir_name = f"epoch-{epoch:04d}"
-            _report_checkpoint(numeric_metrics(record), {STATE_FILE: state_to_bytes(state),
+            report_checkpoint(numeric_metrics(record), {STATE_FILE: state_to_bytes(state),
                                                         META_FILE: json.dumps({"epoch": epoch}).encode()}, dir_name)
             publish_latest(config["ckpt_store"], config["run_name"], dir_name, epoch, [STATE_FILE, META_FILE])
             curves.log(record)
         else:
             ray.train.report(numeric_metrics(record))
         config["stage_store"].put_json(f"workers/rank-{rank}.json", {"rank": rank, "world": world,
-                                                                      "node_id": _node_id(), "epoch": epoch,
+                                                                      "node_id": node_id(), "epoch": epoch,
                                                                       "digests": weights_sha,
                                                                       "epoch_ends": epoch_ends})
     curves.close()

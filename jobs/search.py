@@ -39,28 +39,28 @@ node id and alpha/beta digest).
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import itertools
 import json
 import os
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from densenas.search import SearchConfig
 from jobs.context import CACHE_COMPLETE, StageContext, StageOutput, resolve_space
 from jobs.console import verbose
 from jobs.epochs import (EVOLUTION, EpochCurves, describe_search, finish_search_pictures, save_arch_snapshot,
                          search_epoch_metrics, stage_tracking)
-from jobs.resources import WorkerResources, check_resources, threads_for_cpus, torch_trainer
+from jobs.resources import check_resources
 from jobs.split import SplitOutput
+from jobs.train import (META_FILE, TrainJobResources, allreduce_mean, broadcast_module, capped_batches,
+                        latest_checkpoint, load_checkpoint_file, node_id, numeric_metrics, publish_latest,
+                        report_checkpoint, steps_per_worker, tensors_digest, threads_for_cpus, torch_trainer)
 
 __all__ = [
     "SearchJobConfig",
@@ -68,47 +68,11 @@ __all__ = [
     "SearchOutput",
     "FailureInjection",
     "run",
-    "allreduce_mean",
-    "broadcast_module",
-    "capped_batches",
-    "latest_checkpoint",
-    "publish_latest",
-    "steps_per_worker",
 ]
 
 STATE_FILE = "search_state.pt"
 WARMUP_STATE = "warmup_state.pt"
-LATEST = "latest.json"
-META_FILE = "meta.json"
 PLACEMENTS = "placements"   # stage store folder: one JSON per worker (re)start
-
-
-# --------------------------------------------------------------------------- config
-class TrainJobResources(BaseModel):
-    """How a Ray Train stage runs: workers and what each asks of the cluster."""
-
-    model_config = ConfigDict(extra="forbid")
-    workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks)")
-    cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs per worker (fractions allowed)")
-    use_gpu: bool = Field(False, description="one GPU per worker, NCCL; otherwise gloo on CPU")
-    max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint (-1: forever)")
-    data_loading: Literal["memory", "ray_data"] = Field(
-        "memory", description="memory: each worker reads and decodes its own rows once and keeps them as tensors "
-                              "(augmentation batched on tensors); ray_data: stream and decode through Ray Data "
-                              "every epoch (data larger than the workers' memory)")
-    data_cpus: float = Field(1.0, ge=0, description="CPUs kept free for Ray Data's decode tasks (ray_data only)")
-    custom_resources: dict[str, float] = Field(default_factory=dict, description="custom resources per worker")
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="where the workers go: PACK fills a node first; SPREAD puts them on different nodes "
-                            "while it can (a lost node's workers restart on the others); STRICT_* never bend")
-
-    def request(self) -> WorkerResources:
-        return WorkerResources(self.workers, self.cpus_per_worker, 1.0 if self.use_gpu else 0.0,
-                               dict(self.custom_resources), self.placement_strategy)
-
-    def reserve(self) -> dict[str, float] | None:
-        """CPUs kept free beside the workers: Ray Data's decode tasks need them, in-memory data does not."""
-        return {"CPU": self.data_cpus} if self.data_loading == "ray_data" and self.data_cpus else None
 
 
 class SearchJobConfig(TrainJobResources, SearchConfig):
@@ -126,122 +90,6 @@ class FailureInjection(BaseModel):
     epoch: int = 1
     step: int = 0
     marker: str
-
-
-# --------------------------------------------------------------------------- distributed helpers
-def allreduce_mean(tensors: list[torch.Tensor]) -> None:
-    """In-place mean of ``tensors`` across the process group, as one flat buffer (one collective)."""
-    import torch.distributed as dist
-
-    if not tensors or not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset:offset + n].view_as(t))
-        offset += n
-
-
-def allreduce_sum(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-@torch.no_grad()
-def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
-    """Every parameter and buffer of ``module`` from rank ``src`` (so all ranks start identical)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    for t in itertools.chain(module.parameters(), module.buffers()):
-        dist.broadcast(t.data, src)
-
-
-def capped_batches(batches: Iterable, cap: int, on_step: Callable[[int], None] | None = None) -> Iterator:
-    """Yield the first ``cap`` batches and drain the rest (data-parallel ranks must take the same
-    number of steps, and a streaming split must be read to its end before the next epoch)."""
-    n = 0
-    for batch in batches:
-        if n < cap:
-            if on_step is not None:
-                on_step(n)
-            yield batch
-        n += 1
-
-
-def steps_per_worker(rows: int, workers: int, global_batch: int) -> tuple[int, int]:
-    """(per-worker batch, steps per epoch) for ``rows`` split evenly over ``workers``."""
-    per_rows = rows // workers
-    batch = max(1, global_batch // workers)
-    batch = min(batch, per_rows) if per_rows else batch
-    return batch, (per_rows // batch if per_rows else 0)
-
-
-# --------------------------------------------------------------------------- checkpoint pointer
-def latest_checkpoint(ckpt_store) -> dict | None:
-    """The ``latest.json`` pointer of a checkpoint store ({run, dir, epoch}), or None."""
-    if ckpt_store is None or not ckpt_store.exists(LATEST):
-        return None
-    return ckpt_store.get_json(LATEST)
-
-
-def publish_latest(ckpt_store, run_name: str, dir_name: str, epoch: int, files: list[str]) -> None:
-    ckpt_store.publish_json(LATEST, {"run": run_name, "dir": f"{run_name}/{dir_name}", "epoch": int(epoch),
-                                     "files": files, "time": time.time()})
-
-
-def _report_checkpoint(metrics: dict, files: Mapping[str, bytes], dir_name: str) -> None:
-    """``ray.train.report`` with a checkpoint made of ``files`` (written to a temporary directory)."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory(prefix="densenas-ckpt-") as d:
-        for name, data in files.items():
-            Path(d, name).write_bytes(data)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=dir_name)
-
-
-def _load_checkpoint_file(name: str, ckpt_store, pointer: dict | None) -> tuple[bytes | None, str]:
-    """The bytes of ``name`` from Ray Train's checkpoint (a restarted worker group), else from the
-    ``latest.json`` pointer (a new run after the whole job died). (None, "") when neither exists."""
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            return Path(d, name).read_bytes(), f"Ray Train checkpoint {ckpt.path}"
-    if pointer is not None:
-        return ckpt_store.get_bytes(f"{pointer['dir']}/{name}", verify=False), f"{ckpt_store.uri_for(pointer['dir'])}"
-    return None, ""
-
-
-def numeric_metrics(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    return {f"{prefix}{k}": float(v) for k, v in record.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
-
-
-def _node_id() -> str:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001
-        import socket
-
-        return socket.gethostname()
-
-
-def _digest(tensors: Iterable[torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- the worker loop
@@ -267,7 +115,7 @@ def _search_worker(config: dict) -> None:
     searcher = Searcher(net, search, config["cost_model"], steps_per_epoch=config["steps"], device=device,
                         grad_sync=allreduce_mean if world > 1 else None, log=log)
     ckpt_store, stage_store, warm_store = config["ckpt_store"], config["stage_store"], config["warmup_store"]
-    data, source = _load_checkpoint_file(STATE_FILE, ckpt_store, config["pointer"])
+    data, source = load_checkpoint_file(STATE_FILE, ckpt_store, config["pointer"])
     if data is None and config["warmup_ready"]:
         data, source = warm_store.get_bytes(WARMUP_STATE), f"warm-up cache {warm_store.uri_for(WARMUP_STATE)}"
     if data is not None:
@@ -279,7 +127,7 @@ def _search_worker(config: dict) -> None:
     # below is overwritten by each attempt; these keep the history (e.g. a worker group restarted on
     # the remaining nodes after a node was lost).
     stage_store.put_json(f"{PLACEMENTS}/{time.time_ns()}-rank-{rank}.json", {
-        "rank": rank, "world": world, "node_id": _node_id(), "start_epoch": searcher.epoch, "time": time.time()})
+        "rank": rank, "world": world, "node_id": node_id(), "start_epoch": searcher.epoch, "time": time.time()})
     fail = FailureInjection.model_validate(config["fail"]) if config.get("fail") else None
     curves = EpochCurves(config.get("tracking"), search_epoch_metrics, rank, stage="search", total=search.epochs,
                          start=searcher.epoch, describe=describe_search)
@@ -301,10 +149,10 @@ def _search_worker(config: dict) -> None:
         record = searcher.run_epoch(train, val)
         epoch = searcher.epoch
         arch = [p.detach().cpu() for p in searcher.arch_params]
-        digests.append({"epoch": epoch, "arch_sha256": _digest(arch)})
+        digests.append({"epoch": epoch, "arch_sha256": tensors_digest(arch)})
         epoch_ends.append({"epoch": epoch, "time": time.time()})
         stage_store.put_json(f"workers/rank-{rank}.json", {
-            "rank": rank, "world": world, "node_id": _node_id(), "epoch": epoch, "digests": digests,
+            "rank": rank, "world": world, "node_id": node_id(), "epoch": epoch, "digests": digests,
             "epoch_ends": epoch_ends,
             "alphas": [a.detach().cpu().tolist() for a in searcher.alphas],
             "betas": [b.detach().cpu().tolist() for b in searcher.betas]})
@@ -320,7 +168,7 @@ def _search_worker(config: dict) -> None:
             buf = io.BytesIO()
             torch.save(searcher.state_dict(), buf)
             dir_name = f"epoch-{epoch:04d}"
-            _report_checkpoint(metrics, {STATE_FILE: buf.getvalue(),
+            report_checkpoint(metrics, {STATE_FILE: buf.getvalue(),
                                          META_FILE: json.dumps({"epoch": epoch}).encode()}, dir_name)
             publish_latest(ckpt_store, config["run_name"], dir_name, epoch, [STATE_FILE, META_FILE])
             save_arch_snapshot(stage_store, record, net)

@@ -30,7 +30,7 @@ import re
 import sys
 import time
 from collections import Counter
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import pyarrow.parquet as pq

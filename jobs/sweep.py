@@ -204,7 +204,7 @@ def _warmup_worker(config: dict) -> None:
     from densenas.search import SearchConfig, Searcher
     from densenas.supernet import SuperNet
     from jobs.data import worker_batches
-    from jobs.search import allreduce_mean, broadcast_module, capped_batches
+    from jobs.train import allreduce_mean, broadcast_module, capped_batches
 
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
@@ -259,7 +259,7 @@ def _evaluate_worker(config: dict) -> None:
         # The retrain stage's recipe and code (densenas.retrain), so a sweep accuracy and a retrain
         # accuracy of the same network and epochs mean the same thing.
         from densenas.retrain import TrainRecipe, build_optimizer, build_scheduler, train_epoch
-        from jobs.search import capped_batches
+        from jobs.train import capped_batches
 
         recipe = TrainRecipe.model_validate(config["recipe"])
         model = build_model(arch, num_classes=config["num_classes"], dropout=recipe.dropout)
@@ -345,7 +345,8 @@ def _run_trial(cfg: SweepConfig, point: dict, shared: dict, work: Any) -> dict:
     from jobs.data import train_datasets
     from jobs.derive import DeriveConfig, derive_to_store, supernet_from_search_outputs
     from jobs.context import StageContext
-    from jobs.search import SearchInputs, SearchJobConfig, run as run_search, steps_per_worker
+    from jobs.search import SearchInputs, SearchJobConfig, run as run_search
+    from jobs.train import steps_per_worker
     from jobs.split import SplitOutput
 
     space, cost_model = shared["space"], shared["cost_model"]
@@ -504,7 +505,7 @@ def _ensure_warmup(search: Any, cfg: SweepConfig, space: Any, manifest: Mapping,
 
     from cluster.storage import ray_storage
     from jobs.data import train_datasets
-    from jobs.search import steps_per_worker
+    from jobs.train import steps_per_worker
 
     counts = manifest["counts"]
     batch, steps = steps_per_worker(int(counts["train"]), cfg.workers_per_trial, search.batch_size)

@@ -14,7 +14,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 ray = pytest.importorskip("ray")
 
 from cluster.storage import open_store  # noqa: E402
-from jobs.search import SearchJobConfig, latest_checkpoint  # noqa: E402
+from jobs.search import SearchJobConfig  # noqa: E402
+from jobs.train import latest_checkpoint  # noqa: E402
 from jobs.split import SplitConfig  # noqa: E402
 from tests.standalone import run_search, run_split  # noqa: E402
 
