@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["StageContext", "StageOutput", "NullTracker", "CACHE_COMPLETE", "RUNNER_KEYS", "REPO_ROOT",
+__all__ = ["StageContext", "StageOutput", "NullTracker", "CACHE_COMPLETE", "RUNNER_KEYS", "REPO_ROOT", "LOCAL_STORE",
            "resolve_space"]
 
 CACHE_COMPLETE = "_complete.json"
@@ -49,6 +49,7 @@ class StageOutput(BaseModel):
 
 OutputT = TypeVar("OutputT", bound=StageOutput)
 REPO_ROOT = Path(__file__).resolve().parent.parent
+LOCAL_STORE = REPO_ROOT / "runs-store"     # the store when neither a config nor $DENSENAS_STORE names one
 
 
 def resolve_space(source: Any):

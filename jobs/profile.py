@@ -57,7 +57,7 @@ from densenas.latency_model import (LatencyModel, MeasurementProtocol, fit_calib
 from densenas.latency_report import accuracy_metrics, net_signatures, sample_random_nets
 from densenas.profiling import FINGERPRINT_KEYS, fingerprint_mismatch
 from densenas.space import SearchSpace, load_space
-from jobs.context import StageContext, StageOutput, resolve_space
+from jobs.context import LOCAL_STORE, StageContext, StageOutput, resolve_space
 
 __all__ = [
     "ProfileConfig",
@@ -850,13 +850,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--actors", type=int, help="override profile.actors")
     p.add_argument("--repeats", type=int, help="override profile.repeats")
     p.add_argument("--report-paths", type=int, help="override profile.report_paths")
-    p.add_argument("--out", help="store URI for the artifacts (default: $DENSENAS_STORE or ./runs-store, "
+    p.add_argument("--out", help="store URI for the artifacts (default: $DENSENAS_STORE or <repo>/runs-store, "
                                  "under profile/<space>)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray")
     args = p.parse_args(argv)
 
-    from cluster.storage import open_store
+    from cluster.storage import default_store_uri, open_store
 
     doc = _load_yaml(args.config)
     section = doc.get("profile", doc if "space" not in doc else {})
@@ -877,8 +877,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = args.out or os.path.join(os.environ.get("DENSENAS_STORE") or "runs-store", "profile",
-                                   space.name or space.space_hash()[:12])
+    out = args.out or os.path.join(default_store_uri(LOCAL_STORE), "profile", space.name or space.space_hash()[:12])
     store = open_store(out)
 
     import ray

@@ -59,6 +59,7 @@ from densenas.pareto import non_dominated_mask
 from densenas.search import SearchConfig
 from jobs.context import CACHE_COMPLETE, StageContext, StageOutput, resolve_space
 from jobs.split import SplitOutput
+from jobs.train import numeric_metrics
 
 __all__ = ["SweepConfig", "SweepInputs", "SweepOutput", "TrialFailureDrill", "SweepError", "run", "sweep_points",
            "trial_key",
@@ -324,7 +325,7 @@ def _sweep_trial(config: dict, shared: dict) -> None:
     if work.exists(TRIAL_RESULT):              # finished before an interruption: report, do not recompute
         result = work.get_json(TRIAL_RESULT)
         for row in result["candidates"]:
-            tune.report(_numeric(row))
+            tune.report(numeric_metrics(row))
         return
     try:
         result = _run_trial(cfg, point, shared, work)
@@ -425,11 +426,6 @@ def _run_trial(cfg: SweepConfig, point: dict, shared: dict, work: Any) -> dict:
 def _train_job_fields(cfg: SweepConfig) -> dict:
     return {"workers": cfg.workers_per_trial, "cpus_per_worker": cfg.cpus_per_worker, "use_gpu": False,
             "max_failures": 1, "data_cpus": cfg.data_cpus}
-
-
-def _numeric(row: Mapping[str, Any]) -> dict:
-    return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and math.isfinite(float(v))}
 
 
 # --------------------------------------------------------------------------- MLflow

@@ -184,20 +184,23 @@ def load_checkpoint_file(name: str, ckpt_store, pointer: dict | None) -> tuple[b
 
 
 def numeric_metrics(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """The finite numbers of an epoch record (what ``ray.train.report`` and MLflow take)."""
+    """The finite numbers of a record (what ``ray.train.report``, Tune and MLflow take)."""
     return {f"{prefix}{k}": float(v) for k, v in record.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 def node_id() -> str:
+    """The Ray node id when Ray is up, else the host name."""
     try:
         import ray
 
-        return ray.get_runtime_context().get_node_id()
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
     except Exception:  # noqa: BLE001
-        import socket
+        pass
+    import socket
 
-        return socket.gethostname()
+    return socket.gethostname()
 
 
 def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:

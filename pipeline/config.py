@@ -29,7 +29,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from jobs.context import REPO_ROOT, resolve_space
+from cluster.storage import default_store_uri
+from jobs.context import LOCAL_STORE, REPO_ROOT, resolve_space
 from jobs.derive import DeriveConfig
 from jobs.profile import ProfileConfig
 from jobs.retrain import RetrainConfig
@@ -42,7 +43,7 @@ COST_SOURCES = ("macs", "profile")
 
 __all__ = [
     "ConfigError", "PipelineConfig", "load_config", "parse_config", "apply_overrides", "preflight",
-    "default_store_uri", "default_tracking_uri", "resolve_space", "REPO_ROOT",
+    "default_tracking_uri", "resolve_space", "REPO_ROOT", "LOCAL_STORE",
 ]
 
 
@@ -55,9 +56,6 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------- sections owned here
-def default_store_uri() -> str:
-    """$DENSENAS_STORE, else <repo>/runs-store (a local directory)."""
-    return os.environ.get("DENSENAS_STORE") or str(REPO_ROOT / "runs-store")
 
 
 def default_tracking_uri() -> str:
@@ -115,7 +113,7 @@ class PipelineConfig(BaseModel):
     def resolved(self) -> "PipelineConfig":
         """A copy with the environment-dependent defaults filled in (store, tracking, experiment)."""
         return self.model_copy(update={
-            "storage": self.storage.model_copy(update={"uri": self.storage.uri or default_store_uri()}),
+            "storage": self.storage.model_copy(update={"uri": self.storage.uri or default_store_uri(LOCAL_STORE)}),
             "tracking": self.tracking.model_copy(update={
                 "uri": self.tracking.uri or default_tracking_uri(),
                 "experiment": self.tracking.experiment or self.name}),

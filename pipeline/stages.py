@@ -52,7 +52,8 @@ from pydantic import BaseModel
 from jobs.context import RUNNER_KEYS, StageContext, resolve_space
 from pipeline.config import REPO_ROOT, PipelineConfig
 from pipeline.records import InvalidRunId, RunLease, RunRecord, default_run_id, run_exists, validate_run_id
-from pipeline.runtime import ensure_ray, node_id, open_store, open_tracker
+from jobs.train import node_id, numeric_metrics
+from pipeline.runtime import ensure_ray, open_store, open_tracker
 
 __all__ = [
     "Stage", "CacheSpec", "StageGraph", "StageFailed", "PipelineError", "ReplaceRefused", "run_pipeline", "plan",
@@ -111,7 +112,7 @@ class Stage:
     uses_ray: bool | Callable[[Any], bool] = False  # start / join Ray before fn (callable: of its section)
     caches: Mapping[str, CacheSpec] = field(default_factory=dict)
     enabled: Callable[[PipelineConfig], bool] | None = None   # None: always part of a full run
-    unavailable: str | None = None                 # why fn is missing (module not landed yet)
+    unavailable: str | None = None                 # why fn is missing (reported, with what depends on it)
     description: str = ""
 
     def is_enabled(self, cfg: PipelineConfig) -> bool:
@@ -351,10 +352,6 @@ def _artifact_index(store: Any) -> dict[str, dict]:
     return out
 
 
-def _numeric(d: Mapping[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
 def run_pipeline(cfg: PipelineConfig, *, run_id: str | None = None, stages: Sequence[str] | None = None,
                  resume: bool = False, force: bool = False, graph: StageGraph | None = None, store: Any = None,
                  tracker: Any = None, printer: Callable[[str], None] = lambda m: print(m, flush=True),
@@ -506,7 +503,7 @@ def _run_one(st: Stage, fp: str, cache_fps: Mapping[str, str], cfg: PipelineConf
         "metrics": metrics, "artifacts": artifacts, "node_ids": node_ids,
         "caches": {n: {"fingerprint": cache_fps[n], "uri": caches[n].uri_for("")} for n in caches},
     }
-    stage_tracker.log_metrics(_numeric(metrics))
+    stage_tracker.log_metrics(numeric_metrics(metrics))
     stage_store.publish_json(MANIFEST, manifest)   # LAST: its presence means the stage is complete
     if stage_store.exists(REPLACING):
         stage_store.delete(REPLACING)
@@ -515,7 +512,7 @@ def _run_one(st: Stage, fp: str, cache_fps: Mapping[str, str], cfg: PipelineConf
     if callable(end) and stage_tracker is not tracker:
         end("FINISHED")
     printer(f"[{st.name}] finished in {duration:.1f}s; {len(artifacts)} artifacts"
-            + (f"; metrics {json.dumps(_numeric(metrics))}" if metrics else ""))
+            + (f"; metrics {json.dumps(numeric_metrics(metrics))}" if metrics else ""))
     return manifest
 
 
