@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cluster.storage import open_store  # noqa: E402
-from densenas import data as D  # noqa: E402
+import imagedata as D  # noqa: E402
 from jobs.context import StageContext  # noqa: E402
 from jobs.split import SplitConfig  # noqa: E402
 from jobs.split import run as split_run  # noqa: E402

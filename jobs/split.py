@@ -7,7 +7,7 @@
    (``ROOT/train/<class>/*``, optional ``ROOT/val`` as the held-out test set) or Parquet shards
    already in object storage (a previous split's manifest, or plain files with ``image`` and
    ``class_name``/``label`` columns).
-2. Choose the classes and split each class with ``densenas.data`` (sorted ids, a generator seeded
+2. Choose the classes and split each class with ``imagedata`` (sorted ids, a generator seeded
    by (seed, class name)): the same config gives the same split on any machine and filesystem.
    Ray Data's groupby is not used: it was slow (132 s on 2 cores) and not deterministic.
 3. Encode shards of ``shard_size`` rows in parallel, one Ray task per shard; every task reads its
@@ -36,8 +36,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from densenas import data as D
-from densenas.data import DataError
+import imagedata as D
+from imagedata import DataError
 from jobs.context import StageContext, StageOutput
 from jobs.registry import log_split_dataset
 

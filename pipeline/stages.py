@@ -2,7 +2,7 @@
 
 A stage is a declaration::
 
-    Stage(name="split", sections=("data",), fn=_split, code=("densenas/data.py", "jobs/split.py"))
+    Stage(name="split", sections=("data",), fn=_split, code=("imagedata", "jobs/split.py"))
 
 ``fn(section_cfg, ctx) -> Output``: ``section_cfg`` is the stage's config section (a dict of them when
 it declares several), ``ctx`` a ``jobs.context.StageContext``. The real stages' ``fn`` (bottom of this
@@ -525,11 +525,11 @@ WARMUP_IRRELEVANT = ("lambda", "tau", "arch", "cost", "macs_skip_fraction", "der
 PROFILE_CODE = ("densenas/ops.py", "densenas/space.py", "densenas/latency.py", "jobs/profile.py")
 DERIVE_CODE = ("densenas/derive.py", "densenas/arch.py", "densenas/space.py", "densenas/latency.py",
                "densenas/counting.py", "densenas/ops.py", "densenas/supernet.py", "jobs/derive.py")
-RETRAIN_CODE = ("densenas/arch.py", "densenas/ops.py", "densenas/data.py", "densenas/counting.py",
+RETRAIN_CODE = ("densenas/arch.py", "densenas/ops.py", "imagedata", "densenas/counting.py",
                 "jobs/retrain.py", "jobs/data.py")
 # One warm-up cache for search and every sweep trial: same fields, same code, same fingerprint.
 WARMUP_CACHE = CacheSpec(("space", "search"), {"search": WARMUP_IRRELEVANT}, ("split",),
-                         code=("densenas", "jobs/search.py", "jobs/data.py"))
+                         code=("densenas", "imagedata", "jobs/search.py", "jobs/data.py"))
 
 
 def _num_classes(cfg: PipelineConfig) -> int | None:
@@ -609,13 +609,13 @@ def _sweep(sections: Mapping[str, Any], ctx: StageContext) -> BaseModel:
 def builtin_graph() -> StageGraph:
     """split -> profile -> search -> derive -> retrain, and sweep (off unless sweep.enabled)."""
     g = StageGraph()
-    g.register(Stage("split", _split, ("data",), code=("densenas/data.py", "jobs/split.py"),
+    g.register(Stage("split", _split, ("data",), code=("imagedata", "jobs/split.py"),
                      uses_ray=lambda data: data.executor == "ray", description="class subset, per-class split, Parquet shards"))
     g.register(Stage("profile", _profile, ("space", "profile"), code=PROFILE_CODE, uses_ray=True,
                      description="latency table of every op signature"))
     # The weights-only warm-up lives in ctx.caches["warmup"] (keyed without lambda / tau).
     g.register(Stage("search", _search, ("space", "search"), upstream=("split", "profile"),
-                     code=("densenas", "jobs/search.py", "jobs/data.py"), uses_ray=True,
+                     code=("densenas", "imagedata", "jobs/search.py", "jobs/data.py"), uses_ray=True,
                      caches={"warmup": WARMUP_CACHE}, description="super-network search (Ray Train)"))
     g.register(Stage("derive", _derive, ("space", "derive"), upstream=("search", "profile"), code=DERIVE_CODE,
                      description="Viterbi path + argmax ops -> architecture"))
@@ -623,7 +623,7 @@ def builtin_graph() -> StageGraph:
                      code=RETRAIN_CODE, uses_ray=True,
                      description="train the derived net from scratch, test, measure latency"))
     g.register(Stage("sweep", _sweep, ("space", "search", "sweep"), upstream=("split", "profile"),
-                     code=("densenas", "jobs/sweep.py", "jobs/search.py"), uses_ray=True,
+                     code=("densenas", "imagedata", "jobs/sweep.py", "jobs/search.py"), uses_ray=True,
                      caches={"warmup": WARMUP_CACHE}, enabled=lambda cfg: bool(cfg.sweep.enabled),
                      description="Ray Tune over lambda / tau sharing one warm-up"))
     return g

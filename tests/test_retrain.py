@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from densenas import data as D
+import imagedata as D
 from densenas.arch import build_model
 from densenas.derive import derive
 from densenas.retrain import (TrainRecipe, build_optimizer, build_scheduler, check_exports, evaluate, export_onnx,

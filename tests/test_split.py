@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from densenas.data import DataError, ParquetShardDataset, eval_transform
+from imagedata import DataError, ParquetShardDataset, eval_transform
 from jobs.context import StageContext
 from jobs.split import MANIFEST_KEY, SplitConfig, verify_shards
 from jobs.split import run as split_run

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cluster.storage import open_store
-from densenas import data as D
+import imagedata as D
 from jobs import data as J
 from jobs.context import StageContext
 from jobs.split import SplitConfig
