@@ -30,8 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cluster.storage import open_store  # noqa: E402
-from densenas import data as D  # noqa: E402
-from jobs.split import SplitConfig, run_split  # noqa: E402
+import imagedata as D  # noqa: E402
+from jobs.context import StageContext  # noqa: E402
+from jobs.split import SplitConfig  # noqa: E402
+from jobs.split import run as split_run  # noqa: E402
 
 
 def _images_per_s(make_iter, n_images: int, repeats: int = 3) -> float:
@@ -61,8 +63,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         store = open_store(tmp)
         t0 = time.perf_counter()
-        m = run_split(SplitConfig(classes=10, max_per_class=a.per_class, val_fraction=0.2, test_max_per_class=10,
-                                  shard_size=1000, executor="local"), store, ctx=None)
+        m = split_run(SplitConfig(classes=10, max_per_class=a.per_class, val_fraction=0.2, test_max_per_class=10,
+                                  shard_size=1000, executor="local"), None, StageContext.standalone(store)).model_dump()
         split_s = time.perf_counter() - t0
         n = m["counts"]["train"]
         print(f"split: {n} train images in {split_s:.1f} s", flush=True)

@@ -6,7 +6,7 @@
 The demo's data (configs/tiny.yaml: Fashion-MNIST, 10 classes, 200 per class split 80/20, 100 per
 class held out) is split into a temporary local store. For each stage and worker count:
 
-- stage: ``jobs.search.run_search`` / ``jobs.retrain.run_retrain`` through Ray Train (1 CPU and one
+- stage: ``jobs.search.run`` / ``jobs.retrain.run`` through Ray Train (1 CPU and one
   torch thread per worker, gloo, checkpoints every epoch to the store). Its epoch time is the median
   wall-clock interval between consecutive epoch ends on rank 0 (``epoch_ends`` in
   ``workers/rank-0.json``), so data loading, gradient all-reduce, derive, report and checkpoint
@@ -56,7 +56,7 @@ def _intervals(ends: list[dict]) -> dict[int, float]:
 # What a Train worker's training thread was doing, by the first matching frame name in its stack
 # (most specific first). Stacks outside the worker loop (Ray's own threads) are not counted.
 CATEGORIES = (
-    ("report + checkpoint", ("_report_checkpoint", "publish_latest", "report (", "put_json", "put_bytes")),
+    ("report + checkpoint", ("report_checkpoint", "publish_latest", "report (", "put_json", "put_bytes")),
     ("waiting for Ray Data batches", ("iter_torch_batches", "iter_batches", "_iter_batches", "get_next")),
     ("gradient all-reduce", ("allreduce_mean", "all_reduce", "_sync_buffers", "reducer")),
     ("augmentation + batching", ("augment_batch", "roi_align", "WorkerSplit.batches", "batches (jobs/data.py")),
@@ -167,7 +167,7 @@ def in_process_search(manifest, split_store, space, settings: dict, workers: int
     from densenas.search import SearchConfig, Searcher
     from densenas.supernet import SuperNet
     from jobs.data import load_worker_split, stream_seed
-    from jobs.search import steps_per_worker
+    from jobs.train import steps_per_worker
 
     torch.set_num_threads(threads)
     cfg = SearchConfig.model_validate(settings)
@@ -199,7 +199,7 @@ def in_process_retrain(manifest, split_store, arch, rcfg, workers: int, threads:
     from densenas.arch import build_model
     from densenas.retrain import build_optimizer, build_scheduler, train_epoch
     from jobs.data import load_worker_split, stream_seed
-    from jobs.search import steps_per_worker
+    from jobs.train import steps_per_worker
 
     torch.set_num_threads(threads)
     counts = manifest["counts"]
@@ -240,9 +240,12 @@ def main(argv=None) -> int:
     from densenas.latency import describe_device
     from densenas.space import load_space
     from densenas.supernet import SuperNet
-    from jobs.retrain import RetrainConfig, run_retrain
-    from jobs.search import SearchJobConfig, run_search
-    from jobs.split import SplitConfig, run_split
+    from densenas.latency import MacsCostModel
+    from jobs import retrain, search, split
+    from jobs.context import StageContext
+    from jobs.retrain import RetrainConfig
+    from jobs.search import SearchJobConfig
+    from jobs.split import SplitConfig
 
     load_before = _uptime()
     print(f"uptime before: {load_before}", flush=True)
@@ -250,13 +253,14 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     split_store = open_store(str(tmp / "split"))
     d = tiny["data"]
-    manifest = run_split(SplitConfig(classes=d["classes"], max_per_class=d["max_per_class"],
+    manifest = split.run(SplitConfig(classes=d["classes"], max_per_class=d["max_per_class"],
                                      val_fraction=d["val_fraction"], test_max_per_class=d["test_max_per_class"],
-                                     shard_size=d["shard_size"], seed=d["seed"], executor="local"), split_store)
+                                     shard_size=d["shard_size"], seed=d["seed"], executor="local"),
+                         None, StageContext.standalone(split_store))
     space = load_space(tiny["space"])
     settings = _search_settings(tiny, args.search_epochs)
     torch.manual_seed(0)
-    arch = derive(SuperNet(space, num_classes=int(manifest["num_classes"]))).arch
+    arch = derive(SuperNet(space, num_classes=manifest.num_classes)).arch
     arch = load_arch(arch.to_json())
     r = tiny["retrain"]
     rows = []
@@ -265,12 +269,14 @@ def main(argv=None) -> int:
     stages = args.stages.split(",")
     def run_stage(stage: str, job: dict, store) -> None:
         if stage == "search":
-            run_search(SearchJobConfig.model_validate(job | settings), space, manifest, None, store,
-                       split_store=split_store)
+            job = SearchJobConfig.model_validate(job | settings)
+            search.run(job, search.SearchInputs(space, manifest, split_store,
+                                                MacsCostModel(space, skip_fraction=job.macs_skip_fraction)),
+                       StageContext.standalone(store))
         else:
             rcfg = RetrainConfig(epochs=args.retrain_epochs, batch_size=r["batch_size"], lr=r["lr"],
                                  measure_latency=False, export=False, **job)
-            run_retrain(rcfg, arch, manifest, store, split_store=split_store)
+            retrain.run(rcfg, retrain.RetrainInputs(arch, manifest, split_store), StageContext.standalone(store))
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_quality.py [--lambdas 0 0.1 0.3 1 3] [--seeds 3] [--random 20]
                                             [--cost profile] [--epochs N] [--out DIR] [--label TEXT]
 
-1. Runs the pipeline's Ray Tune sweep (``jobs.sweep.run_sweep``) on ``configs/sweep_tiny.yaml``'s space,
+1. Runs the pipeline's Ray Tune sweep (``jobs.sweep.run``) on ``configs/sweep_tiny.yaml``'s space,
    data and search schedule, lambda = 0 included: one shared warm-up, then per trial search (Ray Train)
    -> derive -> retrain -> measured latency. The cost model is a latency table profiled here by the
    profile stage's actors (``--cost profile``), or ``macs``, or a table JSON path.
@@ -164,8 +164,9 @@ def main(argv=None) -> int:
     from cluster.storage import open_store
     from densenas.arch import load_arch
     from densenas.latency import LatencyTable, describe_device, load_cost_model
-    from jobs.split import run_split
-    from jobs.sweep import run_sweep
+    from jobs import split as split_stage
+    from jobs import sweep as sweep_stage
+    from jobs.context import StageContext
     from pipeline.config import load_config, resolve_space
 
     load_before = uptime()
@@ -175,8 +176,9 @@ def main(argv=None) -> int:
     work = Path(args.out or tempfile.mkdtemp(prefix="bench-quality-"))
     split_store = open_store(str(work / "split"))
     data_cfg = cfg.data.model_copy(update={"executor": "local", "test_max_per_class": args.test_per_class})
-    manifest = run_split(data_cfg, split_store)
-    search = cfg.search_core
+    split_out = split_stage.run(data_cfg, None, StageContext.standalone(split_store))
+    manifest = split_out.model_dump()
+    search = cfg.search
     if args.search_epochs is not None or args.arch_steps is not None:
         search = search.model_copy(update={k: v for k, v in (("epochs", args.search_epochs),
                                                             ("arch_steps_per_epoch", args.arch_steps)) if v is not None})
@@ -185,22 +187,25 @@ def main(argv=None) -> int:
     try:
         t0 = time.time()
         if args.cost == "profile":
-            from jobs.profile import TABLE_KEY, run_profile
+            from jobs import profile as profile_stage
+            from jobs.profile import TABLE_KEY
 
             profile_store = open_store(str(work / "profile"))
             if not (args.resume and profile_store.exists(TABLE_KEY)):
-                run_profile(cfg.profile.model_copy(update={"num_classes": int(manifest["num_classes"])}),
-                            space, profile_store)
+                profile_stage.run(cfg.profile.model_copy(update={"num_classes": int(manifest["num_classes"])}),
+                                  profile_stage.ProfileInputs(space), StageContext.standalone(profile_store))
             cost_model = LatencyTable.from_dict(profile_store.get_json(TABLE_KEY))
         else:
             cost_model = load_cost_model(args.cost, space)
         profile_s = time.time() - t0
         search = search.model_copy(update={"cost": "macs" if args.cost == "macs" else "profile"})
         t0 = time.time()
-        out = run_sweep(sweep, space, search, manifest, open_store(str(work / "sweep")), split_store=split_store,
-                        cost_model=cost_model, work_store=open_store(str(work / "work")),
-                        tracking_uri=f"sqlite:///{work / 'mlflow.db'}", experiment="bench-quality",
-                        resume=args.resume)
+        inputs = sweep_stage.SweepInputs(space, split_out, split_store, search, cost_model, None,
+                                         f"sqlite:///{work / 'mlflow.db'}", "bench-quality")
+        out = sweep_stage.run(sweep, inputs, StageContext.standalone(open_store(str(work / "sweep")), "sweep",
+                                                                   checkpoint_store=open_store(str(work / "work")),
+                                                                   resume=args.resume))
+        out = out.model_dump()
         sweep_s = time.time() - t0
     finally:
         ray.shutdown()

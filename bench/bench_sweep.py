@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_sweep.py [--lambdas 0.1 0.3 1 3] [--epochs 3] [--random 10] [--cost profile]
                                           [--search-epochs N] [--out DIR]
 
-1. Runs ``jobs.sweep.run_sweep`` (Ray Tune, one shared warm-up, search -> derive -> 1-epoch retrain ->
+1. Runs ``jobs.sweep.run`` (Ray Tune, one shared warm-up, search -> derive -> 1-epoch retrain ->
    measured latency) over 4 lambdas on ``configs/sweep_tiny.yaml``'s data / space / search. The cost
    model is the one the pipeline uses: a latency table profiled here by the Ray profiling actors
    (``--cost profile``, default), or ``macs``, or a table JSON path.
@@ -163,8 +163,9 @@ def main(argv=None) -> int:
     from cluster.storage import open_store
     from densenas.latency import load_cost_model
     from jobs.diagrams import pareto_plot
-    from jobs.split import run_split
-    from jobs.sweep import run_sweep
+    from jobs import split as split_stage
+    from jobs import sweep as sweep_stage
+    from jobs.context import StageContext
     from pipeline.config import load_config, resolve_space
 
     cfg = load_config(args.config, check=False)
@@ -173,29 +174,33 @@ def main(argv=None) -> int:
     t_all = time.time()
     split_store = open_store(str(work / "split"))
     data_cfg = cfg.data.model_copy(update={"executor": "local"})
-    manifest = run_split(data_cfg, split_store)
-    search = cfg.search_core.model_copy(update={"epochs": args.search_epochs})
+    split_out = split_stage.run(data_cfg, None, StageContext.standalone(split_store))
+    manifest = split_out.model_dump()
+    search = cfg.search.model_copy(update={"epochs": args.search_epochs})
     sweep = cfg.sweep.model_copy(update={"lambdas": args.lambdas, "taus": [search.tau]})
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     t0 = time.time()
     try:
         if args.cost == "profile":
             from densenas.latency import LatencyTable
-            from jobs.profile import TABLE_KEY, run_profile
+            from jobs import profile as profile_stage
+            from jobs.profile import TABLE_KEY
 
             profile_store = open_store(str(work / "profile"))
             # the classifier's width is part of its signature: profile it for this dataset's classes
-            run_profile(cfg.profile.model_copy(update={"num_classes": int(manifest["num_classes"])}),
-                        space, profile_store)
+            profile_stage.run(cfg.profile.model_copy(update={"num_classes": int(manifest["num_classes"])}),
+                              profile_stage.ProfileInputs(space), StageContext.standalone(profile_store))
             cost_model = LatencyTable.from_dict(profile_store.get_json(TABLE_KEY))
             print(f"profiled latency table: {len(cost_model.entries)} entries in {time.time() - t0:.0f} s", flush=True)
         else:
             cost_model = load_cost_model(args.cost, space)
         search = search.model_copy(update={"cost": "macs" if args.cost == "macs" else "profile"})
         t0 = time.time()
-        out = run_sweep(sweep, space, search, manifest, open_store(str(work / "sweep")), split_store=split_store,
-                        cost_model=cost_model, work_store=open_store(str(work / "work")),
-                        tracking_uri=f"sqlite:///{work / 'mlflow.db'}", experiment="bench-sweep")
+        inputs = sweep_stage.SweepInputs(space, split_out, split_store, search, cost_model, None,
+                                         f"sqlite:///{work / 'mlflow.db'}", "bench-sweep")
+        out = sweep_stage.run(sweep, inputs, StageContext.standalone(open_store(str(work / "sweep")), "sweep",
+                                                                   checkpoint_store=open_store(str(work / "work"))))
+        out = out.model_dump()
     finally:
         ray.shutdown()
     sweep_s = time.time() - t0

@@ -3,9 +3,9 @@
     python bench/bench_train.py [--space tiny_mbconv] [--per-class 100] [--epochs 2] [--gpu]
 
 Splits the embedded Fashion-MNIST (10 classes x ``--per-class``) into a temporary local store, then
-runs ``jobs.search.run_search`` (weights-only warm-up epoch + one search epoch, i.e. ``--epochs``) with
+runs ``jobs.search.run`` (weights-only warm-up epoch + one search epoch, i.e. ``--epochs``) with
 1 and with 2 workers (``cpus_per_worker`` 0.5 on CPU so Ray Data keeps a CPU), reading the epoch
-times from the search records, and ``jobs.retrain.run_retrain`` of the derived network (1 worker),
+times from the search records, and ``jobs.retrain.run`` of the derived network (1 worker),
 reading img/s from its records. Writes docs/benchmarks/train.md (docs/benchmarks/gpu_train.md with
 ``--gpu``). Numbers on a shared machine move with its load: the section records the load average.
 """
@@ -39,14 +39,19 @@ def main(argv=None) -> int:
     import torch
 
     from cluster.storage import open_store
-    from jobs.retrain import RetrainConfig, run_retrain
-    from jobs.search import SearchJobConfig, run_search
-    from jobs.split import SplitConfig, run_split
+    from densenas.latency import MacsCostModel
+    from densenas.space import load_space
+    from jobs import retrain, search, split
+    from jobs.context import StageContext
+    from jobs.retrain import RetrainConfig
+    from jobs.search import SearchJobConfig
+    from jobs.split import SplitConfig
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     split_store = open_store(str(tmp / "split"))
-    manifest = run_split(SplitConfig(classes=10, max_per_class=args.per_class, test_max_per_class=20,
-                                     val_fraction=0.2, executor="local"), split_store)
+    manifest = split.run(SplitConfig(classes=10, max_per_class=args.per_class, test_max_per_class=20,
+                                     val_fraction=0.2, executor="local"), None, StageContext.standalone(split_store))
+    space = load_space(args.space)
     ray.init(include_dashboard=False, num_cpus=None if args.gpu else 3)
     rows = []
     arch = None
@@ -56,7 +61,8 @@ def main(argv=None) -> int:
             "epochs": args.epochs, "warmup_epochs": 1, "batch_size": args.batch, "cost": "macs"})
         store = open_store(str(tmp / f"search-{w}"))
         t0 = time.time()
-        out = run_search(job, args.space, manifest, None, store, split_store=split_store)
+        search.run(job, search.SearchInputs(space, manifest, split_store, MacsCostModel(space)),
+                   StageContext.standalone(store))
         wall = time.time() - t0
         recs = [json.loads(line) for line in store.get_bytes("search_record.jsonl").decode().splitlines()]
         rows.append((w, [round(r["seconds"], 1) for r in recs], round(wall, 1)))
@@ -65,7 +71,7 @@ def main(argv=None) -> int:
     rcfg = RetrainConfig(epochs=args.retrain_epochs, batch_size=64, lr=0.1, workers=1,
                          cpus_per_worker=1, use_gpu=args.gpu, latency_repeats=20)
     rstore = open_store(str(tmp / "retrain"))
-    rout = run_retrain(rcfg, arch, manifest, rstore, split_store=split_store)
+    retrain.run(rcfg, retrain.RetrainInputs(arch, manifest, split_store), StageContext.standalone(rstore))
     rrecs = [json.loads(line) for line in rstore.get_bytes("retrain_record.jsonl").decode().splitlines()]
     ray.shutdown()
 

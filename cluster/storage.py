@@ -139,16 +139,15 @@ def _join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
 
 
-def default_store_uri(local_dir: str | os.PathLike | None = None) -> str:
-    """``$DENSENAS_STORE`` when set (e.g. by ``source .local-stack/env.sh``), else a local directory.
+def default_store_uri(local_dir: str | os.PathLike) -> str:
+    """``$DENSENAS_STORE`` when set (e.g. by ``source .local-stack/env.sh``), else ``local_dir``.
 
     The local fallback makes a bare checkout work with nothing configured.
     """
     env = os.environ.get("DENSENAS_STORE", "").strip()
     if env:
         return env
-    base = Path(local_dir) if local_dir is not None else Path.cwd() / ".densenas-store"
-    return str(base.resolve())
+    return str(Path(local_dir).resolve())
 
 
 # -------------------------------------------------------------------------------------- interface

@@ -539,6 +539,11 @@ class Tracker:
                 raise _Transient(f"{name}: {str(exc)[:300]}") from exc
             raise
 
+    @property
+    def experiment_id(self) -> Optional[str]:
+        """The experiment's MLflow id, once a call has resolved it (None before)."""
+        return self._experiment_id
+
     def _experiment(self) -> str:
         if self._experiment_id is None:
             client = self._mlflow()
@@ -757,6 +762,7 @@ class NullTracker(Tracker):
     def __init__(self, *args: Any, **kwargs: Any):  # noqa: D401 -- deliberately inert
         self.uri = ""
         self.experiment = ""
+        self._experiment_id = None
         self.dropped = self.spooled = 0
         self._active = []
 

@@ -20,8 +20,8 @@ Everything here is keyed by *what an op computes*, never by where it sits in the
   softmax(alpha)); computed as one triangular solve ``(I - P) C = r`` over per-mixed-op cost
   tensors precomputed once, so a call is a handful of tensor ops whatever the space size.
 
-Pure PyTorch: no Ray, no MLflow. ``measure_signature`` is the timing primitive the profiling
-stage runs on its actors.
+Pure PyTorch: no Ray, no MLflow. The profile stage (``jobs.profile``) times the signatures with
+``densenas.profiling``.
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ import math
 import os
 import platform
 import statistics
-import time
 import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,7 +58,6 @@ __all__ = [
     "final_signature",
     "classifier_signature",
     "build_signature_module",
-    "measure_signature",
     "describe_device",
     "load_cost_model",
     "expected_latency",
@@ -266,26 +264,6 @@ def describe_device(device: str | torch.device = "cpu", threads: int | None = No
     return record
 
 
-@torch.no_grad()
-def measure_signature(sig: OpSignature, device: str | torch.device = "cpu", warmup: int = 10,
-                      repeats: int = 50) -> LatencyStats:
-    """Time one signature's forward (eval mode, no grad): ``warmup`` discarded runs, then ``repeats``."""
-    device = torch.device(device)
-    module = build_signature_module(sig).to(device).eval()
-    x = torch.randn(sig.batch, sig.c_in, sig.resolution, sig.resolution, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        module(x)
-    sync()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        module(x)
-        sync()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return LatencyStats.from_samples(samples)
-
-
 # --------------------------------------------------------------------------- cost models
 class CostModel(Protocol):
     """What the search needs from a cost source: a cost per signature at its own batch size."""
@@ -435,20 +413,6 @@ class LatencyTable:
         if not text.lstrip().startswith("{"):
             text = Path(source).read_text()
         return cls.from_dict(json.loads(text))
-
-    @classmethod
-    def measure(cls, space: SearchSpace, batch: int, num_classes: int, device: str | torch.device = "cpu",
-                warmup: int = 10, repeats: int = 50, progress: bool = False) -> "LatencyTable":
-        """Profile every signature of the space in this process (the profile stage spreads this over actors)."""
-        space = load_space(space)
-        sigs = space_signatures(space, batch, num_classes)
-        entries = {}
-        for n, sig in enumerate(sigs):
-            entries[sig] = measure_signature(sig, device, warmup, repeats)
-            if progress and (n + 1) % 20 == 0:
-                print(f"  profiled {n + 1}/{len(sigs)} signatures", flush=True)
-        return cls(entries, space.space_hash(), describe_device(device),
-                   meta={"warmup": warmup, "repeats": repeats, "num_classes": num_classes})
 
     def __repr__(self) -> str:
         return (f"LatencyTable({len(self)} entries, batch={self.batch}, space={self.space_hash[:12]}, "

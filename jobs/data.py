@@ -9,7 +9,7 @@
 
 ``shard_dataset`` streams the manifest's Parquet shards with ``ray.data.read_parquet`` through the
 store's pyarrow filesystem (S3 or local), decodes the PNG bytes and applies the paper's
-augmentation (``densenas.data.train_transform``: RandomResizedCrop + flip; ``eval_transform``:
+augmentation (``imagedata.train_transform``: RandomResizedCrop + flip; ``eval_transform``:
 resize + centre crop) in ``map_batches``, producing ``{"image": float32 [B, C, H, W], "label":
 int64 [B]}``. Each Train worker reads only its own shard via ``ray.train.get_dataset_shard``.
 
@@ -34,8 +34,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from densenas import data as D
-from densenas.data import DataError
+import imagedata as D
+from imagedata import DataError
 
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"

@@ -1,9 +1,8 @@
 """The derive stage: architecture parameters of a finished search -> the derived network, as data and pictures.
 
-    arch = run_derive(DeriveConfig(k_best=5), space, search_outputs, cost_model, store)   # direct
-    run_derive({"space": ..., "derive": DeriveConfig}, ctx)                                # the pipeline
+    run(DeriveConfig(k_best=5), DeriveInputs(space, search_outputs, cost_model, num_classes), ctx) -> DeriveOutput
 
-What it reads (``search_outputs``): anything that holds alpha and beta --
+What it reads (``inputs.search_outputs``): anything that holds alpha and beta --
 
 - a ``densenas.search.SearchState`` (``Searcher.state_dict()``; a dict, a ``.pt`` path or its bytes),
 - a ``SuperNet`` state dict (``SuperNet.state_dict()``) or a ``SuperNet`` itself,
@@ -13,12 +12,12 @@ What it reads (``search_outputs``): anything that holds alpha and beta --
 Only alpha and beta are used: the super network is rebuilt on the meta device (no weights allocated),
 so deriving from an ImageNet-space search costs seconds, not gigabytes.
 
-What it writes (in ``store``, keys relative to it): ``arch.json`` (the versioned architecture
+What it writes (in ``ctx.store``, keys relative to it): ``arch.json`` (the versioned architecture
 document), ``arch.official.txt`` (the authors' string), ``arch_one_line.txt``, ``arch_params.json``
 (the alpha/beta it derived from), ``k_best.json`` (the k most probable block paths with their
 probability and predicted cost), ``derivation.json``, and with ``diagram: true`` the pictures
-``path_diagram.png``, ``alpha_heatmap.png``, ``beta_heatmap.png``. Returns the manifest body:
-``arch`` (document), ``one_line``, ``official``, ``path``, ``predicted_latency``, ``latency_units``,
+``path_diagram.png``, ``alpha_heatmap.png``, ``beta_heatmap.png``. ``DeriveOutput``:
+``arch`` (document), ``arch_key``, ``one_line``, ``official``, ``path``, ``predicted_latency``, ``latency_units``,
 ``params``, ``macs`` and the same numbers under ``metrics``.
 
 With ``latency_budget`` the path is the most probable one whose predicted cost stays within the
@@ -31,8 +30,9 @@ import io
 import json
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,16 +40,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from densenas.arch import build_model
 from densenas.counting import count_macs, count_params
 from densenas.derive import derive, k_best_paths
-from densenas.latency import ExpectedLatency, LatencyTable, MacsCostModel, load_cost_model
-from densenas.space import SearchSpace, load_space
+from densenas.latency import ExpectedLatency
+from densenas.space import SearchSpace
 from densenas.supernet import SuperNet
+from jobs.context import StageContext, StageOutput, resolve_space
 
-__all__ = ["DeriveConfig", "DeriveError", "run_derive", "derive_to_store", "supernet_from_search_outputs",
-           "arch_params_doc", "resolve_cost_model", "ARCH_PARAMS_FORMAT"]
+__all__ = ["DeriveConfig", "DeriveInputs", "DeriveOutput", "DeriveError", "run", "derive_to_store",
+           "supernet_from_search_outputs", "arch_params_doc", "ARCH_PARAMS_FORMAT"]
 
 ARCH_PARAMS_FORMAT = "densenas-arch-params"
-# File names the search stage may publish, most specific first (see supernet_from_search_outputs).
-SEARCH_OUTPUT_NAMES = ("arch_params.json", "search_state.pt", "final_state.pt", "supernet.pt", "state.pt")
 
 
 class DeriveError(ValueError):
@@ -159,53 +158,6 @@ def supernet_from_search_outputs(space: SearchSpace, search_outputs: Any, num_cl
     return net
 
 
-# --------------------------------------------------------------------------- cost model
-def resolve_cost_model(cost: str | Any, space: SearchSpace, ctx: Any = None, skip_fraction: float = 0.1) -> Any:
-    """``cost``: a cost model object, ``"macs"``, ``"profile"`` (the profile stage's table, via ``ctx``),
-    or a latency-table JSON path."""
-    if not isinstance(cost, str):
-        return cost
-    if cost == "profile":
-        if ctx is None or "profile" not in getattr(ctx, "inputs", {}):
-            raise DeriveError("cost 'profile' needs the profile stage's manifest (run the profile stage, or set "
-                              "search.cost: macs)")
-        table = _profile_table(ctx)
-        table.check_compatible(space)
-        return table
-    return load_cost_model(cost, space, skip_fraction=skip_fraction)
-
-
-def _profile_table(ctx: Any) -> LatencyTable:
-    m = ctx.input("profile")
-    store = ctx.run_store.child("profile")
-    keys = [m[k] for k in ("table", "latency_table", "table_key") if isinstance(m.get(k), str)]
-    keys += sorted(k for k in (m.get("artifacts") or {}) if k.endswith(".json") and "table" in k)
-    for key in keys:
-        key = key.split(store.uri_for(""), 1)[-1] if "://" in key else key
-        try:
-            doc = store.get_json(key)
-        except Exception:
-            continue
-        if isinstance(doc, Mapping) and doc.get("format") == "densenas-latency-table":
-            return LatencyTable.from_dict(doc)
-    raise DeriveError(f"the profile stage's manifest names no latency table (looked at {keys or 'no keys'}); "
-                      "expected a 'table' key or a *table*.json artifact")
-
-
-def _search_outputs_from_ctx(ctx: Any) -> Any:
-    m = ctx.input("search")
-    store = ctx.run_store.child("search")
-    keys = [m[k] for k in ("arch_params_key", "state_key", "arch_params", "state") if isinstance(m.get(k), str)]
-    arts = list(m.get("artifacts") or {})
-    for name in SEARCH_OUTPUT_NAMES:
-        keys += sorted((k for k in arts if k == name or k.endswith("/" + name)), key=len)
-    for key in keys:
-        if store.exists(key):
-            return store.get_bytes(key)
-    raise DeriveError(f"the search stage's manifest holds none of {', '.join(SEARCH_OUTPUT_NAMES)} (artifacts: "
-                      f"{arts[:8]}); the search stage must publish its alpha/beta (jobs.derive.arch_params_doc)")
-
-
 # --------------------------------------------------------------------------- deriving
 def _mixed_op_label(m: Any) -> str:
     if m.kind == "head":
@@ -290,75 +242,48 @@ def _draw(supernet: SuperNet, d: Any, probs: Mapping[tuple[int, int], float], st
     return names
 
 
-def run_derive(cfg: Any, space: Any = None, search_outputs: Any = None, cost_model: Any = None,
-               store: Any = None, ctx: Any = None, num_classes: int | None = None) -> dict:
-    """The derive stage. Two call forms:
+@dataclass(frozen=True)
+class DeriveInputs:
+    space: Any                      # a SearchSpace, or anything resolve_space takes
+    search_outputs: Any             # alpha and beta: a search state, a SuperNet (state dict) or arch_params
+    cost_model: Any                 # the search's cost model (jobs.profile.resolve_cost_model)
+    num_classes: int | None = None  # None: what the search output records
 
-    - direct: ``run_derive(DeriveConfig, space, search_outputs, cost_model, store, ctx=None)``;
-      ``cost_model`` is a cost model, ``"macs"``, ``"profile"`` or a table path;
-    - the pipeline's ``fn(sections, ctx)``: ``cfg`` is ``{"space": ..., "derive": DeriveConfig}`` and the
-      second argument the ``StageContext``; the search output, the cost model (``search.cost``) and the
-      class count come from the upstream manifests and the run's config, the store is ``ctx.store``.
-    """
-    from jobs.context import StageContext
 
-    if isinstance(space, StageContext):           # the pipeline's (sections, ctx) form
-        ctx, space = space, None
-    if isinstance(cfg, Mapping):
-        space = space if space is not None else cfg.get("space")
-        cfg = cfg.get("derive", DeriveConfig())
-    if not isinstance(cfg, DeriveConfig):
-        cfg = DeriveConfig.model_validate(cfg.model_dump() if isinstance(cfg, BaseModel) else dict(cfg))
-    full = getattr(ctx, "config", None)
-    if space is None and full is not None:
-        space = full.space
-    if space is None:
-        raise DeriveError("run_derive needs the search space (a preset name, YAML path, dict or SearchSpace)")
-    space = _resolve_space(space)
-    if search_outputs is None:
-        if ctx is None:
-            raise DeriveError("run_derive needs search_outputs (a search state, SuperNet state dict or arch_params "
-                              "document) or a pipeline context whose upstream 'search' manifest names one")
-        search_outputs = _search_outputs_from_ctx(ctx)
-    if num_classes is None and ctx is not None and "search" in getattr(ctx, "inputs", {}):
-        num_classes = (ctx.inputs["search"].get("derived") or {}).get("num_classes")
-    if num_classes is None and full is not None:
-        classes = getattr(getattr(full, "data", None), "classes", None)
-        num_classes = classes if isinstance(classes, int) else (len(classes) if isinstance(classes, list) else None)
-    if cost_model is None:
-        search = getattr(full, "search", None)
-        cost_model = getattr(search, "cost", "macs") if search is not None else "macs"
-    skip = float(getattr(getattr(full, "search", None), "macs_skip_fraction", 0.1))
-    cost_model = resolve_cost_model(cost_model, space, ctx, skip_fraction=skip)
-    store = store if store is not None else getattr(ctx, "store", None)
-    if store is None:
-        raise DeriveError("run_derive needs a store to write into (an ArtifactStore), or a pipeline context")
-    say = ctx.progress if ctx is not None else (lambda msg: print(f"[derive] {msg}", flush=True))
-    net = supernet_from_search_outputs(space, search_outputs, num_classes)
+class DeriveOutput(StageOutput):
+    """The derived network (document and ``arch_key`` in the derive store), its path and predicted cost."""
+
+    arch: dict[str, Any]
+    arch_key: str = "arch.json"
+    one_line: str
+    official: str
+    path: list[int]
+    op_choice: list[int]
+    path_prob: float
+    predicted_latency: float | None
+    latency_units: str | None
+    params: int | None
+    macs: int | None
+    k_best: list[dict[str, Any]]
+    pictures: list[str]
+
+
+def run(cfg: DeriveConfig, inputs: DeriveInputs, ctx: StageContext) -> DeriveOutput:
+    """Derive the network from the search's alpha/beta into ``ctx.store``."""
+    space, cost_model, say = resolve_space(inputs.space), inputs.cost_model, ctx.progress
+    net = supernet_from_search_outputs(space, inputs.search_outputs, inputs.num_classes)
     say(f"deriving from {len(net.mixed_ops)} alphas / {len(net.betas)} betas of {space.name} "
         f"({space.space_hash()[:12]}), cost model {getattr(cost_model, 'units', '?')}"
         + (f", budget {cfg.latency_budget}" if cfg.latency_budget else ""))
-    out = derive_to_store(cfg, net, cost_model, store, progress=say)
-    tracker = getattr(ctx, "tracker", None)
-    if tracker is not None:
-        tracker.log_dict(out["arch"], "arch.json")
-        tracker.log_metrics({k: float(v) for k, v in out["metrics"].items() if _finite(v)})
-        if callable(getattr(tracker, "log_summary", None)):
-            tracker.log_summary(tags={"densenas.arch": out["one_line"]})
-        from jobs.diagrams import log_pictures
+    out = DeriveOutput.model_validate(derive_to_store(cfg, net, cost_model, ctx.store, progress=say))
+    ctx.tracker.log_dict(out.arch, "arch.json")
+    ctx.tracker.log_metrics({k: float(v) for k, v in out.metrics.items() if _finite(v)})
+    if callable(getattr(ctx.tracker, "log_summary", None)):
+        ctx.tracker.log_summary(tags={"densenas.arch": out.one_line})
+    from jobs.diagrams import log_pictures
 
-        log_pictures(ctx, store, out.get("pictures") or [])
+    log_pictures(ctx, ctx.store, out.pictures)
     return out
-
-
-def _resolve_space(space: Any) -> SearchSpace:
-    if isinstance(space, SearchSpace):
-        return space
-    if isinstance(space, str) and Path(space).suffix and not Path(space).exists():
-        repo = Path(__file__).resolve().parent.parent
-        if (repo / space).exists():
-            space = str(repo / space)
-    return load_space(space)
 
 
 def _finite(v: Any) -> bool:

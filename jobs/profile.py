@@ -1,6 +1,6 @@
 """The profile stage: a latency lookup table measured by Ray actors, and how well it predicts whole nets.
 
-``run_profile(cfg, space, store, ctx=None) -> dict``
+``run(ProfileConfig, ProfileInputs(space, num_classes), ctx) -> ProfileOutput``
 
 1. Signatures: every distinct op signature the space needs (``densenas.latency.space_signatures``,
    from the same space object the super network is built from): stem, first layer, each head op of
@@ -51,19 +51,24 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
-from densenas.latency import LatencyStats, LatencyTable, OpSignature, space_signatures
+from densenas.latency import LatencyStats, LatencyTable, OpSignature, load_cost_model, space_signatures
 from densenas.latency_model import (LatencyModel, MeasurementProtocol, fit_calibration, unit_features,
                                     unit_kind_sums)
 from densenas.latency_report import accuracy_metrics, net_signatures, sample_random_nets
 from densenas.profiling import FINGERPRINT_KEYS, fingerprint_mismatch
 from densenas.space import SearchSpace, load_space
+from jobs.context import LOCAL_STORE, StageContext, StageOutput, resolve_space
 
 __all__ = [
     "ProfileConfig",
     "ProfileError",
     "ProfilerActor",
     "Profiler",
-    "run_profile",
+    "ProfileInputs",
+    "ProfileOutput",
+    "run",
+    "resolve_cost_model",
+    "table_from_uri",
     "scaled_space",
     "TABLE_KEY",
     "REPORT_KEY",
@@ -272,15 +277,9 @@ def scaled_space(space: SearchSpace, input_size: int | None) -> SearchSpace:
     return out
 
 
-def _num_classes(cfg: ProfileConfig, ctx: Any) -> int:
-    if cfg.num_classes is not None:
-        return cfg.num_classes
-    classes = getattr(getattr(getattr(ctx, "config", None), "data", None), "classes", None)
-    if isinstance(classes, int):
-        return classes
-    if isinstance(classes, (list, tuple)) and classes:
-        return len(classes)
-    return 1000
+def _num_classes(cfg: ProfileConfig, num_classes: int | None) -> int:
+    """The classifier width of the profiled nets: the config's, else the data's, else ImageNet's."""
+    return cfg.num_classes or num_classes or 1000
 
 
 # --------------------------------------------------------------------------- the driver
@@ -293,10 +292,11 @@ class Profiler:
     """
 
     def __init__(self, cfg: ProfileConfig, space: Any, store: Any, ctx: Any = None,
-                 callbacks: Iterable[Callable[[dict], None]] = (), log: Callable[[str], None] | None = None):
+                 callbacks: Iterable[Callable[[dict], None]] = (), log: Callable[[str], None] | None = None,
+                 num_classes: int | None = None):
         self.cfg, self.store, self.ctx = cfg, store, ctx
         self.space = scaled_space(load_space(space), cfg.input_size)
-        self.num_classes = _num_classes(cfg, ctx)
+        self.num_classes = _num_classes(cfg, num_classes)
         self.callbacks = list(callbacks)
         progress = getattr(ctx, "progress", None)
         self.log = log or (progress if callable(progress) else (lambda m: print(f"[profile] {m}", flush=True)))
@@ -574,8 +574,8 @@ class Profiler:
                             self._record(self.sig_stats))
             self._save(force=bool(todo))
             table = self._table({s: self.sig_stats[s.key] for s in sigs})
-            table_uri = self._publish_table(table)
-            self.log(f"published {TABLE_KEY}: {len(table)} entries ({table_uri})")
+            self._publish_table(table)
+            self.log(f"published {TABLE_KEY}: {len(table)} entries ({self.store.uri_for(TABLE_KEY)})")
 
             report, nets_measured, nets_reused = None, 0, 0
             if cfg.report_paths > 0 or cfg.calibration_paths > 0:
@@ -586,7 +586,7 @@ class Profiler:
             self.slots.clear()
 
         out: dict[str, Any] = {
-            "latency_table": table_uri,
+            "table_key": TABLE_KEY,
             "space_hash": space.space_hash(),
             "space_name": space.name,
             "device": self.fingerprint,
@@ -607,13 +607,13 @@ class Profiler:
             "actor_node_ids": sorted(set(self.qstats.actor_nodes)),
             "results_per_node": dict(sorted(self.qstats.per_node_results.items())),
             "wall_s": round(time.monotonic() - t_start, 2),
-            "accuracy_report": None,
-            "latency_scatter": None,
+            "report_key": None,
+            "scatter_key": None,
             "metrics": {"entries": len(table), "measured_signatures": len(todo)},
         }
         if report is not None:
-            out["accuracy_report"] = self.store.uri_for(REPORT_KEY)
-            out["latency_scatter"] = self.store.uri_for(SCATTER_KEY) if report["n_nets"] else None
+            out["report_key"] = REPORT_KEY
+            out["scatter_key"] = SCATTER_KEY if report["n_nets"] else None
             out["calibration"] = report.get("calibration")
             out["protocol"] = report.get("protocol")
             for part in ("model", "plain_sum"):
@@ -643,9 +643,8 @@ class Profiler:
         return LatencyTable(dict(entries), self.space.space_hash(), device, units="ms",
                             statistic=cfg.statistic, meta=meta)
 
-    def _publish_table(self, table: LatencyTable) -> str:
+    def _publish_table(self, table: LatencyTable) -> None:
         self.store.publish_json(TABLE_KEY, table.to_dict())
-        return self.store.uri_for(TABLE_KEY)
 
     def _report(self, table: LatencyTable) -> tuple[dict, int, int]:
         """Calibration nets fit the model, held-out nets score it; all timed end to end by the actors."""
@@ -754,31 +753,83 @@ def latency_model_report(table: LatencyTable, model: LatencyTable, space: Search
     return report
 
 
-def run_profile(cfg: ProfileConfig | Mapping[str, Any], space: Any = None, store: Any = None, ctx: Any = None,
-                callbacks: Iterable[Callable[[dict], None]] = ()) -> dict[str, Any]:
-    """Profile ``space`` into ``store``: ``latency_table.json``, ``accuracy_report.json``, ``latency_scatter.png``.
+@dataclass(frozen=True)
+class ProfileInputs:
+    space: Any                          # a SearchSpace, or anything resolve_space takes
+    num_classes: int | None = None      # the data's class count (the classifier's width); None: 1000
 
-    Returns the table URI (``latency_table``), the report's URIs and ``metrics``, and what was
-    measured or reused. Also callable the pipeline's way, ``run_profile({"space": ..., "profile":
-    ProfileConfig}, ctx)``: the sections dict and a ``StageContext`` (its ``store``).
-    """
-    if space is not None and store is None and ctx is None and hasattr(space, "store") and hasattr(space, "stage"):
-        ctx, space = space, None  # run_profile(sections, ctx)
-    if isinstance(cfg, Mapping) and "profile" in cfg:
-        space = cfg.get("space") if space is None else space
-        cfg = cfg["profile"]
-    if not isinstance(cfg, ProfileConfig):
-        cfg = ProfileConfig.model_validate(dict(cfg) if isinstance(cfg, Mapping) else cfg.model_dump())
-    if store is None:
-        store = getattr(ctx, "store", None)
-    if space is None or store is None:
-        raise ProfileError("run_profile needs a space and a store (or a StageContext with .store)")
+
+class ProfileOutput(StageOutput):
+    """The latency table (``table_key``), the model's accuracy report and what was measured or reused."""
+
+    table_key: str
+    report_key: str | None = None
+    scatter_key: str | None = None
+    space_hash: str
+    space_name: str | None
+    device: dict[str, Any] | None
+    batch_size: int
+    num_classes: int
+    entries: int
+    units: str
+    statistic: str | None
+    measured_signatures: int
+    reused_signatures: int
+    measured_nets: int
+    reused_nets: int
+    actors: int
+    actor_deaths: int
+    requeued_batches: int
+    replacement_actors: int
+    actor_node_ids: list[str]
+    results_per_node: dict[str, int]
+    wall_s: float
+    calibration: dict[str, Any] | None = None
+    protocol: dict[str, Any] | None = None
+
+    def table(self, store: Any) -> LatencyTable:
+        """The latency table, read from the profile stage's store."""
+        return LatencyTable.from_dict(store.get_json(self.table_key))
+
+
+def run(cfg: ProfileConfig, inputs: ProfileInputs, ctx: StageContext) -> ProfileOutput:
+    """Profile the space into ``ctx.store``: ``latency_table.json``, ``accuracy_report.json``,
+    ``latency_scatter.png``; measurements in ``ctx.checkpoint_store`` are reused."""
     from jobs.diagrams import log_pictures
     from jobs.epochs import ProgressMetrics
 
-    out = Profiler(cfg, space, store, ctx, [*callbacks, ProgressMetrics(ctx)]).run()
-    log_pictures(ctx, store, [SCATTER_KEY])
-    return out
+    out = Profiler(cfg, resolve_space(inputs.space), ctx.store, ctx, [ProgressMetrics(ctx)],
+                   num_classes=inputs.num_classes).run()
+    log_pictures(ctx, ctx.store, [SCATTER_KEY])
+    return ProfileOutput.model_validate(out)
+
+
+def table_from_uri(uri: str, space: SearchSpace) -> LatencyTable:
+    """A pinned latency table: the JSON at a store URI (``s3://bucket/.../table.json``, ``file:///...``),
+    e.g. another run's profile table, so a search can be rerun exactly on the same costs."""
+    from cluster.storage import open_store
+
+    head, _, name = uri.rstrip("/").rpartition("/")
+    if not head or not name.endswith(".json"):
+        raise ProfileError(f"search.cost {uri!r}: a latency-table URI names a .json object (s3://bucket/key.json)")
+    table = LatencyTable.from_dict(open_store(head).get_json(name, verify=False))
+    table.check_compatible(space)
+    return table
+
+
+def resolve_cost_model(cost: str, space: SearchSpace, profile_table: LatencyTable | None = None,
+                       skip_fraction: float = 0.1) -> Any:
+    """``search.cost`` as a cost model: ``profile`` (the profile stage's table, given), a table's store
+    URI, ``macs`` (the MACs proxy) or a latency-table JSON path; a table is checked against the space."""
+    if cost == "profile":
+        if profile_table is None:
+            raise ProfileError("search.cost is 'profile' but there is no profile stage table (run the profile "
+                               "stage, or set search.cost: macs)")
+        profile_table.check_compatible(space)
+        return profile_table
+    if "://" in cost:
+        return table_from_uri(cost, space)
+    return load_cost_model(cost, space, skip_fraction=skip_fraction)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -799,13 +850,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--actors", type=int, help="override profile.actors")
     p.add_argument("--repeats", type=int, help="override profile.repeats")
     p.add_argument("--report-paths", type=int, help="override profile.report_paths")
-    p.add_argument("--out", help="store URI for the artifacts (default: $DENSENAS_STORE or ./runs-store, "
+    p.add_argument("--out", help="store URI for the artifacts (default: $DENSENAS_STORE or <repo>/runs-store, "
                                  "under profile/<space>)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray")
     args = p.parse_args(argv)
 
-    from cluster.storage import open_store
+    from cluster.storage import default_store_uri, open_store
 
     doc = _load_yaml(args.config)
     section = doc.get("profile", doc if "space" not in doc else {})
@@ -826,8 +877,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = args.out or os.path.join(os.environ.get("DENSENAS_STORE") or "runs-store", "profile",
-                                   space.name or space.space_hash()[:12])
+    out = args.out or os.path.join(default_store_uri(LOCAL_STORE), "profile", space.name or space.space_hash()[:12])
     store = open_store(out)
 
     import ray
@@ -838,7 +888,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     try:
-        result = run_profile(cfg, space, store)
+        result = run(cfg, ProfileInputs(space), StageContext.standalone(store, "profile")).model_dump()
     except ProfileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

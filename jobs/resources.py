@@ -17,12 +17,11 @@ An autoscaling cluster may grow: ``allow_autoscale=True`` turns the error into a
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-__all__ = ["ResourceRequestError", "WorkerResources", "cluster_nodes", "check_resources", "threads_for_cpus"]
+__all__ = ["ResourceRequestError", "WorkerResources", "cluster_nodes", "check_resources"]
 
 _EPS = 1e-9
 # Ray placement group strategies (ScalingConfig.placement_strategy). SPREAD is best effort: workers go
@@ -169,31 +168,3 @@ def check_resources(request: WorkerResources, reserve: Mapping[str, float] | Non
         else:
             raise ResourceRequestError(problem, missing, totals)
     return totals
-
-
-def threads_for_cpus(cpus: float) -> int:
-    """Whole CPUs a worker's torch should use for ``cpus`` logical CPUs (at least one thread)."""
-    return max(1, math.floor(cpus + _EPS))
-
-
-def torch_trainer(worker_fn, loop_config: dict, request: WorkerResources, *, use_gpu: bool, run_name: str,
-                  storage, max_failures: int, datasets: dict | None):
-    """The TorchTrainer both Train stages (search, retrain) run: gloo on CPU / NCCL on GPU, the
-    validated worker request, checkpoints in the artifact store (``storage`` = ray_storage(store)),
-    FailureConfig restarts from the latest checkpoint, the last two checkpoints kept. ``datasets``:
-    Ray Datasets for ``ray.train.get_dataset_shard`` (None when the workers load their own data)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from jobs.console import train_log_level
-
-    storage_path, storage_fs = storage
-    return TorchTrainer(
-        worker_fn, train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(**request.scaling_kwargs()),
-        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             logging_config=LoggingConfig(log_level=train_log_level())),
-        datasets=datasets)

@@ -1,6 +1,6 @@
 """The retrain stage: train the derived network from scratch on Ray Train, test it, time it, export it.
 
-``run_retrain(cfg, arch, split_manifest, store, ctx) -> dict``
+``run(RetrainConfig, RetrainInputs(arch, split, split_store, latency_table), ctx) -> RetrainOutput``
 
 - the network is ``densenas.arch.build_model(arch, num_classes)`` from the architecture JSON;
 - real DDP (``ray.train.torch.prepare_model``): one bucketed gradient all-reduce per step; BatchNorm
@@ -13,14 +13,14 @@
   over the workers (gloo on CPU, NCCL on GPU);
 - recipe (``densenas.retrain.TrainRecipe``): the paper's SGD momentum 0.9, weight decay 4e-5, label
   smoothing 0.1, cosine schedule as defaults (paper: 240 epochs, batch 1024, lr 0.5);
-- checkpoints every epoch (Ray Train storage = the stage's checkpoint store, ``latest.json`` pointer),
+- checkpoints every epoch (Ray Train storage = ``ctx.checkpoint_store``, ``latest.json`` pointer),
   ``FailureConfig(max_failures)``, resume after a dead job -- as the search stage does;
 - after the last epoch every rank evaluates its test shard, counts are all-reduced: top-1 / top-5;
 - the driver then measures the real latency on the profile device (batch of the latency table, eval,
   ``no_grad``, ``densenas.profiling``'s timing; a Ray task with one GPU for ``cuda``), exports
   TorchScript and ONNX, checks both against the PyTorch outputs, and stores everything.
 
-Outputs (in ``store``): ``model.pt`` (state dict), ``model.ts``, ``model.onnx``, ``arch.json``,
+Outputs (in ``ctx.store``): ``model.pt`` (state dict), ``model.ts``, ``model.onnx``, ``arch.json``,
 ``retrain_record.jsonl``, ``metrics.json``.
 """
 from __future__ import annotations
@@ -30,22 +30,27 @@ import json
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from pydantic import Field
 
 from densenas.retrain import TrainRecipe
-from jobs.resources import check_resources, threads_for_cpus, torch_trainer
-from jobs.search import (TrainJobResources, _digest, _report_checkpoint, _say, allreduce_mean, allreduce_sum,
-                         broadcast_module, capped_batches, latest_checkpoint, numeric_metrics, open_split_store, publish_latest,
-                         steps_per_worker, _load_checkpoint_file, _node_id, META_FILE)
+from jobs.context import StageContext, StageOutput
+from jobs.resources import check_resources
+from jobs.split import SplitOutput
+from jobs.train import (META_FILE, TrainJobResources, allreduce_mean, allreduce_sum, broadcast_module,
+                        capped_batches, latest_checkpoint, load_checkpoint_file, node_id, numeric_metrics,
+                        publish_latest, report_checkpoint, steps_per_worker, tensors_digest, threads_for_cpus,
+                        torch_trainer)
 from jobs.epochs import (EpochCurves, describe_retrain, log_curves_from_driver, retrain_epoch_metrics,
                          stage_tracking_or_unrouted)
 from jobs.registry import log_retrained_model
 
-__all__ = ["RetrainConfig", "run_retrain", "retrain_stage", "latency_setup", "sync_bn_statistics", "weights_digest"]
+__all__ = ["RetrainConfig", "RetrainInputs", "RetrainOutput", "run", "latency_setup", "sync_bn_statistics",
+           "weights_digest"]
 
 STATE_FILE = "retrain_state.pt"
 
@@ -105,7 +110,7 @@ def sync_bn_statistics(module: torch.nn.Module) -> None:
 def weights_digest(module: torch.nn.Module) -> str:
     """sha256 of the module's state dict (parameters and buffers, in order): equal on every rank
     that holds the same network."""
-    return _digest(t for t in module.state_dict().values())
+    return tensors_digest(t for t in module.state_dict().values())
 
 
 # --------------------------------------------------------------------------- the worker loop
@@ -129,7 +134,7 @@ def _retrain_worker(config: dict) -> None:
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, config["steps"])
     epoch, step, history = 0, 0, []
-    data, source = _load_checkpoint_file(STATE_FILE, config["ckpt_store"], config["pointer"])
+    data, source = load_checkpoint_file(STATE_FILE, config["ckpt_store"], config["pointer"])
     if data is not None:
         restored = load_retrain_state(state_from_bytes(data, device), model, optimizer, scheduler)
         epoch, step, history = restored["epoch"], restored["step"], restored["history"]
@@ -164,16 +169,16 @@ def _retrain_worker(config: dict) -> None:
         history.append(record)
         if rank == 0:
             state = retrain_state_dict(model, optimizer, scheduler, epoch, step, history,
-                                       extra={"node_id": _node_id(), "world": world})
+                                       extra={"node_id": node_id(), "world": world})
             dir_name = f"epoch-{epoch:04d}"
-            _report_checkpoint(numeric_metrics(record), {STATE_FILE: state_to_bytes(state),
+            report_checkpoint(numeric_metrics(record), {STATE_FILE: state_to_bytes(state),
                                                         META_FILE: json.dumps({"epoch": epoch}).encode()}, dir_name)
             publish_latest(config["ckpt_store"], config["run_name"], dir_name, epoch, [STATE_FILE, META_FILE])
             curves.log(record)
         else:
             ray.train.report(numeric_metrics(record))
         config["stage_store"].put_json(f"workers/rank-{rank}.json", {"rank": rank, "world": world,
-                                                                      "node_id": _node_id(), "epoch": epoch,
+                                                                      "node_id": node_id(), "epoch": epoch,
                                                                       "digests": weights_sha,
                                                                       "epoch_ends": epoch_ends})
     curves.close()
@@ -189,16 +194,36 @@ def _measure_in_task(model_bytes: bytes, arch: Any, num_classes: int, protocol: 
 
 
 # --------------------------------------------------------------------------- the stage
-def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: Mapping | None = None, store: Any = None,
-                ctx: Any = None, *, split_store: Any = None, latency_table: Any = None,
-                checkpoint_store: Any = None) -> dict:
-    """Retrain ``arch`` (an ``Arch``, its JSON/dict, a path or a preset name) on the split's training
-    data as a Ray Train job; test, time and export it; returns the stage's outputs.
+@dataclass(frozen=True)
+class RetrainInputs:
+    arch: Any                  # an Arch, its JSON / dict, a path or a preset name
+    split: SplitOutput
+    split_store: Any           # the store the split's shard keys are relative to
+    latency_table: Any = None  # the profile stage's LatencyTable: its protocol times the net, its model predicts it
 
-    Also callable as the pipeline's stage function ``run_retrain(section, ctx)``: see ``retrain_stage``.
-    """
-    if arch is not None and ctx is None and hasattr(arch, "inputs") and hasattr(arch, "run_store"):
-        return retrain_stage(cfg, arch)  # the runner's calling convention: (section, ctx)
+
+class RetrainOutput(StageOutput):
+    """The trained network (state dict, TorchScript, ONNX, architecture; keys in the retrain store),
+    its test accuracy and measured latency."""
+
+    model_key: str
+    arch_key: str
+    records_key: str
+    checkpoint: str
+    workers: list[dict[str, Any]]
+    measured_latency: dict[str, Any] | None = None
+    measured_latency_ms: float | None = None
+    predicted_latency_ms: float | None = None
+    latency_error_pct: float | None = None
+    torchscript_key: str | None = None
+    onnx_key: str | None = None
+    onnx_exporter: str | None = None
+    export_check: dict[str, Any] | None = None
+    registered_model: Any = None
+
+
+def run(cfg: RetrainConfig, inputs: RetrainInputs, ctx: StageContext) -> RetrainOutput:
+    """Retrain ``inputs.arch`` on the split's training data as a Ray Train job; test, time and export it."""
     import ray
 
     from cluster.storage import ray_storage
@@ -206,32 +231,29 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
     from densenas.retrain import check_exports, export_onnx, export_torchscript, state_from_bytes
     from jobs.data import DataSpec, Stream, trainer_datasets
 
-    cfg = cfg if isinstance(cfg, RetrainConfig) else RetrainConfig.model_validate(cfg)
+    latency_table, store, ckpt_store, say = inputs.latency_table, ctx.store, ctx.checkpoint_store, ctx.progress
     protocol = latency_setup(cfg, latency_table) if cfg.measure_latency else None  # refuses a mismatch up front
-    if split_manifest is None or store is None or arch is None:
-        raise ValueError("run_retrain needs arch, split_manifest and store (or call it as run_retrain(section, ctx))")
-    arch = load_arch(arch)
-    num_classes = int(split_manifest["num_classes"])
+    split = inputs.split
+    arch = load_arch(inputs.arch)
+    num_classes = split.num_classes
     arch = arch.replace(num_classes=num_classes) if arch.num_classes != num_classes else arch
-    ckpt_store = checkpoint_store or getattr(ctx, "checkpoint_store", None) or store.child("checkpoints")
-    shards = open_split_store(split_manifest, ctx, split_store)
-    counts = split_manifest["counts"]
+    counts = split.counts
     rows = int(counts["train"]) + int(counts["val"])
     batch, steps = steps_per_worker(rows, cfg.workers, cfg.batch_size)
     if steps < 1:
         raise ValueError(f"{rows} training images cannot make one batch per worker for {cfg.workers} workers")
-    if not split_manifest["shards"].get("test"):
+    if not split.shards.get("test"):
         raise ValueError("the split has no held-out test shards; set data.test_fraction / test_max_per_class > 0")
     request = cfg.request()
     check_resources(request, reserve=cfg.reserve(), what="retrain stage")
     pointer = latest_checkpoint(ckpt_store)
     if pointer is not None:
-        _say(f"retrain: resuming from {ckpt_store.uri_for(pointer['dir'])} (epoch {pointer['epoch']})", ctx)
+        say(f"retrain: resuming from {ckpt_store.uri_for(pointer['dir'])} (epoch {pointer['epoch']})")
     else:
         store.delete_prefix("workers")   # a fresh run: no other run's per-rank records
 
     size, channels = arch.input_size, arch.in_channels
-    data = DataSpec(cfg.data_loading, dict(split_manifest), shards, size, channels, seed=cfg.seed,
+    data = DataSpec(cfg.data_loading, split.model_dump(mode="json"), inputs.split_store, size, channels, seed=cfg.seed,
                     streams={"train": Stream(("train", "val"), augment=True, shuffle=True),
                              "test": Stream(("test",), augment=False, shuffle=False)})
     run_name = f"retrain-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -244,8 +266,8 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
     trainer = torch_trainer(_retrain_worker, loop_config, request, use_gpu=cfg.use_gpu, run_name=run_name,
                             storage=(storage_path, storage_fs), max_failures=cfg.max_failures,
                             datasets=trainer_datasets(data))
-    _say(f"retrain: {arch.one_line()} | {cfg.workers} worker(s) x {request.per_worker()}, {cfg.epochs} epochs, "
-         f"{steps} steps/epoch at {batch}/worker, lr {cfg.lr}", ctx)
+    say(f"retrain: {arch.one_line()} | {cfg.workers} worker(s) x {request.per_worker()}, {cfg.epochs} epochs, "
+        f"{steps} steps/epoch at {batch}/worker, lr {cfg.lr}")
     t0 = time.time()
     result = trainer.fit()
     if getattr(result, "error", None) is not None:
@@ -284,9 +306,9 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
     if cfg.measure_latency:
         resources = ({"num_gpus": 1, "num_cpus": 1} if protocol["device"] == "cuda"
                      else {"num_cpus": min(float(protocol["threads"]), ray.cluster_resources().get("CPU", 1.0))})
-        _say(f"retrain: measuring latency under the {'table' if latency_table is not None else 'config'}'s protocol ("
-             + ", ".join(f"{k} {protocol[k]}" for k in ("device", "batch", "threads", "dtype", "memory_format", "timer",
-                                                         "statistic")) + ")", ctx)
+        say(f"retrain: measuring latency under the {'table' if latency_table is not None else 'config'}'s protocol ("
+            + ", ".join(f"{k} {protocol[k]}" for k in ("device", "batch", "threads", "dtype", "memory_format", "timer",
+                                                        "statistic")) + ")")
         lat = ray.get(ray.remote(**resources)(_measure_in_task).remote(
             buf.getvalue(), arch.to_dict(), num_classes, protocol), timeout=600)
         out["measured_latency"] = lat
@@ -298,7 +320,7 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
             try:
                 predicted = predict_latency(arch, latency_table)
             except LatencyTableError as e:
-                _say(f"retrain: the latency table cannot predict this net ({e})", ctx)
+                say(f"retrain: the latency table cannot predict this net ({e})")
         if predicted is not None and (latency_table is not None or (arch.metadata or {}).get("cost_units") == "ms"):
             out["predicted_latency_ms"] = metrics["predicted_latency_ms"] = float(predicted)
             out["latency_error_pct"] = metrics["latency_error_pct"] = 100 * (predicted - lat["value"]) / lat["value"]
@@ -318,49 +340,5 @@ def run_retrain(cfg: RetrainConfig | Mapping, arch: Any = None, split_manifest: 
     out["metrics"] = metrics
     out["registered_model"] = log_retrained_model(ctx, model, arch, store, metrics, torch.randn(2, channels, size, size))
     store.put_json("metrics.json", out)
-    _say(f"retrain: test top-1 {metrics['test_top1']:.3f} top-5 {metrics['test_top5']:.3f} in {seconds:.1f}s", ctx)
-    return out
-
-
-def _derived_arch(ctx) -> Any:
-    """The derive stage's architecture: an inline document, or a key of its store (else search's arch.json)."""
-    for stage in ("derive", "search"):
-        if stage not in ctx.inputs:
-            continue
-        manifest = ctx.inputs[stage]
-        for k in ("arch", "arch_key"):
-            v = manifest.get(k)
-            if isinstance(v, Mapping):
-                return dict(v)
-            if isinstance(v, str) and v.endswith(".json") and ctx.run_store.child(stage).exists(v):
-                return ctx.run_store.child(stage).get_bytes(v).decode()
-            if isinstance(v, str) and v.lstrip().startswith(("{", "[")):
-                return v
-    raise ValueError(f"no architecture found in the upstream manifests ({sorted(ctx.inputs)}); the derive stage "
-                     "should return 'arch' (document) or 'arch_key' (a JSON key in its store)")
-
-
-def retrain_stage(section: Any, ctx) -> dict:
-    """The pipeline's stage function: ``section`` is the ``retrain`` config; the architecture, the split
-    and the latency table come from ``ctx.inputs``."""
-    table = None
-    if "profile" in ctx.inputs:
-        try:
-            table = _profile_table(ctx)
-        except Exception as e:  # noqa: BLE001 -- latency set-up falls back to the config / cpu
-            _say(f"retrain: no latency table from the profile stage ({type(e).__name__}: {e}); timing on the "
-                 "configured device", ctx)
-    cfg = section if isinstance(section, RetrainConfig) else RetrainConfig.model_validate(
-        section.model_dump() if hasattr(section, "model_dump") else section)
-    return run_retrain(cfg, _derived_arch(ctx), ctx.input("split"), ctx.store, ctx, latency_table=table)
-
-
-def _profile_table(ctx) -> Any:
-    from densenas.latency import LatencyTable
-
-    manifest = ctx.input("profile")
-    key = next((manifest[k] for k in ("table_key", "latency_table_key", "latency_table", "table")
-                if isinstance(manifest.get(k), str)), None)
-    if key is None:
-        raise ValueError("the profile manifest names no latency table ('table_key')")
-    return LatencyTable.from_dict(ctx.run_store.child("profile").get_json(key))
+    say(f"retrain: test top-1 {metrics['test_top1']:.3f} top-5 {metrics['test_top5']:.3f} in {seconds:.1f}s")
+    return RetrainOutput.model_validate(out)

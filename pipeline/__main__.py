@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(args.config, run_id=args.run_id, timeout_s=args.timeout)
 
-    from pipeline.config import default_store_uri
+    from cluster.storage import default_store_uri
+    from pipeline.config import LOCAL_STORE
     from pipeline.records import (InvalidRunId, RunNotFound, RunRecord, effective_status, format_inspect, format_runs,
                                   format_status, inspect_run, list_runs, validate_run_id)
     from cluster.storage import StorageError
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.run_id:
             validate_run_id(args.run_id)
-        store = open_store(args.store or default_store_uri())
+        store = open_store(args.store or default_store_uri(LOCAL_STORE))
     except (InvalidRunId, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -37,7 +37,7 @@ PARENT_SUMMARY = {
 def _url(tracker: Tracker, run_id: Optional[str]) -> Optional[str]:
     if not run_id or not str(tracker.uri).startswith(("http://", "https://")):
         return None
-    exp = getattr(tracker, "_experiment_id", None)
+    exp = tracker.experiment_id
     base = str(tracker.uri).rstrip("/")
     return f"{base}/#/experiments/{exp}/runs/{run_id}" if exp else f"{base}/#/runs/{run_id}"
 

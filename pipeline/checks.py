@@ -215,7 +215,7 @@ def _cluster_nodes_for(cfg: PipelineConfig, log: Callable[[str], None]) -> list[
 
 # --------------------------------------------------------------------------- data
 def _counts_per_class(n: int, val_fraction: float) -> tuple[int, int]:
-    """(train, val) of a class with ``n`` images after the test cut (``densenas.data.split_per_class``)."""
+    """(train, val) of a class with ``n`` images after the test cut (``imagedata.split_per_class``)."""
     val = int(round(n * val_fraction))
     if val_fraction > 0:
         val = max(val, 1)
@@ -251,7 +251,7 @@ def check_data(cfg: PipelineConfig, planned: Sequence[Any]) -> None:
 
 def scan_folder(cfg: PipelineConfig) -> None:
     """Dry scan of a folder dataset: every chosen class has images and at least one of them decodes."""
-    from densenas import data as D
+    import imagedata as D
 
     data = cfg.data
     try:
@@ -285,7 +285,7 @@ def scan_folder(cfg: PipelineConfig) -> None:
 
 # --------------------------------------------------------------------------- latency tables
 def check_latency_table(cfg: PipelineConfig) -> None:
-    cost = cfg.search_core.cost
+    cost = cfg.search.cost
     if cost in COST_SOURCES or "://" in cost:
         return
     from densenas.latency import LatencyTable

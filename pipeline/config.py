@@ -5,23 +5,21 @@ Each layer owns the section it consumes; this module composes them into ``Pipeli
     name, seed, space          the experiment, its seed, the search space (preset / YAML path / dict)
     data                       the split stage          jobs.split.SplitConfig
     profile                    the profile stage        jobs.profile.ProfileConfig
-    search                     the search stage         jobs.search.SearchJobConfig (flat: SearchConfig + job)
+    search                     the search stage         jobs.search.SearchJobConfig (SearchConfig + Train resources)
     derive                     the derive stage         jobs.derive.DeriveConfig
-    retrain, sweep             the later stages         (their jobs/ models when they import)
+    retrain                    the retrain stage        jobs.retrain.RetrainConfig
+    sweep                      the sweep stage          jobs.sweep.SweepConfig
     storage {uri}              artifact store: s3://bucket/prefix, file:///path or a plain path
     tracking {uri, experiment} MLflow
     ray {address, ...}         where the job runs
 
-Sections whose owner module has not landed yet get a minimal model here, marked
-``# TODO(owner): replace with <module>.<Model>``; ``_owned_model`` picks the owner's model as soon as
-it imports. Errors (``ConfigError``) name the key path and the rule: an unknown key names the nearest
+Each section is written in YAML exactly as its model's fields. Errors (``ConfigError``) name the key path and the rule: an unknown key names the nearest
 valid one (``search.lamda: unknown key; did you mean 'lambda'?``).
 """
 from __future__ import annotations
 
 import copy
 import difflib
-import importlib
 import os
 import types
 import typing
@@ -29,20 +27,23 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from densenas.search import SearchConfig
+from cluster.storage import default_store_uri
+from jobs.context import LOCAL_STORE, REPO_ROOT, resolve_space
 from jobs.derive import DeriveConfig
 from jobs.profile import ProfileConfig
+from jobs.retrain import RetrainConfig
+from jobs.search import SearchJobConfig
 from jobs.split import SplitConfig
+from jobs.sweep import SweepConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 # search.cost: the MACs proxy, the profile stage's latency table, or a table JSON path.
 COST_SOURCES = ("macs", "profile")
 
 __all__ = [
     "ConfigError", "PipelineConfig", "load_config", "parse_config", "apply_overrides", "preflight",
-    "default_store_uri", "default_tracking_uri", "resolve_space", "flat_search", "REPO_ROOT",
+    "default_tracking_uri", "resolve_space", "REPO_ROOT", "LOCAL_STORE",
 ]
 
 
@@ -54,59 +55,7 @@ class ConfigError(ValueError):
         super().__init__(f"{path}: {message}" if path else message)
 
 
-def _owned_model(module: str, name: str, fallback: type[BaseModel]) -> type[BaseModel]:
-    """The owning layer's model when its module imports, else the local minimal one."""
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        if getattr(e, "name", None) != module:   # the module exists but is broken: say so, do not hide it
-            raise
-        return fallback
-    return getattr(mod, name, fallback)
-
-
-# --------------------------------------------------------------------------- sections owned elsewhere
-class _RetrainConfig(BaseModel):
-    # TODO(owner of jobs/retrain.py): replace with jobs.retrain.RetrainConfig
-    model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(0.05, gt=0)
-    weight_decay: float = Field(4e-5, ge=0)
-    workers: int = Field(1, ge=1)
-    measure_latency: bool = True
-
-
-class _SweepConfig(BaseModel):
-    # TODO(owner of jobs/sweep.py): replace with jobs.sweep.SweepConfig
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = False
-    lambdas: list[float] = Field(default_factory=lambda: [0.05, 0.15, 0.5])
-    taus: list[float] = Field(default_factory=lambda: [15.0])
-    retrain_epochs: int = Field(1, ge=0)
-    max_concurrent: int = Field(1, ge=1)
-
-    @model_validator(mode="after")
-    def _ranges(self) -> "_SweepConfig":
-        if any(v < 0 for v in self.lambdas):
-            raise ValueError(f"lambdas must be >= 0, got {self.lambdas}")
-        if any(v <= 1 for v in self.taus):
-            raise ValueError(f"taus must be > 1, got {self.taus}")
-        return self
-
-
-DataConfig = SplitConfig
-# The search section: jobs.search.SearchJobConfig = densenas' SearchConfig (flat YAML keys: epochs,
-# lambda, tau, ...) plus how the Ray Train job runs (workers, cpus_per_worker, data_cpus, ...).
-SearchSection = _owned_model("jobs.search", "SearchJobConfig", SearchConfig)
-RetrainConfig = _owned_model("jobs.retrain", "RetrainConfig", _RetrainConfig)
-SweepConfig = _owned_model("jobs.sweep", "SweepConfig", _SweepConfig)
-
-
 # --------------------------------------------------------------------------- sections owned here
-def default_store_uri() -> str:
-    """$DENSENAS_STORE, else <repo>/runs-store (a local directory)."""
-    return os.environ.get("DENSENAS_STORE") or str(REPO_ROOT / "runs-store")
 
 
 def default_tracking_uri() -> str:
@@ -145,12 +94,12 @@ class PipelineConfig(BaseModel):
                       description="experiment name; also the default run id")
     seed: int = 0
     space: str | dict[str, Any] = Field("tiny_mbconv", description="preset name, YAML path or inline dict")
-    data: DataConfig = Field(default_factory=DataConfig)  # type: ignore[valid-type]
-    profile: ProfileConfig = Field(default_factory=ProfileConfig)  # type: ignore[valid-type]
-    search: SearchSection = Field(default_factory=SearchSection)  # type: ignore[valid-type]
-    derive: DeriveConfig = Field(default_factory=DeriveConfig)  # type: ignore[valid-type]
-    retrain: RetrainConfig = Field(default_factory=RetrainConfig)  # type: ignore[valid-type]
-    sweep: SweepConfig = Field(default_factory=SweepConfig)  # type: ignore[valid-type]
+    data: SplitConfig = Field(default_factory=SplitConfig)
+    profile: ProfileConfig = Field(default_factory=ProfileConfig)
+    search: SearchJobConfig = Field(default_factory=SearchJobConfig)
+    derive: DeriveConfig = Field(default_factory=DeriveConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -164,31 +113,15 @@ class PipelineConfig(BaseModel):
     def resolved(self) -> "PipelineConfig":
         """A copy with the environment-dependent defaults filled in (store, tracking, experiment)."""
         return self.model_copy(update={
-            "storage": self.storage.model_copy(update={"uri": self.storage.uri or default_store_uri()}),
+            "storage": self.storage.model_copy(update={"uri": self.storage.uri or default_store_uri(LOCAL_STORE)}),
             "tracking": self.tracking.model_copy(update={
                 "uri": self.tracking.uri or default_tracking_uri(),
                 "experiment": self.tracking.experiment or self.name}),
         })
 
     def dump(self) -> dict[str, Any]:
-        """The YAML/JSON form (aliases as in YAML, e.g. ``search.lambda``; the search section flat)."""
-        out = self.model_dump(mode="json", by_alias=True)
-        out["search"] = flat_search(self.search)
-        return out
-
-    @property
-    def search_core(self) -> SearchConfig:
-        """densenas' ``SearchConfig`` inside the search section (lambda, tau, cost, schedule)."""
-        return getattr(self.search, "search", self.search)
-
-
-def flat_search(section: Any) -> dict[str, Any]:
-    """The search section as flat YAML keys: job fields and SearchConfig fields side by side."""
-    core = getattr(section, "search", None)
-    if isinstance(core, SearchConfig):
-        job = section.model_dump(mode="json", by_alias=True, exclude={"search"})
-        return {**job, **core.dump()}
-    return section.dump() if hasattr(section, "dump") else section.model_dump(mode="json", by_alias=True)
+        """The YAML/JSON form (aliases as in YAML, e.g. ``search.lambda``)."""
+        return self.model_dump(mode="json", by_alias=True)
 
 
 # --------------------------------------------------------------------------- unknown keys, with suggestions
@@ -225,23 +158,11 @@ def _known_keys(model: type[BaseModel]) -> dict[str, Any]:
     return keys
 
 
-def _flat_inner(model: type[BaseModel], data: Mapping) -> type[BaseModel] | None:
-    """A model composed around an inner ``search`` model that also accepts the inner keys flat
-    (``jobs.search.SearchJobConfig``): the inner model when ``data`` uses the flat form."""
-    field = model.model_fields.get("search")
-    if field is None or "search" in data or model is PipelineConfig:
-        return None
-    return _model_in(field.annotation)
-
-
 def check_keys(model: type[BaseModel], data: Any, path: str = "") -> None:
     """Raise ``ConfigError`` for the first unknown key, naming its path and the nearest valid key."""
     if not isinstance(data, Mapping):
         return
     known = _known_keys(model)
-    inner = _flat_inner(model, data)
-    if inner is not None:             # flat form (e.g. the search section): the inner model's keys too
-        known = {**_known_keys(inner), **{k: v for k, v in known.items() if k != "search"}}
     for key in data:
         where = f"{path}.{key}" if path else str(key)
         if key not in known:
@@ -256,8 +177,6 @@ def check_keys(model: type[BaseModel], data: Any, path: str = "") -> None:
 
 def _loc_path(model: type[BaseModel], loc: Sequence[Any]) -> str:
     parts = [str(p) for p in loc if not (isinstance(p, str) and "[" in p)]  # drop union tags
-    if parts[:2] == ["search", "search"]:      # the search section's inner SearchConfig is written flat
-        parts = parts[1:]
     return ".".join(p if not p.isdigit() else f"[{p}]" for p in parts).replace(".[", "[")
 
 
@@ -393,18 +312,6 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), check: bool = T
     return cfg
 
 
-def resolve_space(source: str | Mapping[str, Any]):
-    """``densenas.space.load_space`` with relative YAML paths taken from the repo root when they are
-    not found from the working directory (the job's working dir is the repo, tests run anywhere)."""
-    from densenas.space import load_space
-
-    if isinstance(source, str) and Path(source).suffix and not Path(source).exists():
-        cand = REPO_ROOT / source
-        if cand.exists():
-            source = str(cand)
-    return load_space(source)
-
-
 def preflight(cfg: PipelineConfig) -> None:
     """Checks that need more than types, done before any work starts: the space builds, the dataset
     root exists, the cost table exists, the space and the data agree."""
@@ -426,7 +333,7 @@ def preflight(cfg: PipelineConfig) -> None:
         raise ConfigError("data.image_size", f"{image_size} is smaller than the space's input_size "
                                              f"{space.input_size} ({space.name}); raise data.image_size or "
                                              "use a space built for this resolution")
-    cost = cfg.search_core.cost
+    cost = cfg.search.cost
     if cost not in COST_SOURCES and "://" not in cost and not Path(cost).exists():
         raise ConfigError("search.cost", f"{cost!r} is neither one of {COST_SOURCES} nor an existing "
                                          "latency-table JSON; use 'profile' for the profile stage's table")

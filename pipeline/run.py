@@ -8,7 +8,7 @@ Inside `ray job submit` (or with $RAY_ADDRESS) the Ray stages join that cluster
 (``ray.init(address="auto")``); with none, a local Ray is started, and only when a stage that uses
 Ray actually has to run. A bad config fails here, before any work, with the key path and the rule.
 Exit codes: 0 finished, 1 a stage failed, 2 bad config / arguments / a pre-work check failed (one line
-naming the key or file; ``--debug`` adds the traceback), 3 stages unavailable (not landed).
+naming the key or file; ``--debug`` adds the traceback), 3 stages unavailable (a stage without an implementation).
 """
 from __future__ import annotations
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 from jobs.context import NullTracker
 
-__all__ = ["open_store", "open_tracker", "tracking_spool_dir", "ensure_ray", "node_id"]
+__all__ = ["open_store", "open_tracker", "tracking_spool_dir", "ensure_ray"]
 
 
 def open_store(uri: str) -> Any:
@@ -91,15 +90,3 @@ def ensure_ray(ray_cfg: Any, log=print) -> None:
             log(f"ray: no cluster given ($RAY_ADDRESS unset); starting a local Ray"
                 + (f" with {ray_cfg.num_cpus} CPUs" if ray_cfg.num_cpus else ""))
             ray.init(num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus, **kwargs)
-
-
-def node_id() -> str:
-    """The Ray node id when Ray is up, else the host name."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.get_runtime_context().get_node_id()
-    except Exception:
-        pass
-    return socket.gethostname()

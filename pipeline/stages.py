@@ -2,13 +2,14 @@
 
 A stage is a declaration::
 
-    Stage(name="split", sections=("data",), fn=split_stage, code=("densenas/data.py", "jobs/split.py"))
+    Stage(name="split", sections=("data",), fn=_split, code=("imagedata", "jobs/split.py"))
 
-``fn(section_cfg, ctx) -> dict``: ``section_cfg`` is the stage's config section (a dict of them when
-it declares several), ``ctx`` a ``jobs.context.StageContext``. The returned dict becomes the stage's
-manifest body (optional keys with a meaning to the runner: ``metrics`` {name: number},
-``artifacts`` {key: {sha256, size}} -- computed by listing ``ctx.store`` when absent -- and
-``node_ids``).
+``fn(section_cfg, ctx) -> Output``: ``section_cfg`` is the stage's config section (a dict of them when
+it declares several), ``ctx`` a ``jobs.context.StageContext``. The real stages' ``fn`` (bottom of this
+module) build the stage's typed inputs from its upstream outputs (``ctx.input(stage, Output)``) and
+call ``jobs.<stage>.run(cfg, inputs, ctx)``. The returned ``Output`` (or a plain dict) becomes the
+stage's manifest body (keys with a meaning to the runner: ``metrics`` {name: number}, ``node_ids``,
+and ``artifacts`` {key: {sha256, size}}, computed by listing ``ctx.store`` when absent).
 
 Fingerprint of a stage = sha256 of its config sections (the space by its content hash), its
 upstream stages' fingerprints and its code version (sha256 of the source files it declares in
@@ -48,10 +49,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from pydantic import BaseModel
 
-from jobs.context import StageContext
+from jobs.context import RUNNER_KEYS, StageContext, resolve_space
 from pipeline.config import REPO_ROOT, PipelineConfig
 from pipeline.records import InvalidRunId, RunLease, RunRecord, default_run_id, run_exists, validate_run_id
-from pipeline.runtime import ensure_ray, node_id, open_store, open_tracker
+from jobs.train import node_id, numeric_metrics
+from pipeline.runtime import ensure_ray, open_store, open_tracker
 
 __all__ = [
     "Stage", "CacheSpec", "StageGraph", "StageFailed", "PipelineError", "ReplaceRefused", "run_pipeline", "plan",
@@ -65,8 +67,6 @@ REPLACING = "replacing.json"
 # Set by the entry point's SIGTERM / SIGINT handler: whatever a stage raises after it is an interruption.
 STOP_REQUESTED = threading.Event()
 CHECKPOINTS = "checkpoints"
-# Keys the runner writes into every manifest; a stage's result must not use them.
-RUNNER_KEYS = ("stage", "run_id", "fingerprint", "state", "code_version", "timings", "store_uri", "inputs")
 
 
 class PipelineError(RuntimeError):
@@ -84,7 +84,7 @@ class StageFailed(RuntimeError):
         super().__init__(f"stage {stage!r} failed: {type(error).__name__}: {error}")
 
 
-StageFn = Callable[[Any, StageContext], Mapping[str, Any] | None]
+StageFn = Callable[[Any, StageContext], BaseModel | Mapping[str, Any] | None]
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class Stage:
     uses_ray: bool | Callable[[Any], bool] = False  # start / join Ray before fn (callable: of its section)
     caches: Mapping[str, CacheSpec] = field(default_factory=dict)
     enabled: Callable[[PipelineConfig], bool] | None = None   # None: always part of a full run
-    unavailable: str | None = None                 # why fn is missing (module not landed yet)
+    unavailable: str | None = None                 # why fn is missing (reported, with what depends on it)
     description: str = ""
 
     def is_enabled(self, cfg: PipelineConfig) -> bool:
@@ -205,14 +205,8 @@ def code_version(paths: Sequence[str], root: Path = REPO_ROOT) -> str:
 def section_payload(cfg: PipelineConfig, section: str) -> Any:
     """What a section contributes to a fingerprint: its JSON form (the space: its content hash)."""
     if section == "space":
-        from pipeline.config import resolve_space
-
         return {"space_hash": resolve_space(cfg.space).space_hash()}
     value = cfg.section(section)
-    if section == "search":
-        from pipeline.config import flat_search
-
-        return flat_search(value)           # flat keys, so cache exclusions name them directly
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json", by_alias=True)
     return value
@@ -358,10 +352,6 @@ def _artifact_index(store: Any) -> dict[str, dict]:
     return out
 
 
-def _numeric(d: Mapping[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
 def run_pipeline(cfg: PipelineConfig, *, run_id: str | None = None, stages: Sequence[str] | None = None,
                  resume: bool = False, force: bool = False, graph: StageGraph | None = None, store: Any = None,
                  tracker: Any = None, printer: Callable[[str], None] = lambda m: print(m, flush=True),
@@ -480,7 +470,8 @@ def _run_one(st: Stage, fp: str, cache_fps: Mapping[str, str], cfg: PipelineConf
         if st.uses_ray(section) if callable(st.uses_ray) else st.uses_ray:
             ensure_ray(cfg.ray, log=ctx.progress)
         started, t0 = time.time(), time.monotonic()
-        result = dict(st.fn(section, ctx) or {})
+        out = st.fn(section, ctx)
+        result = out.model_dump(mode="json") if isinstance(out, BaseModel) else dict(out or {})
         duration = time.monotonic() - t0
         clash = [k for k in RUNNER_KEYS if k in result]
         if clash:
@@ -517,7 +508,7 @@ def _run_one(st: Stage, fp: str, cache_fps: Mapping[str, str], cfg: PipelineConf
         "metrics": metrics, "artifacts": artifacts, "node_ids": node_ids,
         "caches": {n: {"fingerprint": cache_fps[n], "uri": caches[n].uri_for("")} for n in caches},
     }
-    stage_tracker.log_metrics(_numeric(metrics))
+    stage_tracker.log_metrics(numeric_metrics(metrics))
     stage_store.publish_json(MANIFEST, manifest)   # LAST: its presence means the stage is complete
     if stage_store.exists(REPLACING):
         stage_store.delete(REPLACING)
@@ -526,126 +517,118 @@ def _run_one(st: Stage, fp: str, cache_fps: Mapping[str, str], cfg: PipelineConf
     if callable(end) and stage_tracker is not tracker:
         end("FINISHED")
     printer(f"[{st.name}] finished in {duration:.1f}s; {len(artifacts)} artifacts"
-            + (f"; metrics {json.dumps(_numeric(metrics))}" if metrics else ""))
+            + (f"; metrics {json.dumps(numeric_metrics(metrics))}" if metrics else ""))
     return manifest
 
 
 # --------------------------------------------------------------------------- the real stages
-# Registration points. Each stage module in jobs/ exposes its function; wire it here in a few lines.
-# A stage whose module has not landed is registered as unavailable (it and what depends on it are
-# reported, never silently skipped).
-WARMUP_IRRELEVANT = ("lambda", "lambda_", "tau", "arch", "cost", "macs_skip_fraction", "derive_budget",
-                     "max_failures")
+# Each stage's fn builds its typed inputs from the config and its upstream outputs, then calls
+# jobs.<stage>.run(cfg, inputs, ctx).
+WARMUP_IRRELEVANT = ("lambda", "tau", "arch", "cost", "macs_skip_fraction", "derive_budget", "max_failures")
 # Code versions: the source files each stage's result depends on (the modules it runs and what they
 # import from densenas/), so an edit elsewhere does not invalidate it. Search hashes all of densenas/.
 PROFILE_CODE = ("densenas/ops.py", "densenas/space.py", "densenas/latency.py", "jobs/profile.py")
 DERIVE_CODE = ("densenas/derive.py", "densenas/arch.py", "densenas/space.py", "densenas/latency.py",
                "densenas/counting.py", "densenas/ops.py", "densenas/supernet.py", "jobs/derive.py")
-RETRAIN_CODE = ("densenas/arch.py", "densenas/ops.py", "densenas/data.py", "densenas/counting.py",
+RETRAIN_CODE = ("densenas/arch.py", "densenas/ops.py", "imagedata", "densenas/counting.py",
                 "jobs/retrain.py", "jobs/data.py")
 # One warm-up cache for search and every sweep trial: same fields, same code, same fingerprint.
 WARMUP_CACHE = CacheSpec(("space", "search"), {"search": WARMUP_IRRELEVANT}, ("split",),
-                         code=("densenas", "jobs/search.py", "jobs/data.py"))
+                         code=("densenas", "imagedata", "jobs/search.py", "jobs/data.py"))
 
 
-def _split_stage(section: Any, ctx: StageContext) -> dict:
-    from jobs.split import run_split
-
-    return run_split(section, ctx.store, ctx)
-
-
-def _with_table_key(fn: StageFn | None) -> StageFn | None:
-    """The profile manifest names its table as a URI (``latency_table``); its consumers (search,
-    derive, retrain) read a key relative to the profile folder first (``table_key``). Add that key
-    so both forms are in the manifest and every consumer finds the same table."""
-    if fn is None:
-        return None
-
-    def profile_stage(section: Any, ctx: StageContext) -> dict:
-        out = dict(fn(section, ctx) or {})
-        uri = out.get("latency_table")
-        if isinstance(uri, str) and "table_key" not in out:
-            base = ctx.store.uri_for("")
-            key = uri[len(base):].lstrip("/") if uri.startswith(base) else uri
-            if "://" not in key and ctx.store.exists(key):
-                out["table_key"] = key
-        return out
-
-    return profile_stage
+def _num_classes(cfg: PipelineConfig) -> int | None:
+    classes = cfg.data.classes
+    return classes if isinstance(classes, int) else (len(classes) if classes else None)
 
 
-def _with_search_cost(fn: StageFn | None) -> StageFn | None:
-    """Derive scores the path with the cost model the search used (``search.cost``: 'profile' = the
-    profile stage's table). Pass it explicitly: the search section is written flat but held as
-    ``SearchJobConfig`` (``cfg.search_core.cost``), which ``run_derive`` does not look into."""
-    if fn is None:
-        return None
+def _cost_model(search: Any, space: Any, ctx: StageContext) -> Any:
+    """The search's cost model (``search.cost``; 'profile': the profile stage's table)."""
+    from jobs.profile import ProfileOutput, resolve_cost_model
 
-    def derive_stage(sections: Any, ctx: StageContext) -> dict:
-        core = ctx.config.search_core
-        if core.cost == "macs":
-            from densenas.latency import MacsCostModel
-            from pipeline.config import resolve_space
-
-            space = resolve_space(ctx.config.space)
-            return fn(sections, ctx, cost_model=MacsCostModel(space, skip_fraction=core.macs_skip_fraction))
-        return fn(sections, ctx, cost_model=core.cost)
-
-    return derive_stage
+    table = None
+    if search.cost == "profile":
+        table = ctx.input("profile", ProfileOutput).table(ctx.input_store("profile"))
+    return resolve_cost_model(search.cost, space, table, skip_fraction=search.macs_skip_fraction)
 
 
-def _import_stage(module: str, attr: str) -> tuple[StageFn | None, str | None]:
-    import importlib
+def _split(section: Any, ctx: StageContext) -> BaseModel:
+    from jobs import split
 
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except ImportError as e:
-        if getattr(e, "name", None) == module:
-            return None, f"{module.replace('.', '/')}.py has not landed yet"
-        raise
-    except AttributeError:
-        return None, f"{module} has no {attr}() yet"
-    return fn, None
+    return split.run(section, None, ctx)
+
+
+def _profile(sections: Mapping[str, Any], ctx: StageContext) -> BaseModel:
+    from jobs import profile
+
+    return profile.run(sections["profile"],
+                       profile.ProfileInputs(resolve_space(sections["space"]), _num_classes(ctx.config)), ctx)
+
+
+def _search(sections: Mapping[str, Any], ctx: StageContext) -> BaseModel:
+    from jobs import search
+    from jobs.split import SplitOutput
+
+    cfg, space = sections["search"], resolve_space(sections["space"])
+    return search.run(cfg, search.SearchInputs(space, ctx.input("split", SplitOutput), ctx.input_store("split"),
+                                               _cost_model(cfg, space, ctx), ctx.caches.get("warmup")), ctx)
+
+
+def _derive(sections: Mapping[str, Any], ctx: StageContext) -> BaseModel:
+    from jobs import derive
+    from jobs.search import SearchOutput
+
+    space = resolve_space(sections["space"])
+    searched = ctx.input("search", SearchOutput)
+    arch_params = ctx.input_store("search").get_bytes(searched.arch_params_key)
+    num_classes = searched.derived.get("num_classes") or _num_classes(ctx.config)
+    return derive.run(sections["derive"], derive.DeriveInputs(space, arch_params, _cost_model(ctx.config.search,
+                                                                                              space, ctx),
+                                                              num_classes), ctx)
+
+
+def _retrain(section: Any, ctx: StageContext) -> BaseModel:
+    from jobs import retrain
+    from jobs.derive import DeriveOutput
+    from jobs.profile import ProfileOutput
+    from jobs.split import SplitOutput
+
+    table = ctx.input("profile", ProfileOutput).table(ctx.input_store("profile"))
+    return retrain.run(section, retrain.RetrainInputs(ctx.input("derive", DeriveOutput).arch,
+                                                      ctx.input("split", SplitOutput), ctx.input_store("split"),
+                                                      table), ctx)
+
+
+def _sweep(sections: Mapping[str, Any], ctx: StageContext) -> BaseModel:
+    from jobs import sweep
+    from jobs.split import SplitOutput
+
+    space, tracking = resolve_space(sections["space"]), ctx.config.tracking
+    inputs = sweep.SweepInputs(space, ctx.input("split", SplitOutput), ctx.input_store("split"), sections["search"],
+                               _cost_model(sections["search"], space, ctx), ctx.caches.get("warmup"),
+                               tracking.uri if tracking.enabled else None,
+                               tracking.experiment if tracking.enabled else None)
+    return sweep.run(sections["sweep"], inputs, ctx)
 
 
 def builtin_graph() -> StageGraph:
     """split -> profile -> search -> derive -> retrain, and sweep (off unless sweep.enabled)."""
     g = StageGraph()
-    g.register(Stage("split", _split_stage, ("data",), code=("densenas/data.py", "jobs/split.py"),
+    g.register(Stage("split", _split, ("data",), code=("imagedata", "jobs/split.py"),
                      uses_ray=lambda data: data.executor == "ray", description="class subset, per-class split, Parquet shards"))
-
-    # jobs.profile.run_profile({"space", "profile"}, ctx): latency_table.json + accuracy report.
-    fn, why = _import_stage("jobs.profile", "run_profile")
-    g.register(Stage("profile", _with_table_key(fn), ("space", "profile"), code=PROFILE_CODE,
-                     uses_ray=True, unavailable=why, description="latency table of every op signature"))
-
-    # jobs.search.run_search({"space", "search"}, ctx): Ray Train search. The weights-only warm-up
-    # lives in ctx.caches["warmup"] (keyed without lambda/tau), complete when its _complete.json exists.
-    fn, why = _import_stage("jobs.search", "run_search")
-    g.register(Stage("search", fn, ("space", "search"), upstream=("split", "profile"),
-                     code=("densenas", "jobs/search.py", "jobs/data.py"), uses_ray=True, unavailable=why,
-                     caches={"warmup": WARMUP_CACHE},
-                     description="super-network search (Ray Train)"))
-
-    # jobs.derive.run_derive({"space", "derive"}, ctx) -> {"arch", "one_line", "official",
-    # "predicted_latency", "latency_units", "params", "macs", ...} (read by `pipeline inspect`).
-    fn, why = _import_stage("jobs.derive", "run_derive")
-    g.register(Stage("derive", _with_search_cost(fn), ("space", "derive"), upstream=("search", "profile"),
-                     code=DERIVE_CODE, unavailable=why,
+    g.register(Stage("profile", _profile, ("space", "profile"), code=PROFILE_CODE, uses_ray=True,
+                     description="latency table of every op signature"))
+    # The weights-only warm-up lives in ctx.caches["warmup"] (keyed without lambda / tau).
+    g.register(Stage("search", _search, ("space", "search"), upstream=("split", "profile"),
+                     code=("densenas", "imagedata", "jobs/search.py", "jobs/data.py"), uses_ray=True,
+                     caches={"warmup": WARMUP_CACHE}, description="super-network search (Ray Train)"))
+    g.register(Stage("derive", _derive, ("space", "derive"), upstream=("search", "profile"), code=DERIVE_CODE,
                      description="Viterbi path + argmax ops -> architecture"))
-
-    # jobs.retrain.run_retrain(section, ctx) -> {"metrics": {"test_top1", ...}, "measured_latency_ms", ...}.
-    fn, why = _import_stage("jobs.retrain", "run_retrain")
-    g.register(Stage("retrain", fn, ("retrain",), upstream=("split", "derive", "profile"),
-                     code=RETRAIN_CODE, uses_ray=True, unavailable=why,
+    g.register(Stage("retrain", _retrain, ("retrain",), upstream=("split", "derive", "profile"),
+                     code=RETRAIN_CODE, uses_ray=True,
                      description="train the derived net from scratch, test, measure latency"))
-
-    # jobs.sweep.run_sweep({"space", "search", "sweep"}, ctx) -> {"trials": [{lambda, tau,
-    # predicted_latency, measured_latency_ms, accuracy, pareto}], "pareto": [...], "metrics"}.
-    fn, why = _import_stage("jobs.sweep", "run_sweep")
-    g.register(Stage("sweep", fn, ("space", "search", "sweep"), upstream=("split", "profile"),
-                     code=("densenas", "jobs/sweep.py", "jobs/search.py"), uses_ray=True, unavailable=why,
-                     caches={"warmup": WARMUP_CACHE},
-                     enabled=lambda cfg: bool(getattr(cfg.sweep, "enabled", False)),
+    g.register(Stage("sweep", _sweep, ("space", "search", "sweep"), upstream=("split", "profile"),
+                     code=("densenas", "imagedata", "jobs/sweep.py", "jobs/search.py"), uses_ray=True,
+                     caches={"warmup": WARMUP_CACHE}, enabled=lambda cfg: bool(cfg.sweep.enabled),
                      description="Ray Tune over lambda / tau sharing one warm-up"))
     return g

@@ -1,4 +1,4 @@
-"""densenas.data: embedded sources, the per-class split, folder scanning, shards, transforms."""
+"""imagedata: embedded sources, the per-class split, folder scanning, shards, transforms."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from densenas import data as D
+import imagedata as D
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,10 @@ def _err(doc=None, overrides=(), check=True):
 
 def test_shipped_configs_validate():
     tiny = load_config("configs/tiny.yaml")
-    assert tiny.name == "tiny" and tiny.search_core.lambda_ == 0.15 and tiny.search.workers == 2 and tiny.data.max_per_class == 200
+    assert tiny.name == "tiny" and tiny.search.lambda_ == 0.15 and tiny.search.workers == 2 and tiny.data.max_per_class == 200
     assert type(tiny.data).__module__ == "jobs.split"          # the owning layer's model, not a copy
     big = load_config("configs/imagenet_mbconv.yaml", check=False)
-    assert big.search_core.epochs == 250 and big.search_core.warmup_epochs == 150 and big.data.classes == 100
+    assert big.search.epochs == 250 and big.search.warmup_epochs == 150 and big.data.classes == 100
 
 
 def test_unknown_key_names_path_and_nearest_key():
@@ -45,8 +45,8 @@ def test_bad_values_name_field_and_rule():
 def test_set_overrides_parse_yaml_values():
     cfg = parse_config(BASE, ["search.lambda=0.3", "data.classes=[coat, bag]", "search.arch.betas=[0.1, 0.2]",
                               "ray.num_cpus=2", "sweep.enabled=true"])
-    assert cfg.search_core.lambda_ == 0.3 and cfg.data.classes == ["coat", "bag"]
-    assert cfg.search_core.arch.betas == (0.1, 0.2) and cfg.ray.num_cpus == 2 and cfg.sweep.enabled is True
+    assert cfg.search.lambda_ == 0.3 and cfg.data.classes == ["coat", "bag"]
+    assert cfg.search.arch.betas == (0.1, 0.2) and cfg.ray.num_cpus == 2 and cfg.sweep.enabled is True
     assert apply_overrides({"a": {"b": 1}}, ["a.c=x y"]) == {"a": {"b": 1, "c": "x y"}}
     assert "expects key=value" in _err(BASE, ["search.lambda"])
     assert _err(BASE, ["name.x=1"]).startswith("name: is a str, not a section")

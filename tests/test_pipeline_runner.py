@@ -37,7 +37,7 @@ class Calls:
         def b(sections, ctx):
             self.calls.append("b")
             self.seen["b"] = {"resume": ctx.resume, "inputs": dict(ctx.inputs), "ckpt": ctx.checkpoint_store.list(""),
-                              "lambda": ctx.config.search_core.lambda_, "warmup": ctx.cache_fingerprints["warmup"]}
+                              "lambda": ctx.config.search.lambda_, "warmup": ctx.cache_fingerprints["warmup"]}
             ctx.checkpoint_store.put_json("state.json", {"epoch": 1})
             if "b" in self.fail:
                 raise RuntimeError("boom in b")

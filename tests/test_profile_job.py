@@ -10,7 +10,8 @@ from densenas.latency import predict_latency
 from densenas.latency_model import LatencyModel, table_protocol
 from densenas.latency_report import sample_random_nets
 from jobs.profile import (MEASUREMENTS_KEY, REPORT_KEY, SCATTER_KEY, TABLE_KEY, ProfileConfig, ProfileError,
-                          Profiler, run_profile, scaled_space)
+                          ProfileInputs, Profiler, scaled_space)
+from jobs.profile import run as profile_run
 
 pytestmark = pytest.mark.ray
 
@@ -96,8 +97,8 @@ def test_second_run_measures_nothing_new(first_run, micro):
     """Resumable: the pipeline's call shape on the same store reuses every measurement."""
     _, first, store = first_run
     ctx = StageContext(run_id="r", stage="profile", store=store, run_store=store, printer=lambda m: None)
-    again = run_profile({"space": "micro_mbconv",
-                         "profile": ProfileConfig(**TINY, calibration_paths=4, report_paths=5, report_rounds=2)}, ctx)
+    again = profile_run(ProfileConfig(**TINY, calibration_paths=4, report_paths=5, report_rounds=2),
+                        ProfileInputs("micro_mbconv"), ctx).model_dump()
     assert again["measured_signatures"] == 0 and again["reused_signatures"] == first["entries"]
     # every net of the first run (4 calibration + 5 held-out) is reused, none measured again
     assert again["measured_nets"] == 0 and again["reused_nets"] == 4 + 5 == first["measured_nets"]
@@ -123,7 +124,7 @@ def test_killed_actor_work_requeued_and_table_complete(ray_local, micro, tmp_pat
             ray_local.kill(busy[0].handle, no_restart=True)
 
     cfg = ProfileConfig(**{**TINY, "repeats": 5}, calibration_paths=0, report_paths=0, max_actor_restarts=1)
-    result = run_profile(cfg, micro, store, callbacks=[kill_a_busy_actor])
+    result = Profiler(cfg, micro, store, callbacks=[kill_a_busy_actor]).run()
     assert killed and result["actor_deaths"] >= 1
     assert result["requeued_batches"] >= 1 and result["replacement_actors"] == 1
     table = LatencyTable.from_json(store.get_bytes(TABLE_KEY).decode())
@@ -135,9 +136,10 @@ def test_killed_actor_work_requeued_and_table_complete(ray_local, micro, tmp_pat
 def test_refusals(ray_local, micro, tmp_path):
     store = open_store(tmp_path)
     with pytest.raises(ProfileError, match="GPU"):
-        run_profile(ProfileConfig(device="cuda", report_paths=0), micro, store)
+        profile_run(ProfileConfig(device="cuda", report_paths=0), ProfileInputs(micro), StageContext.standalone(store))
     with pytest.raises(ProfileError, match="CPU"):
-        run_profile(ProfileConfig(threads_per_actor=64, report_paths=0), micro, store)
+        profile_run(ProfileConfig(threads_per_actor=64, report_paths=0), ProfileInputs(micro),
+                    StageContext.standalone(store))
     # The search's side: a table of another space, or of another device, is refused.
     table = LatencyTable({s: {"mean": 1, "median": 1, "std": 0, "p10": 1, "p90": 1, "count": 1}
                           for s in space_signatures(micro, 1, 10)}, micro.space_hash(),

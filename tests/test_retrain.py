@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from densenas import data as D
+import imagedata as D
 from densenas.arch import build_model
 from densenas.derive import derive
 from densenas.retrain import (TrainRecipe, build_optimizer, build_scheduler, check_exports, evaluate, export_onnx,
@@ -93,8 +93,9 @@ def test_retrain_stage_on_ray_train_one_and_two_ddp_workers(tmp_path):
     of the 1-worker run."""
     ray = pytest.importorskip("ray")
     from cluster.storage import open_store
-    from jobs.retrain import RetrainConfig, run_retrain
-    from jobs.split import SplitConfig, run_split
+    from jobs.retrain import RetrainConfig
+    from jobs.split import SplitConfig
+    from tests.standalone import run_retrain, run_split
 
     split_store = open_store(str(tmp_path / "split"))
     manifest = run_split(SplitConfig(classes=CLASSES, max_per_class=100, test_max_per_class=50, val_fraction=0.2,
@@ -107,7 +108,7 @@ def test_retrain_stage_on_ray_train_one_and_two_ddp_workers(tmp_path):
             cfg = RetrainConfig(epochs=3, batch_size=32, lr=0.1, workers=workers, cpus_per_worker=1,
                                 latency_repeats=5, latency_warmup=2, export=workers == 2,
                                 measure_latency=workers == 2)
-            outs[workers] = run_retrain(cfg, _arch().to_json(), manifest, store, split_store=split_store)
+            outs[workers] = run_retrain(cfg, _arch().to_json(), manifest, split_store, store)
     finally:
         ray.shutdown()
     one, two = outs[1]["metrics"], outs[2]["metrics"]
@@ -158,8 +159,9 @@ def test_search_on_nccl_gpu_worker(tmp_path):
         pytest.skip("no CUDA device")
     ray = pytest.importorskip("ray")
     from cluster.storage import open_store
-    from jobs.search import SearchJobConfig, run_search
-    from jobs.split import SplitConfig, run_split
+    from jobs.search import SearchJobConfig
+    from jobs.split import SplitConfig
+    from tests.standalone import run_search, run_split
 
     split_store = open_store(str(tmp_path / "split"))
     manifest = run_split(SplitConfig(classes=CLASSES, max_per_class=60, test_max_per_class=10, executor="local"),
@@ -170,7 +172,7 @@ def test_search_on_nccl_gpu_worker(tmp_path):
         job = SearchJobConfig.model_validate({"workers": workers, "cpus_per_worker": 1, "use_gpu": True,
                                               "max_failures": 0, "epochs": 2, "warmup_epochs": 1, "batch_size": 16})
         store = open_store(str(tmp_path / "search"))
-        out = run_search(job, "micro_mbconv", manifest, None, store, split_store=split_store)
+        out = run_search(job, "micro_mbconv", manifest, split_store, store)
     finally:
         ray.shutdown()
     assert out["epochs"] == 2 and len({w["arch_sha256"] for w in out["workers"]}) == 1

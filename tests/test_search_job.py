@@ -14,8 +14,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 ray = pytest.importorskip("ray")
 
 from cluster.storage import open_store  # noqa: E402
-from jobs.search import SearchJobConfig, latest_checkpoint, run_search  # noqa: E402
-from jobs.split import SplitConfig, run_split  # noqa: E402
+from jobs.search import SearchJobConfig  # noqa: E402
+from jobs.train import latest_checkpoint  # noqa: E402
+from jobs.split import SplitConfig  # noqa: E402
+from tests.standalone import run_search, run_split  # noqa: E402
 
 JOB = dict(workers=2, cpus_per_worker=0.5, max_failures=1, data_cpus=1,
            epochs=3, warmup_epochs=1, batch_size=16, seed=3,
@@ -44,7 +46,7 @@ def _records(store):
 
 def test_config_composes_search_config_and_forbids_unknown_keys():
     job = SearchJobConfig.model_validate({"workers": 2, "lambda": 0.3, "epochs": 5, "warmup_epochs": 2})
-    assert job.workers == 2 and job.search.lambda_ == 0.3 and job.search.epochs == 5
+    assert job.workers == 2 and job.lambda_ == 0.3 and job.epochs == 5
     with pytest.raises(ValueError, match="lamda"):
         SearchJobConfig.model_validate({"lamda": 0.3})
 
@@ -56,9 +58,8 @@ def test_search_ranks_agree_killed_worker_resumes_and_new_run_continues(cluster,
     marker = tmp_path / "killed-once"
     # A killed rank may take the other down with it (gloo "connection reset", a failed health check):
     # under load that is a second group failure, so the drill allows a few; the guarantee is the resume.
-    out = run_search(SearchJobConfig.model_validate({**JOB, "max_failures": 3}), "micro_mbconv", manifest, None, store,
-                     split_store=split_store, warmup_store=warm,
-                     inject_failure={"rank": 1, "epoch": 2, "step": 2, "marker": str(marker)})
+    out = run_search(SearchJobConfig.model_validate({**JOB, "max_failures": 3}), "micro_mbconv", manifest, split_store,
+                     store, warmup_store=warm, drill={"rank": 1, "epoch": 2, "step": 2, "marker": str(marker)})
     assert marker.exists(), "the failure drill did not fire"
     # Completed with the right epoch count, one record per epoch despite the restart.
     assert out["epochs"] == 3 and [r["epoch"] for r in _records(store)] == [1, 2, 3]
@@ -80,7 +81,7 @@ def test_search_ranks_agree_killed_worker_resumes_and_new_run_continues(cluster,
     # The whole job "died" after epoch 3: a new run with more epochs continues from the pointer.
     first_dir = latest_checkpoint(store.child("checkpoints"))["dir"]
     more = SearchJobConfig.model_validate({**JOB, "epochs": 4})
-    out2 = run_search(more, "micro_mbconv", manifest, None, store, split_store=split_store, warmup_store=warm)
+    out2 = run_search(more, "micro_mbconv", manifest, split_store, store, warmup_store=warm)
     assert out2["epochs"] == 4 and [r["epoch"] for r in _records(store)] == [1, 2, 3, 4]
     r0 = store.get_json("workers/rank-0.json")
     assert [d["epoch"] for d in r0["digests"]] == [4], "the resumed run re-ran finished epochs"

@@ -13,8 +13,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1200)]
 ray = pytest.importorskip("ray")
 
 from cluster.storage import open_store  # noqa: E402
-from jobs.search import SearchJobConfig, run_search  # noqa: E402
-from jobs.split import SplitConfig, run_split  # noqa: E402
+from jobs.search import SearchJobConfig  # noqa: E402
+from jobs.split import SplitConfig  # noqa: E402
+from tests.standalone import run_search, run_split  # noqa: E402
 
 
 JOB = dict(workers=2, cpus_per_worker=0.5, max_failures=1, data_cpus=0, data_loading="memory",
@@ -40,8 +41,7 @@ def split(tmp_path_factory):
 def _search(split, root, **kw):
     manifest, split_store = split
     store = open_store(str(root))
-    out = run_search(SearchJobConfig.model_validate(JOB), "micro_mbconv", manifest, None, store,
-                     split_store=split_store, **kw)
+    out = run_search(SearchJobConfig.model_validate(JOB), "micro_mbconv", manifest, split_store, store, **kw)
     return out, store.get_json("arch_params.json")
 
 
@@ -62,6 +62,6 @@ def test_search_stage_is_reproducible_fresh_and_after_a_mid_search_restart(clust
     _assert_same(first, _search(split, tmp_path / "b"))
     marker = tmp_path / "killed-once"
     resumed = _search(split, tmp_path / "c",
-                      inject_failure={"rank": 1, "epoch": 2, "step": 1, "marker": str(marker)})
+                      drill={"rank": 1, "epoch": 2, "step": 1, "marker": str(marker)})
     assert marker.exists(), "the failure drill did not fire"
     _assert_same(first, resumed)

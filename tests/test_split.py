@@ -9,8 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from densenas.data import DataError, ParquetShardDataset, eval_transform
-from jobs.split import MANIFEST_KEY, SplitConfig, run_split, verify_shards
+from imagedata import DataError, ParquetShardDataset, eval_transform
+from jobs.context import StageContext
+from jobs.split import MANIFEST_KEY, SplitConfig, verify_shards
+from jobs.split import run as split_run
+
+
+def _split(cfg, store) -> dict:
+    """The split stage run alone into ``store``; its manifest."""
+    return split_run(cfg, None, StageContext.standalone(store, "split")).model_dump()
 
 # cluster/storage.py is written by another engineer; skip (not fail) until it is in the tree.
 open_store = pytest.importorskip("cluster.storage", reason="cluster/storage.py not there yet").open_store
@@ -42,7 +49,7 @@ def make_tree(root: Path, classes=("cat", "dog", "emu"), per_class=12, val_per_c
 
 def test_embedded_split_counts_round_trip_and_reproducibility(tmp_path):
     store = _store(tmp_path, "a")
-    m = run_split(SplitConfig(seed=5, **SMALL), store)
+    m = _split(SplitConfig(seed=5, **SMALL), store)
     assert m["num_classes"] == 3 and m["classes"] == sorted(m["classes"]) and m["channels"] == 1
     assert m["counts"] == {"train": 3 * 32, "val": 3 * 8, "test": 3 * 10}
     for split in ("train", "val", "test"):
@@ -55,9 +62,9 @@ def test_embedded_split_counts_round_trip_and_reproducibility(tmp_path):
     image, label = _rows(m, store, "train")[0]
     assert image.shape == (1, 28, 28) and image.dtype == torch.uint8
     # Same config, another store: byte-identical shards. Another seed: another split.
-    again = run_split(SplitConfig(seed=5, **SMALL), _store(tmp_path, "b"))
+    again = _split(SplitConfig(seed=5, **SMALL), _store(tmp_path, "b"))
     assert [s["sha256"] for s in again["shards"]["train"]] == [s["sha256"] for s in m["shards"]["train"]]
-    other = run_split(SplitConfig(seed=6, **SMALL), _store(tmp_path, "c"))
+    other = _split(SplitConfig(seed=6, **SMALL), _store(tmp_path, "c"))
     assert other["classes"] != m["classes"] or (
         [s["sha256"] for s in other["shards"]["train"]] != [s["sha256"] for s in m["shards"]["train"]])
 
@@ -65,8 +72,8 @@ def test_embedded_split_counts_round_trip_and_reproducibility(tmp_path):
 def test_folder_split_skips_corrupt_files_and_uses_val_as_test(tmp_path):
     root = make_tree(tmp_path / "tree", per_class=12, val_per_class=4, corrupt=["train/dog/dog03.png"])
     store = _store(tmp_path, "out")
-    m = run_split(SplitConfig(source="folder", root=str(root), classes=["emu", "dog"], val_fraction=0.25,
-                              shard_size=5, executor="local"), store)
+    m = _split(SplitConfig(source="folder", root=str(root), classes=["emu", "dog"], val_fraction=0.25,
+                           shard_size=5, executor="local"), store)
     assert m["classes"] == ["dog", "emu"] and m["channels"] == 3
     assert m["num_skipped"] == 1 and m["skipped"][0]["source_id"] == "train/dog/dog03.png"
     assert "not a jpeg" not in m["skipped"][0]["reason"] and "dog03" in m["skipped"][0]["reason"]
@@ -94,8 +101,8 @@ def test_folder_class_choice_and_held_out_fraction(tmp_path):
     root = make_tree(tmp_path / "tree", classes=("c3", "c1", "c2", "c0"), per_class=10)
     cfg = dict(source="folder", root=str(root), classes=2, seed=1, test_fraction=0.2, shard_size=100,
                executor="local")
-    a = run_split(SplitConfig(**cfg), _store(tmp_path, "a"))
-    b = run_split(SplitConfig(**cfg), _store(tmp_path, "b"))
+    a = _split(SplitConfig(**cfg), _store(tmp_path, "a"))
+    b = _split(SplitConfig(**cfg), _store(tmp_path, "b"))
     assert a["classes"] == b["classes"] and len(a["classes"]) == 2
     assert a["counts"] == {"train": 2 * 6, "val": 2 * 2, "test": 2 * 2}
     assert sorted(_source_ids(a, _store(tmp_path, "a"), "test")) == sorted(_source_ids(b, _store(tmp_path, "b"), "test"))
@@ -103,10 +110,10 @@ def test_folder_class_choice_and_held_out_fraction(tmp_path):
 
 
 def test_shards_source_resplits_existing_shards(tmp_path):
-    first = run_split(SplitConfig(seed=5, **SMALL), _store(tmp_path, "a"))
+    first = _split(SplitConfig(seed=5, **SMALL), _store(tmp_path, "a"))
     src_uri = str(tmp_path / "a")
-    m = run_split(SplitConfig(source="shards", shards_uri=src_uri, classes=2, val_fraction=0.5, seed=2,
-                              shard_size=100, executor="local"), _store(tmp_path, "b"))
+    m = _split(SplitConfig(source="shards", shards_uri=src_uri, classes=2, val_fraction=0.5, seed=2,
+                           shard_size=100, executor="local"), _store(tmp_path, "b"))
     assert set(m["classes"]) <= set(first["classes"]) and len(m["classes"]) == 2
     assert m["counts"]["train"] + m["counts"]["val"] == 2 * 40 and m["counts"]["test"] == 2 * 10
     assert m["dataset"] == first["dataset"] and m["channels"] == 1
@@ -129,7 +136,7 @@ def test_named_errors(tmp_path, setup, cfg, match):
     if cfg["root"] == "missing":
         cfg["root"] = str(tmp_path / "missing")
     with pytest.raises(DataError, match=match):
-        run_split(SplitConfig(**cfg), _store(tmp_path, "out"))
+        _split(SplitConfig(**cfg), _store(tmp_path, "out"))
 
 
 def test_no_manifest_when_a_class_loses_all_its_train_images(tmp_path):
@@ -138,8 +145,8 @@ def test_no_manifest_when_a_class_loses_all_its_train_images(tmp_path):
         (root / "train" / "bad" / f"bad{i:02d}.png").write_bytes(b"corrupt")
     store = _store(tmp_path, "out")
     with pytest.raises(DataError, match=r"classes \['bad'\] have no train images"):
-        run_split(SplitConfig(source="folder", root=str(root), val_fraction=0.34, test_fraction=0.0,
-                              executor="local"), store)
+        _split(SplitConfig(source="folder", root=str(root), val_fraction=0.34, test_fraction=0.0,
+                           executor="local"), store)
     assert not store.exists(MANIFEST_KEY)
 
 
@@ -172,8 +179,8 @@ def test_ray_tasks_encode_and_ray_data_reads(tmp_path, ray_session):
 
     root = make_tree(tmp_path / "tree", per_class=10, corrupt=["train/cat/cat01.png"])
     store = _store(tmp_path, "out")
-    m = run_split(SplitConfig(source="folder", root=str(root), classes=3, test_fraction=0.2, shard_size=6,
-                              executor="ray"), store)
+    m = _split(SplitConfig(source="folder", root=str(root), classes=3, test_fraction=0.2, shard_size=6,
+                           executor="ray"), store)
     assert m["num_skipped"] == 1 and verify_shards(m, store) == []
     assert sum(m["counts"].values()) == 29
     ds = shard_dataset(m, "train", store, train=True, input_size=16, channels=1)
@@ -219,7 +226,7 @@ def test_shards_round_trip_through_s3(request):
     if isinstance(store, str):
         store = open_store(store)
     store = store.child("test_split_s3")
-    m = run_split(SplitConfig(seed=5, **SMALL), store)
+    m = _split(SplitConfig(seed=5, **SMALL), store)
     assert verify_shards(m, store) == []
     assert store.get_json(MANIFEST_KEY)["counts"] == m["counts"]
     assert len(_rows(m, store, "val")) == m["counts"]["val"]

@@ -35,8 +35,9 @@ def test_config_and_points():
 def test_three_trial_sweep_interrupted_then_resumed(tmp_path):
     from cluster.storage import open_store
     from densenas.search import SearchConfig
-    from jobs.split import SplitConfig, run_split
-    from jobs.sweep import SweepError, run_sweep
+    from jobs.split import SplitConfig
+    from jobs.sweep import SweepError
+    from tests.standalone import run_split, run_sweep
 
     split_store = open_store(str(tmp_path / "split"))
     manifest = run_split(SplitConfig(classes=4, max_per_class=40, test_max_per_class=10, val_fraction=0.25,
@@ -50,18 +51,18 @@ def test_three_trial_sweep_interrupted_then_resumed(tmp_path):
                       fail_trial={"index": 1, "marker": str(marker)})
     store, work = open_store(str(tmp_path / "sweep")), open_store(str(tmp_path / "work"))
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    kwargs = dict(split_store=split_store, work_store=work, tracking_uri=tracking, experiment="sweep-test")
+    kwargs = dict(work_store=work, tracking_uri=tracking, experiment="sweep-test")
     keys = [p["key"] for p in sweep_points(cfg)]
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
     try:
         with pytest.raises(SweepError, match="(?s)did not finish.*failure drill.*--resume"):
-            run_sweep(cfg, "micro_mbconv", search, manifest, store, **kwargs)
+            run_sweep(cfg, "micro_mbconv", search, manifest, split_store, store, **kwargs)
         assert marker.exists(), "the failure drill did not fire"
         done = [k for k in keys if work.exists(f"trials/{k}/result.json")]
         assert done == [keys[0], keys[2]]
 
-        out = run_sweep(cfg, "micro_mbconv", search, manifest, store, resume=True, **kwargs)
+        out = run_sweep(cfg, "micro_mbconv", search, manifest, split_store, store, resume=True, **kwargs)
     finally:
         ray.shutdown()
 

@@ -6,16 +6,23 @@ import pytest
 import torch
 
 from cluster.storage import open_store
-from densenas import data as D
+import imagedata as D
 from jobs import data as J
-from jobs.split import SplitConfig, run_split
+from jobs.context import StageContext
+from jobs.split import SplitConfig
+from jobs.split import run as split_run
+
+
+def _split(cfg, store) -> dict:
+    """The split stage run alone into ``store``; its manifest."""
+    return split_run(cfg, None, StageContext.standalone(store, "split")).model_dump()
 
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     store = open_store(str(tmp_path_factory.mktemp("split")))
-    manifest = run_split(SplitConfig(classes=4, max_per_class=40, test_max_per_class=10, val_fraction=0.25,
-                                     shard_size=50, seed=1, executor="local"), store)
+    manifest = _split(SplitConfig(classes=4, max_per_class=40, test_max_per_class=10, val_fraction=0.25,
+                                  shard_size=50, seed=1, executor="local"), store)
     return manifest, store
 
 

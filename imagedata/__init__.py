@@ -1,8 +1,9 @@
-"""Data for DenseNAS: dataset sources, the reproducible class-subset split, Parquet shards, transforms.
+"""Image datasets beside the method: dataset sources, the reproducible class-subset split, PNG /
+Parquet shards, transforms.
 
 Pure PyTorch + numpy + pyarrow + Pillow (no Ray, no storage client): the split stage
-(``jobs/split.py``) and the Ray Data readers (``jobs/data.py``) build on these pieces, and the
-single-process search CLI and the tests use them directly.
+(``jobs/split.py``) and the workers' readers (``jobs/data.py``) build on these pieces, and the
+single-process search CLI (``python -m densenas.search``) and the tests use them directly.
 
 Sources
     * ``load_embedded("fashion_mnist")``: full Fashion-MNIST (60k + 10k, 28x28 grey) read from the

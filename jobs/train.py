@@ -1,0 +1,210 @@
+"""The Ray Train toolkit of the training stages (search, retrain, the sweep's trials).
+
+    driver:   cfg.request() -> check_resources -> torch_trainer(worker_fn, loop_config, ...) -> .fit()
+    worker:   threads_for_cpus, broadcast_module (identical start), capped_batches (equal step counts),
+              allreduce_mean / allreduce_sum (gradients, statistics, counts), numeric_metrics,
+              report_checkpoint + publish_latest (rank 0, every epoch), load_checkpoint_file (resume)
+
+A stage's checkpoint store holds Ray Train's checkpoints (``storage_path``) and ``latest.json``, a
+pointer {run, dir, epoch} to the newest one: a restarted worker group resumes from
+``ray.train.get_checkpoint()``, a new Train run after the whole job died from that pointer. The
+workers' data (``jobs.data``) and rank 0's MLflow curves (``jobs.epochs.EpochCurves``) are the two
+other pieces every worker loop uses.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobs.resources import WorkerResources
+
+__all__ = ["TrainJobResources", "torch_trainer", "threads_for_cpus", "allreduce_mean", "allreduce_sum",
+           "broadcast_module", "capped_batches", "steps_per_worker", "latest_checkpoint", "publish_latest",
+           "report_checkpoint", "load_checkpoint_file", "numeric_metrics", "node_id", "tensors_digest",
+           "LATEST", "META_FILE"]
+
+LATEST = "latest.json"
+META_FILE = "meta.json"
+
+
+class TrainJobResources(BaseModel):
+    """How a Ray Train stage runs: workers and what each asks of the cluster."""
+
+    model_config = ConfigDict(extra="forbid")
+    workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs per worker (fractions allowed)")
+    use_gpu: bool = Field(False, description="one GPU per worker, NCCL; otherwise gloo on CPU")
+    max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint (-1: forever)")
+    data_loading: Literal["memory", "ray_data"] = Field(
+        "memory", description="memory: each worker reads and decodes its own rows once and keeps them as tensors "
+                              "(augmentation batched on tensors); ray_data: stream and decode through Ray Data "
+                              "every epoch (data larger than the workers' memory)")
+    data_cpus: float = Field(1.0, ge=0, description="CPUs kept free for Ray Data's decode tasks (ray_data only)")
+    custom_resources: dict[str, float] = Field(default_factory=dict, description="custom resources per worker")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="where the workers go: PACK fills a node first; SPREAD puts them on different nodes "
+                            "while it can (a lost node's workers restart on the others); STRICT_* never bend")
+
+    def request(self) -> WorkerResources:
+        return WorkerResources(self.workers, self.cpus_per_worker, 1.0 if self.use_gpu else 0.0,
+                               dict(self.custom_resources), self.placement_strategy)
+
+    def reserve(self) -> dict[str, float] | None:
+        """CPUs kept free beside the workers: Ray Data's decode tasks need them, in-memory data does not."""
+        return {"CPU": self.data_cpus} if self.data_loading == "ray_data" and self.data_cpus else None
+
+
+def threads_for_cpus(cpus: float) -> int:
+    """Whole CPUs a worker's torch should use for ``cpus`` logical CPUs (at least one thread)."""
+    return max(1, math.floor(cpus + 1e-9))
+
+
+def torch_trainer(worker_fn, loop_config: dict, request: WorkerResources, *, use_gpu: bool, run_name: str,
+                  storage, max_failures: int, datasets: dict | None):
+    """The TorchTrainer both Train stages (search, retrain) run: gloo on CPU / NCCL on GPU, the
+    validated worker request, checkpoints in the artifact store (``storage`` = ray_storage(store)),
+    FailureConfig restarts from the latest checkpoint, the last two checkpoints kept. ``datasets``:
+    Ray Datasets for ``ray.train.get_dataset_shard`` (None when the workers load their own data)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.console import train_log_level
+
+    storage_path, storage_fs = storage
+    return TorchTrainer(
+        worker_fn, train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(**request.scaling_kwargs()),
+        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=LoggingConfig(log_level=train_log_level())),
+        datasets=datasets)
+
+
+# --------------------------------------------------------------------------- inside a worker
+def allreduce_mean(tensors: list[torch.Tensor]) -> None:
+    """In-place mean of ``tensors`` across the process group, as one flat buffer (one collective)."""
+    import torch.distributed as dist
+
+    if not tensors or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
+        offset += n
+
+
+def allreduce_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+@torch.no_grad()
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Every parameter and buffer of ``module`` from rank ``src`` (so all ranks start identical)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        dist.broadcast(t.data, src)
+
+
+def capped_batches(batches: Iterable, cap: int, on_step: Callable[[int], None] | None = None) -> Iterator:
+    """Yield the first ``cap`` batches and drain the rest (data-parallel ranks must take the same
+    number of steps, and a streaming split must be read to its end before the next epoch)."""
+    n = 0
+    for batch in batches:
+        if n < cap:
+            if on_step is not None:
+                on_step(n)
+            yield batch
+        n += 1
+
+
+def steps_per_worker(rows: int, workers: int, global_batch: int) -> tuple[int, int]:
+    """(per-worker batch, steps per epoch) for ``rows`` split evenly over ``workers``."""
+    per_rows = rows // workers
+    batch = max(1, global_batch // workers)
+    batch = min(batch, per_rows) if per_rows else batch
+    return batch, (per_rows // batch if per_rows else 0)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def latest_checkpoint(ckpt_store) -> dict | None:
+    """The ``latest.json`` pointer of a checkpoint store ({run, dir, epoch}), or None."""
+    if ckpt_store is None or not ckpt_store.exists(LATEST):
+        return None
+    return ckpt_store.get_json(LATEST)
+
+
+def publish_latest(ckpt_store, run_name: str, dir_name: str, epoch: int, files: list[str]) -> None:
+    ckpt_store.publish_json(LATEST, {"run": run_name, "dir": f"{run_name}/{dir_name}", "epoch": int(epoch),
+                                     "files": files, "time": time.time()})
+
+
+def report_checkpoint(metrics: dict, files: Mapping[str, bytes], dir_name: str) -> None:
+    """``ray.train.report`` with a checkpoint made of ``files`` (written to a temporary directory)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="densenas-ckpt-") as d:
+        for name, data in files.items():
+            Path(d, name).write_bytes(data)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=dir_name)
+
+
+def load_checkpoint_file(name: str, ckpt_store, pointer: dict | None) -> tuple[bytes | None, str]:
+    """The bytes of ``name`` from Ray Train's checkpoint (a restarted worker group), else from the
+    ``latest.json`` pointer (a new run after the whole job died). (None, "") when neither exists."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            return Path(d, name).read_bytes(), f"Ray Train checkpoint {ckpt.path}"
+    if pointer is not None:
+        return ckpt_store.get_bytes(f"{pointer['dir']}/{name}", verify=False), f"{ckpt_store.uri_for(pointer['dir'])}"
+    return None, ""
+
+
+def numeric_metrics(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The finite numbers of a record (what ``ray.train.report``, Tune and MLflow take)."""
+    return {f"{prefix}{k}": float(v) for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def node_id() -> str:
+    """The Ray node id when Ray is up, else the host name."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001
+        pass
+    import socket
+
+    return socket.gethostname()
+
+
+def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
