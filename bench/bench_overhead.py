@@ -253,14 +253,15 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     split_store = open_store(str(tmp / "split"))
     d = tiny["data"]
-    manifest = split.run(SplitConfig(classes=d["classes"], max_per_class=d["max_per_class"],
-                                     val_fraction=d["val_fraction"], test_max_per_class=d["test_max_per_class"],
-                                     shard_size=d["shard_size"], seed=d["seed"], executor="local"),
-                         None, StageContext.standalone(split_store))
+    split_out = split.run(SplitConfig(classes=d["classes"], max_per_class=d["max_per_class"],
+                                      val_fraction=d["val_fraction"], test_max_per_class=d["test_max_per_class"],
+                                      shard_size=d["shard_size"], seed=d["seed"], executor="local"),
+                          None, StageContext.standalone(split_store))
+    manifest = split_out.model_dump()
     space = load_space(tiny["space"])
     settings = _search_settings(tiny, args.search_epochs)
     torch.manual_seed(0)
-    arch = derive(SuperNet(space, num_classes=manifest.num_classes)).arch
+    arch = derive(SuperNet(space, num_classes=int(manifest["num_classes"]))).arch
     arch = load_arch(arch.to_json())
     r = tiny["retrain"]
     rows = []
@@ -270,13 +271,13 @@ def main(argv=None) -> int:
     def run_stage(stage: str, job: dict, store) -> None:
         if stage == "search":
             job = SearchJobConfig.model_validate(job | settings)
-            search.run(job, search.SearchInputs(space, manifest, split_store,
+            search.run(job, search.SearchInputs(space, split_out, split_store,
                                                 MacsCostModel(space, skip_fraction=job.macs_skip_fraction)),
                        StageContext.standalone(store))
         else:
             rcfg = RetrainConfig(epochs=args.retrain_epochs, batch_size=r["batch_size"], lr=r["lr"],
                                  measure_latency=False, export=False, **job)
-            retrain.run(rcfg, retrain.RetrainInputs(arch, manifest, split_store), StageContext.standalone(store))
+            retrain.run(rcfg, retrain.RetrainInputs(arch, split_out, split_store), StageContext.standalone(store))
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

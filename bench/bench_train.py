@@ -49,8 +49,8 @@ def main(argv=None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     split_store = open_store(str(tmp / "split"))
-    manifest = split.run(SplitConfig(classes=10, max_per_class=args.per_class, test_max_per_class=20,
-                                     val_fraction=0.2, executor="local"), None, StageContext.standalone(split_store))
+    split_out = split.run(SplitConfig(classes=10, max_per_class=args.per_class, test_max_per_class=20,
+                                      val_fraction=0.2, executor="local"), None, StageContext.standalone(split_store))
     space = load_space(args.space)
     ray.init(include_dashboard=False, num_cpus=None if args.gpu else 3)
     rows = []
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
             "epochs": args.epochs, "warmup_epochs": 1, "batch_size": args.batch, "cost": "macs"})
         store = open_store(str(tmp / f"search-{w}"))
         t0 = time.time()
-        search.run(job, search.SearchInputs(space, manifest, split_store, MacsCostModel(space)),
+        search.run(job, search.SearchInputs(space, split_out, split_store, MacsCostModel(space)),
                    StageContext.standalone(store))
         wall = time.time() - t0
         recs = [json.loads(line) for line in store.get_bytes("search_record.jsonl").decode().splitlines()]
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     rcfg = RetrainConfig(epochs=args.retrain_epochs, batch_size=64, lr=0.1, workers=1,
                          cpus_per_worker=1, use_gpu=args.gpu, latency_repeats=20)
     rstore = open_store(str(tmp / "retrain"))
-    retrain.run(rcfg, retrain.RetrainInputs(arch, manifest, split_store), StageContext.standalone(rstore))
+    retrain.run(rcfg, retrain.RetrainInputs(arch, split_out, split_store), StageContext.standalone(rstore))
     rrecs = [json.loads(line) for line in rstore.get_bytes("retrain_record.jsonl").decode().splitlines()]
     ray.shutdown()
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, GPU: {card}; "
         f"load average at the end {os.getloadavg()[0]:.1f}",
         f"- command: `python bench/bench_train.py {' '.join(argv or sys.argv[1:])}`",
-        f"- data: Fashion-MNIST, 10 classes, {manifest['counts']} images; space {args.space}; global batch "
+        f"- data: Fashion-MNIST, 10 classes, {split_out.counts} images; space {args.space}; global batch "
         f"{args.batch}; epoch 1 is the weights-only warm-up, later epochs arch + weight passes", "",
         "| workers | epoch seconds (per epoch) | wall of the Train run (s) |", "|---|---|---|",
         *[f"| {w} | {secs} | {wall} |" for w, secs, wall in rows], "",

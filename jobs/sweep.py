@@ -419,7 +419,7 @@ def _run_trial(cfg: SweepConfig, point: dict, shared: dict, work: Any) -> dict:
             "one_line": d["one_line"], "official": d["official"], "arch": d["arch"],
             "search_val_acc": static.get("search_val_acc"), "eval_seconds": round(time.time() - t1, 2)})
     return {"trial": point["key"], "index": point["index"], "lambda": point["lambda"], "tau": point["tau"],
-            "search_seconds": round(search_s, 2), "search_metrics": out.get("metrics", {}),
+            "search_seconds": round(search_s, 2), "search_metrics": out.metrics,
             "candidates": candidates}
 
 
