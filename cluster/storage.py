@@ -69,7 +69,6 @@ DEFAULT_CONNECT_TIMEOUT_S = 4.0
 DEFAULT_READ_TIMEOUT_S = 6.0  # per socket read, not per transfer
 DEFAULT_MAX_ATTEMPTS = 4
 DEFAULT_DEADLINE_S = 25.0  # no new attempt starts unless it would end within this many seconds
-RAY_STORAGE_MAX_ATTEMPTS = 12  # the pyarrow S3 filesystem handed to Ray Train (ray_storage)
 
 
 class StorageError(RuntimeError):
@@ -817,7 +816,7 @@ class S3Store(ArtifactStore):
             return None, None, None, region
         return frozen.access_key, frozen.secret_key, frozen.token, region
 
-    def pyarrow_fs(self, max_attempts: Optional[int] = None):
+    def pyarrow_fs(self):
         import pyarrow.fs as pafs
 
         access, secret, token, region = self.credentials()
@@ -825,7 +824,7 @@ class S3Store(ArtifactStore):
             region=region,
             connect_timeout=self.options.connect_timeout,
             request_timeout=self.options.read_timeout,
-            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts or self.options.max_attempts),
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=self.options.max_attempts),
         )
         if access and secret:
             kwargs.update(access_key=access, secret_key=secret)
@@ -875,8 +874,5 @@ def ray_storage(store: ArtifactStore) -> tuple[str, Any]:
     if isinstance(store, LocalStore):
         store.root.mkdir(parents=True, exist_ok=True)
         return str(store.root), None
-    # Ray Train's controller writes its checkpoint bookkeeping through this filesystem and fails the
-    # whole Train run (no max_failures retry) on one error: ride out a store restart (exponential
-    # backoff from 25 ms: 12 attempts span ~50 s; the fault-injection test restarts SeaweedFS mid-retrain)
-    fs, base = store.pyarrow_fs(max_attempts=int(os.environ.get("DENSENAS_RAY_STORAGE_MAX_ATTEMPTS", RAY_STORAGE_MAX_ATTEMPTS)))
+    fs, base = store.pyarrow_fs()
     return base, fs

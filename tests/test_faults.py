@@ -212,33 +212,3 @@ def test_a_stage_run_created_offline_by_a_killed_driver_is_ended_on_resume(stack
     statuses = sorted(r.info.status for r, _ in _stage_runs(stack_mlflow.mlflow_uri, exp, "slow"))
     assert statuses == ["FINISHED", "KILLED"], statuses
 
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_ray_train_storage_rides_out_a_short_store_outage(stack_s3):
-    """Ray Train's controller writes its checkpoint bookkeeping through ``ray_storage``'s filesystem and
-    fails the Train run on one error: a write started while the S3 endpoint refuses connections succeeds
-    once it is back a few seconds later (found by the fault-injection run: a SeaweedFS restart in the
-    retrain failed the stage with a ControllerError)."""
-    import threading
-    import time as _time
-
-    from cluster.storage import open_store, ray_storage
-    from tests.fixtures_stack import TcpProxy
-
-    proxy = TcpProxy(stack_s3.ports.s3)
-    creds = stack_s3.credentials()
-    store = open_store(f"s3://{stack_s3.bucket}/tests/outage-{os.getpid()}", endpoint_url=proxy.url,
-                       access_key=creds["access_key"], secret_key=creds["secret_key"], region="us-east-1")
-    base, fs = ray_storage(store)
-    try:
-        proxy.cut()
-        threading.Timer(4.0, proxy.restore).start()
-        t0 = _time.monotonic()
-        with fs.open_output_stream(f"{base}/snapshot.json") as out:
-            out.write(b'{"ok": true}')
-        assert _time.monotonic() - t0 >= 3.0           # it did wait for the endpoint
-        assert store.get_bytes("snapshot.json", verify=False) == b'{"ok": true}'
-    finally:
-        _time.sleep(4.5)
-        proxy.close()
