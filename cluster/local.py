@@ -161,26 +161,30 @@ class StackPorts:
 
     @classmethod
     def free(cls, workers: int = 64) -> "StackPorts":
-        """Ports free on loopback right now (for tests): OS-chosen, plus a free worker range."""
+        """Ports free on loopback right now (for tests), all below the kernel's ephemeral range: a port
+        there is never taken as the source port of someone's outgoing connection, so a service restarted
+        on its ports (a test that restarts SeaweedFS mid-run) finds them free again. OS-chosen ports
+        (bind to port 0) come from the ephemeral range and were taken that way within seconds."""
         names = [f.name for f in dataclasses.fields(cls) if f.name not in ("ray_min_worker", "ray_max_worker")]
-        socks = []
-        try:
-            for _ in names:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.bind((LOOPBACK, 0))
-                socks.append(sock)
-            values = {n: s.getsockname()[1] for n, s in zip(names, socks)}
-        finally:
-            for sock in socks:
-                sock.close()
-        used = set(values.values())
-        for start in range(20000 + secrets.randbelow(20000), 60000, workers):
+        top = max(_ephemeral_low(), 12000)
+        rng = secrets.SystemRandom()
+        for _ in range(200):
+            start = rng.randrange(10000, top - workers)
             span = range(start, start + workers)
-            if not used.intersection(span) and all(_port_free(p) for p in span[:: max(1, workers // 8)]):
-                values.update(ray_min_worker=start, ray_max_worker=start + workers - 1)
+            if all(_port_free(p) for p in span[:: max(1, workers // 8)]):
                 break
         else:
             raise StackError("no free range of Ray worker ports found")
+        values, taken = {"ray_min_worker": start, "ray_max_worker": start + workers - 1}, set(span)
+        for name in names:
+            for _ in range(1000):
+                port = rng.randrange(10000, top)
+                if port not in taken and _port_free(port):
+                    values[name] = port
+                    taken.add(port)
+                    break
+            else:
+                raise StackError(f"no free port for {name} in 10000-{top - 1} (below the ephemeral range)")
         return cls(**values)
 
     def validate(self) -> None:
@@ -216,6 +220,14 @@ class StackPorts:
             except ValueError:
                 raise StackError(f"--ports item {item!r} is not name=PORT") from None
         return cls.from_base(base if base is not None else DEFAULT_PORT_BASE, **overrides)
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral (outgoing source port) range."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _port_free(port: int) -> bool:
