@@ -38,7 +38,7 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["densenas*", "jobs*", "cluster*", "pipeline*"]),
+    packages=find_packages(include=["densenas*", "imagedata*", "jobs*", "cluster*", "pipeline*"]),
     include_package_data=True,
     package_data={"densenas": ["presets/*.json"], "cluster": ["launcher/*.yaml", "kuberay/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
