@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +30,7 @@ from densenas.profiling import cpu_model_name  # noqa: E402
 from jobs.profile import REPORT_KEY, ProfileConfig, Profiler  # noqa: E402
 
 
-def _uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+from bench.machine import uptime as _uptime  # noqa: E402
 
 
 def _section(config: str, overrides: list[str]) -> tuple[ProfileConfig, str]:

@@ -28,7 +28,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,13 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.bench_sweep import interleaved_latency_ms, load_tensors, spearman  # noqa: E402
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        return "uptime unavailable"
+from bench.machine import uptime  # noqa: E402
 
 
 def retrain(arch, train, test, num_classes, recipe, seed):
