@@ -333,6 +333,11 @@ class Tracker:
         found = self._read("a run", lambda: self._mlflow().get_run(run.run_id))
         return None if found is None else set(found.data.metrics)
 
+    def run_status(self, run_id: str) -> Optional[str]:
+        """The MLflow status of ``run_id`` (RUNNING, FINISHED, FAILED, KILLED); None if unknown."""
+        found = self._read("a run", lambda: self._mlflow().get_run(run_id))
+        return None if found is None else found.info.status
+
     def find_runs(self, filter_string: str, max_results: int = 10) -> Optional[list]:
         """MLflow ``search_runs`` in this tracker's experiment, newest first; None if unreachable."""
         try:

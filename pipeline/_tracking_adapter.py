@@ -183,8 +183,7 @@ class PipelineTracker(_HandleFacade):
                                         max_results=50)
         stale |= {r.info.run_id for r in found or []}
         for rid in sorted(stale):
-            got = self._tracker._read("a run", lambda: self._tracker._mlflow().get_run(rid))
-            if got is not None and got.info.status != "RUNNING":
+            if self._tracker.run_status(rid) not in (None, "RUNNING"):
                 continue
             self._tracker.end_run(status, run=self._tracker.attach(rid, "stale stage run"))
 
