@@ -44,7 +44,7 @@ from jobs.split import SplitOutput
 from jobs.train import (META_FILE, TrainJobResources, allreduce_mean, allreduce_sum, broadcast_module,
                         capped_batches, latest_checkpoint, load_checkpoint_file, node_id, numeric_metrics,
                         publish_latest, report_checkpoint, steps_per_worker, tensors_digest, threads_for_cpus,
-                        torch_trainer)
+                        torch_trainer, fit_resuming)
 from jobs.epochs import (EpochCurves, describe_retrain, log_curves_from_driver, retrain_epoch_metrics,
                          stage_tracking_or_unrouted)
 from jobs.registry import log_retrained_model
@@ -263,15 +263,17 @@ def run(cfg: RetrainConfig, inputs: RetrainInputs, ctx: StageContext) -> Retrain
                    "steps": steps, "batch": batch, "threads": threads_for_cpus(cfg.cpus_per_worker),
                    "ckpt_store": ckpt_store, "stage_store": store, "pointer": pointer, "run_name": run_name,
                    "tracking": tracking, "data": data}
-    trainer = torch_trainer(_retrain_worker, loop_config, request, use_gpu=cfg.use_gpu, run_name=run_name,
-                            storage=(storage_path, storage_fs), max_failures=cfg.max_failures,
-                            datasets=trainer_datasets(data))
+    datasets = trainer_datasets(data)
+
+    def trainer(pointer, name):
+        return torch_trainer(_retrain_worker, loop_config | {"pointer": pointer, "run_name": name}, request,
+                             use_gpu=cfg.use_gpu, run_name=name, storage=(storage_path, storage_fs),
+                             max_failures=cfg.max_failures, datasets=datasets)
+
     say(f"retrain: {arch.one_line()} | {cfg.workers} worker(s) x {request.per_worker()}, {cfg.epochs} epochs, "
         f"{steps} steps/epoch at {batch}/worker, lr {cfg.lr}")
     t0 = time.time()
-    result = trainer.fit()
-    if getattr(result, "error", None) is not None:
-        raise RuntimeError(f"retrain Train run {run_name} failed: {result.error}") from result.error
+    fit_resuming(trainer, ckpt_store, run_name, what="retrain", say=say)
     seconds = time.time() - t0
 
     pointer = latest_checkpoint(ckpt_store)

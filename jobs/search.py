@@ -60,7 +60,8 @@ from jobs.resources import check_resources
 from jobs.split import SplitOutput
 from jobs.train import (META_FILE, TrainJobResources, allreduce_mean, broadcast_module, capped_batches,
                         latest_checkpoint, load_checkpoint_file, node_id, numeric_metrics, publish_latest,
-                        report_checkpoint, steps_per_worker, tensors_digest, threads_for_cpus, torch_trainer)
+                        report_checkpoint, steps_per_worker, tensors_digest, threads_for_cpus, torch_trainer,
+                        fit_resuming)
 
 __all__ = [
     "SearchJobConfig",
@@ -259,16 +260,17 @@ def run(cfg: SearchJobConfig, inputs: SearchInputs, ctx: StageContext) -> Search
                                   "val": Stream(("val",), augment=False, shuffle=True)}),
     }
     datasets = trainer_datasets(loop_config["data"])
-    trainer = torch_trainer(_search_worker, loop_config, request, use_gpu=job.use_gpu, run_name=run_name,
-                            storage=(storage_path, storage_fs), max_failures=job.max_failures,
-                            datasets=datasets)
+
+    def trainer(pointer, name):
+        return torch_trainer(_search_worker, loop_config | {"pointer": pointer, "run_name": name}, request,
+                             use_gpu=job.use_gpu, run_name=name, storage=(storage_path, storage_fs),
+                             max_failures=job.max_failures, datasets=datasets)
+
     say(f"search: {job.workers} worker(s) x {request.per_worker()}, {search.epochs} epochs "
         f"({search.warmup_epochs} warm-up), {steps} weight steps/epoch at {batch}/worker, "
         f"{search.arch_steps_per_epoch or val_steps} arch steps/epoch; checkpoints in {ckpt_store.uri_for(run_name)}")
     t0 = time.time()
-    result = trainer.fit()
-    if getattr(result, "error", None) is not None:
-        raise RuntimeError(f"search Train run {run_name} failed: {result.error}") from result.error
+    fit_resuming(trainer, ckpt_store, run_name, what="search", say=say)
     out = _finish(job, space, cost_model, num_classes, steps, ckpt_store, store, time.time() - t0, ctx)
     if unrouted:   # MLflow was down when the stage started: its workers could not log the epochs
         log_curves_from_driver(ctx, [json.loads(line) for line in store.get_bytes("search_record.jsonl").decode()

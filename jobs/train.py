@@ -1,13 +1,14 @@
 """The Ray Train toolkit of the training stages (search, retrain, the sweep's trials).
 
-    driver:   cfg.request() -> check_resources -> torch_trainer(worker_fn, loop_config, ...) -> .fit()
+    driver:   cfg.request() -> check_resources -> fit_resuming(lambda pointer, name: torch_trainer(...), ...)
     worker:   threads_for_cpus, broadcast_module (identical start), capped_batches (equal step counts),
               allreduce_mean / allreduce_sum (gradients, statistics, counts), numeric_metrics,
               report_checkpoint + publish_latest (rank 0, every epoch), load_checkpoint_file (resume)
 
 A stage's checkpoint store holds Ray Train's checkpoints (``storage_path``) and ``latest.json``, a
 pointer {run, dir, epoch} to the newest one: a restarted worker group resumes from
-``ray.train.get_checkpoint()``, a new Train run after the whole job died from that pointer. The
+``ray.train.get_checkpoint()``, a new Train run from that pointer after the whole job died, or after Ray Train's controller failed
+(``fit_resuming``). The
 workers' data (``jobs.data``) and rank 0's MLflow curves (``jobs.epochs.EpochCurves``) are the two
 other pieces every worker loop uses.
 """
@@ -26,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.resources import WorkerResources
 
-__all__ = ["TrainJobResources", "torch_trainer", "threads_for_cpus", "allreduce_mean", "allreduce_sum",
+__all__ = ["TrainJobResources", "torch_trainer", "fit_resuming", "threads_for_cpus", "allreduce_mean", "allreduce_sum",
            "broadcast_module", "capped_batches", "steps_per_worker", "latest_checkpoint", "publish_latest",
            "report_checkpoint", "load_checkpoint_file", "numeric_metrics", "node_id", "tensors_digest",
            "LATEST", "META_FILE"]
@@ -88,6 +89,43 @@ def torch_trainer(worker_fn, loop_config: dict, request: WorkerResources, *, use
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              logging_config=LoggingConfig(log_level=train_log_level())),
         datasets=datasets)
+
+
+def fit_resuming(build: Callable[[dict | None, str], Any], ckpt_store, run_name: str, *, what: str,
+                 say: Callable[[str], None], retries: int = 2, wait_s: float = 10.0):
+    """``build(pointer, name).fit()``, run again from the ``latest.json`` pointer when Ray Train's
+    controller fails; returns the Train ``Result``.
+
+    Ray Train restarts a failed worker group by itself (``FailureConfig``), but a failure of its
+    controller (for example the artifact store unreachable while it writes its own snapshot) ends
+    ``fit()`` with a ``ControllerError``. The stage's checkpoints and pointer outlive it, so a new Train
+    run (``{run_name}-retry{k}``) built from the pointer continues where the failed one stopped. Worker
+    errors are not retried here (their budget is ``max_failures``), nor is a controller error that
+    repeats ``retries`` times. ``build`` gets the pointer (None before the first checkpoint) and the
+    Train run's name."""
+    from ray.train import ControllerError
+
+    name = run_name
+    for attempt in range(retries + 1):
+        pointer = latest_checkpoint(ckpt_store)
+        try:
+            result = build(pointer, name).fit()
+        except ControllerError as e:
+            if attempt == retries:
+                raise RuntimeError(f"{what}: Ray Train's controller failed {retries + 1} times (last: "
+                                   f"{e.controller_failure!r}); the checkpoints stay in "
+                                   f"{ckpt_store.uri_for('')}: rerun with --resume once the cause "
+                                   "(usually the artifact store) is fixed") from e
+            name = f"{run_name}-retry{attempt + 1}"
+            at = latest_checkpoint(ckpt_store)
+            say(f"{what}: Ray Train's controller failed ({type(e.controller_failure).__name__}: "
+                f"{str(e.controller_failure)[:200]}); a new Train run {name} continues from "
+                f"{'epoch ' + str(at['epoch']) if at else 'the start'} in {wait_s:g}s")
+            time.sleep(wait_s)
+            continue
+        if getattr(result, "error", None) is not None:
+            raise RuntimeError(f"{what} Train run {name} failed: {result.error}") from result.error
+        return result
 
 
 # --------------------------------------------------------------------------- inside a worker
