@@ -15,7 +15,7 @@ How it measures (no constants from another day):
   the speed-up is the ratio of medians (theirs / ours).
 - **Peak RSS**: one process cannot tell the two sides' peaks apart, so each side also runs the same
   steps alone in its own subprocess per row (importing only its own code); its peak RSS is that
-  process's ``resource.getrusage(RUSAGE_SELF).ru_maxrss``. These solo times are recorded in the JSON
+  process's ``VmHWM`` (its own high-water mark; ``ru_maxrss`` would carry the driver's over exec). These solo times are recorded in the JSON
   but the verdict uses the interleaved ones.
 
 The authors' code is imported at run time from ``--authors`` (default
@@ -147,7 +147,16 @@ def resolve_authors(path: str | Path, cache: Path) -> dict:
 
 # --------------------------------------------------------------------------- the two sides (in a child)
 def _rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    """This process image's peak RSS: ``VmHWM`` (Linux). Not ``ru_maxrss``: a child started with
+    vfork + exec inherits the parent's high-water mark there (the driver's ~0.5 GiB would be a floor)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # other systems: KiB on Linux/BSD
 
 
 def _patch_for_cpu() -> None:
@@ -446,7 +455,7 @@ def report(result: dict) -> str:
         f"{result['warmup']} warm-up then {result['steps']} timed steps each; speed-up = median(theirs) / median(ours) "
         "(paired: median over the steps of theirs / ours next to it). Peak RSS: one process cannot separate the two "
         "sides, so each side runs the same row alone in its own process (its own code only imported; "
-        f"{rows[0]['rss_steps']} steps after the warm-up) and reports `ru_maxrss`; the interleaved process's peak "
+        f"{rows[0]['rss_steps']} steps after the warm-up) and reports its `VmHWM` (peak RSS of that process image); the interleaved process's peak "
         "(both networks) is shown for reference.",
         "",
         "| step | input | ours min / median s | authors min / median s | speed-up (median) | paired | ours peak RSS GiB "
