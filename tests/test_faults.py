@@ -21,6 +21,7 @@ from tests.fault_scenario import RETRAIN_EPOCHS, SEARCH_EPOCHS, FaultScenario, s
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.drill
 @pytest.mark.timeout(2700)
 @pytest.mark.xfail(strict=False, reason="open: a SeaweedFS restart longer than ~4 s that hits Ray Train's "
                    "controller (checkpoint_manager_snapshot.json) fails the Train stage with a ControllerError "

@@ -74,6 +74,7 @@ def _uris(doc, path=""):
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.drill
 @pytest.mark.timeout(720)
 def test_pipeline_spans_two_nodes_and_survives_losing_one(local_stack, tmp_path):
     from tests.multinode_util import two_node_cluster
