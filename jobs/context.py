@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["StageContext", "StageOutput", "NullTracker", "CACHE_COMPLETE", "RUNNER_KEYS", "REPO_ROOT", "LOCAL_STORE",
+__all__ = ["StageContext", "StageOutput", "output_of", "NullTracker", "CACHE_COMPLETE", "RUNNER_KEYS", "REPO_ROOT", "LOCAL_STORE",
            "resolve_space"]
 
 CACHE_COMPLETE = "_complete.json"
@@ -48,6 +48,11 @@ class StageOutput(BaseModel):
 
 
 OutputT = TypeVar("OutputT", bound=StageOutput)
+
+
+def output_of(manifest: Mapping[str, Any], output_type: type[OutputT]) -> OutputT:
+    """A stage's typed ``Output`` from its manifest: the manifest less the runner's keys and index."""
+    return output_type.model_validate({k: v for k, v in manifest.items() if k not in (*RUNNER_KEYS, *INDEX_KEYS)})
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_STORE = REPO_ROOT / "runs-store"     # the store when neither a config nor $DENSENAS_STORE names one
 
@@ -128,8 +133,7 @@ class StageContext:
             raise KeyError(f"stage {self.stage!r} asked for the output of {stage!r}, which is not one of its "
                            f"declared upstream stages ({', '.join(self.inputs) or 'none'}); declare it in "
                            "pipeline/stages.py")
-        manifest = self.inputs[stage]
-        return output_type.model_validate({k: v for k, v in manifest.items() if k not in (*RUNNER_KEYS, *INDEX_KEYS)})
+        return output_of(self.inputs[stage], output_type)
 
     def input_store(self, stage: str) -> Any:
         """The store an upstream stage wrote into (its ``Output``'s keys are relative to it)."""
