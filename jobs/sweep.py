@@ -690,7 +690,7 @@ def run(cfg: SweepConfig, inputs: SweepInputs, ctx: StageContext) -> SweepOutput
         work_store.delete("mlflow_parent.json")
     warmup_store = _ensure_warmup(search, cfg, space, split_manifest, split_store, cost_model, warmup_store, say)
 
-    parent_of = getattr(ctx.tracker, "run_id", None)
+    parent_of = ctx.tracker.run_id
     mlflow_info = _open_parent_run(tracking_uri, experiment, work_store, parent_of, cfg, say)
     shared = {"sweep": cfg.model_dump(mode="json"), "search": search.dump(), "space": space,
               "cost_model": cost_model, "split_manifest": dict(split_manifest), "split_store": split_store,

@@ -288,8 +288,8 @@ class RunRecord:
     def set_tracking(self, tracker: Any, cfg: Any) -> None:
         self.doc["mlflow"] = {"tracking_uri": cfg.tracking.uri if cfg.tracking.enabled else None,
                               "experiment": cfg.tracking.experiment,
-                              "parent_run_id": getattr(tracker, "run_id", None),
-                              "url": getattr(tracker, "url", None)}
+                              "parent_run_id": tracker.run_id,
+                              "url": tracker.url}
 
     def stage_event(self, name: str, state: str, fingerprint: str, reason: str = "") -> None:
         s = self.stages.setdefault(name, {})
