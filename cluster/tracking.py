@@ -774,6 +774,9 @@ class NullTracker(Tracker):
     def start_run(self, name, parent=None, tags=None):
         return RunHandle(self, uuid.uuid4().hex, name)
 
+    def spec(self, parent=None, run=None):
+        return None          # Ray workers of an untracked stage log nothing either
+
     def _submit(self, op):
         return None
 

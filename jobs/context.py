@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["StageContext", "StageOutput", "NullTracker", "CACHE_COMPLETE", "RUNNER_KEYS", "REPO_ROOT", "LOCAL_STORE",
+__all__ = ["StageContext", "StageOutput", "output_of", "untracked", "CACHE_COMPLETE", "RUNNER_KEYS", "REPO_ROOT", "LOCAL_STORE",
            "resolve_space"]
 
 CACHE_COMPLETE = "_complete.json"
@@ -48,6 +48,11 @@ class StageOutput(BaseModel):
 
 
 OutputT = TypeVar("OutputT", bound=StageOutput)
+
+
+def output_of(manifest: Mapping[str, Any], output_type: type[OutputT]) -> OutputT:
+    """A stage's typed ``Output`` from its manifest: the manifest less the runner's keys and index."""
+    return output_type.model_validate({k: v for k, v in manifest.items() if k not in (*RUNNER_KEYS, *INDEX_KEYS)})
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_STORE = REPO_ROOT / "runs-store"     # the store when neither a config nor $DENSENAS_STORE names one
 
@@ -67,30 +72,12 @@ def resolve_space(source: Any):
     return load_space(source)
 
 
-class NullTracker:
-    """A tracker that records nothing (tracking disabled, or tests). Same surface as the real one."""
+def untracked() -> Any:
+    """The tracker of a stage run with tracking off (tests, CLIs, benches): the pipeline's own
+    ``StageTracker`` class over ``cluster.tracking.NullTracker``, so a stage calls the same methods."""
+    from cluster.run_tracking import PipelineTracker
 
-    run_id: str | None = None
-    url: str | None = None
-    spec = None          # no TrackerSpec: Ray workers log nothing either
-
-    def stage(self, name: str, fingerprint: str | None = None) -> "NullTracker":
-        return self
-
-    def end(self, status: str = "FINISHED") -> None:
-        pass
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        pass
-
-    def log_dict(self, obj: Any, name: str) -> None:
-        pass
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        pass
+    return PipelineTracker.disabled().stage("untracked")
 
 
 @dataclass
@@ -109,7 +96,7 @@ class StageContext:
     checkpoint_store: Any = None                   # ArtifactStore at that prefix
     caches: dict[str, Any] = field(default_factory=dict)             # name -> store at cache/<name>/<fp>/
     cache_fingerprints: dict[str, str] = field(default_factory=dict)
-    tracker: Any = field(default_factory=NullTracker)
+    tracker: Any = field(default_factory=untracked)    # cluster.run_tracking.StageTracker
     config: Any = None                             # the whole resolved PipelineConfig (read-only)
     printer: Callable[[str], None] | None = None
     _t0: float = field(default_factory=time.monotonic, repr=False)
@@ -128,8 +115,7 @@ class StageContext:
             raise KeyError(f"stage {self.stage!r} asked for the output of {stage!r}, which is not one of its "
                            f"declared upstream stages ({', '.join(self.inputs) or 'none'}); declare it in "
                            "pipeline/stages.py")
-        manifest = self.inputs[stage]
-        return output_type.model_validate({k: v for k, v in manifest.items() if k not in (*RUNNER_KEYS, *INDEX_KEYS)})
+        return output_of(self.inputs[stage], output_type)
 
     def input_store(self, stage: str) -> Any:
         """The store an upstream stage wrote into (its ``Output``'s keys are relative to it)."""

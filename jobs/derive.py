@@ -278,8 +278,7 @@ def run(cfg: DeriveConfig, inputs: DeriveInputs, ctx: StageContext) -> DeriveOut
     out = DeriveOutput.model_validate(derive_to_store(cfg, net, cost_model, ctx.store, progress=say))
     ctx.tracker.log_dict(out.arch, "arch.json")
     ctx.tracker.log_metrics({k: float(v) for k, v in out.metrics.items() if _finite(v)})
-    if callable(getattr(ctx.tracker, "log_summary", None)):
-        ctx.tracker.log_summary(tags={"densenas.arch": out.one_line})
+    ctx.tracker.log_summary(tags={"densenas.arch": out.one_line})
     from jobs.diagrams import log_pictures
 
     log_pictures(ctx, ctx.store, out.pictures)

@@ -338,9 +338,9 @@ def log_pictures(ctx: Any, store: Any, keys: Sequence[str], artifact_path: str |
     were handed to the tracker. Without tracking, or when a picture is missing, it does nothing."""
     import tempfile
 
-    log_artifact = getattr(getattr(ctx, "tracker", None), "log_artifact", None)
-    if not callable(log_artifact):
+    if not ctx.tracker.enabled:
         return 0
+    log_artifact = ctx.tracker.log_artifact
     sent = 0
     with tempfile.TemporaryDirectory(prefix="densenas-pictures-") as tmp:
         for key in keys:

@@ -74,7 +74,7 @@ def retrain_epoch_metrics(record: Mapping[str, Any]) -> dict[str, float]:
 
 def stage_tracking(ctx: Any) -> Optional[TrackerSpec]:
     """The stage run's ``TrackerSpec`` (picklable, for the Train loop's config), or None without tracking."""
-    spec = getattr(getattr(ctx, "tracker", None), "spec", None)
+    spec = ctx.tracker.spec
     return spec if isinstance(spec, TrackerSpec) and spec.run_id else None
 
 
@@ -84,8 +84,7 @@ def stage_tracking_or_unrouted(ctx: Any) -> tuple[Optional[TrackerSpec], bool]:
     driver's spool -- so the Train workers get no run to log into. The stage then logs the epochs from
     its driver after the Train run (``log_curves_from_driver``), behind the spooled creation."""
     spec = stage_tracking(ctx)
-    handle = getattr(getattr(ctx, "tracker", None), "handle", None)
-    return spec, spec is None and handle is not None and getattr(handle, "run_id", "") is None
+    return spec, spec is None and ctx.tracker.enabled and ctx.tracker.run_id is None
 
 
 def log_curves_from_driver(ctx: Any, history, metrics_of: Callable[[Mapping[str, Any]], Mapping[str, float]]) -> int:
@@ -228,15 +227,14 @@ class ProgressMetrics:
     ``every_s`` seconds and always at the end of a phase."""
 
     def __init__(self, ctx: Any, every_s: float = 5.0):
-        self.tracker = getattr(ctx, "tracker", None)
+        self.tracker = ctx.tracker
         self.every_s = every_s
         self._last = 0.0
 
     def __call__(self, event: Mapping[str, Any]) -> None:
         import time
 
-        log_metrics = getattr(self.tracker, "log_metrics", None)
-        if not callable(log_metrics):
+        if not self.tracker.enabled:
             return
         done, total, now = int(event.get("done", 0)), int(event.get("total", 0) or 0), time.monotonic()
         if done < total and now - self._last < self.every_s:
@@ -244,6 +242,7 @@ class ProgressMetrics:
         self._last = now
         phase = str(event.get("phase", "progress"))
         try:
-            log_metrics({f"{phase}_done": done, f"{phase}_fraction": done / total if total else 1.0}, step=done)
+            self.tracker.log_metrics({f"{phase}_done": done, f"{phase}_fraction": done / total if total else 1.0},
+                                     step=done)
         except Exception as e:  # noqa: BLE001 -- progress never fails a stage
             print(f"tracking: progress not logged ({type(e).__name__}: {e})", flush=True)

@@ -42,8 +42,7 @@ def _say(ctx: Any, msg: str) -> None:
 
 def log_split_dataset(ctx: Any, manifest: Mapping[str, Any], store: Any) -> None:
     """The split as a dataset input of the split run and the parent run (MLflow's Datasets panel)."""
-    log_dataset = getattr(getattr(ctx, "tracker", None), "log_dataset", None)
-    if not callable(log_dataset):
+    if not ctx.tracker.enabled:
         return
     try:
         shards = manifest.get("shards") or {}
@@ -53,7 +52,7 @@ def log_split_dataset(ctx: Any, manifest: Mapping[str, Any], store: Any) -> None
                 h.update(f"{rec.get('key')}:{rec.get('sha256')}\n".encode())
         counts = manifest.get("counts") or {}
         name = f"{manifest.get('dataset', 'dataset')}-{manifest.get('num_classes', '?')}cls"
-        log_dataset(name, h.hexdigest()[:36], store.uri_for(""),
+        ctx.tracker.log_dataset(name, h.hexdigest()[:36], store.uri_for(""),
                     schema={"image": f"{manifest.get('channels')}x{manifest.get('image_size')} uint8",
                             "label": "int64"},
                     profile={"counts": counts, "classes": manifest.get("classes"),
@@ -101,8 +100,8 @@ def log_retrained_model(ctx: Any, model: Any, arch: Any, store: Any, metrics: Ma
                         example: Any) -> str | None:
     """Log the retrained network as an MLflow model (+ ONNX) and register a new version; returns the
     registered model's name (None without tracking or when it could not be written)."""
-    tracker = getattr(ctx, "tracker", None)
-    if not callable(getattr(tracker, "register_model", None)):
+    tracker = ctx.tracker
+    if not tracker.enabled:
         return None   # tracking off (a run created while MLflow is down still gets it: the spool keeps the order)
     try:
         import torch
@@ -142,7 +141,7 @@ def register_pareto_front(tracker: Any, front: Sequence[Mapping[str, Any]], late
         register = lambda n, ap, tags, d: base.register_model(n, ap, tags, d, run=run)  # noqa: E731
         experiment = base.experiment
     else:
-        if not callable(getattr(tracker, "register_model", None)):
+        if not tracker.enabled:
             return 0
         log_artifact, experiment = tracker.log_artifact, tracker.experiment
         register = lambda n, ap, tags, d: tracker.register_model(n, ap, tags, d)  # noqa: E731

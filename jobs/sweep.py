@@ -180,19 +180,14 @@ def _budget_key(budget: float | None) -> str:
 @torch.no_grad()
 def measure_latency_ms(model: torch.nn.Module, input_size: int, in_channels: int, repeats: int = 30,
                        warmup: int = 5) -> float:
-    """Median wall time (ms) of one forward at batch 1 in eval mode on the current thread settings."""
+    """Median wall time (ms) of one inference forward at batch 1 (``densenas.profiling.time_module``,
+    eval mode, no autograd) with the current thread settings."""
     import statistics
 
-    model = model.eval()
-    x = torch.randn(1, in_channels, input_size, input_size)
-    for _ in range(warmup):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(x)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(statistics.median(times))
+    from densenas.profiling import time_module
+
+    return float(statistics.median(time_module(model, torch.randn(1, in_channels, input_size, input_size), "cpu",
+                                               warmup, repeats)))
 
 
 # --------------------------------------------------------------------------- Ray Train loops
@@ -695,7 +690,7 @@ def run(cfg: SweepConfig, inputs: SweepInputs, ctx: StageContext) -> SweepOutput
         work_store.delete("mlflow_parent.json")
     warmup_store = _ensure_warmup(search, cfg, space, split_manifest, split_store, cost_model, warmup_store, say)
 
-    parent_of = getattr(ctx.tracker, "run_id", None)
+    parent_of = ctx.tracker.run_id
     mlflow_info = _open_parent_run(tracking_uri, experiment, work_store, parent_of, cfg, say)
     shared = {"sweep": cfg.model_dump(mode="json"), "search": search.dump(), "space": space,
               "cost_model": cost_model, "split_manifest": dict(split_manifest), "split_store": split_store,

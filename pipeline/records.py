@@ -288,8 +288,8 @@ class RunRecord:
     def set_tracking(self, tracker: Any, cfg: Any) -> None:
         self.doc["mlflow"] = {"tracking_uri": cfg.tracking.uri if cfg.tracking.enabled else None,
                               "experiment": cfg.tracking.experiment,
-                              "parent_run_id": getattr(tracker, "run_id", None),
-                              "url": getattr(tracker, "url", None)}
+                              "parent_run_id": tracker.run_id,
+                              "url": tracker.url}
 
     def stage_event(self, name: str, state: str, fingerprint: str, reason: str = "") -> None:
         s = self.stages.setdefault(name, {})
@@ -417,37 +417,50 @@ def format_status(doc: Mapping[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- inspect
 def inspect_run(store: Any, run_id: str) -> dict:
-    """The run's headline results, from the derive / retrain / sweep manifests that exist."""
+    """The run's headline results, from the typed outputs of the derive / retrain / search / sweep
+    stages that finished. A manifest this version cannot read is named in ``unreadable``."""
+    from pydantic import ValidationError
+
+    from jobs.context import output_of
+    from jobs.derive import DeriveOutput
+    from jobs.retrain import RetrainOutput
+    from jobs.search import SearchOutput
+    from jobs.sweep import SweepOutput
+
     rec = RunRecord.load(store, run_id)
     run_store = store.child(f"runs/{run_id}")
-
-    def manifest(stage: str) -> dict | None:
-        key = f"{stage}/manifest.json"
-        if run_store.exists(key):
-            m = run_store.get_json(key)
-            return m if m.get("state") == "finished" else None
-        return None
-
     out: dict[str, Any] = {"run_id": run_id, "status": rec.status, "stages": {
         n: s.get("state") for n, s in _ordered(rec.doc)}}
-    d = manifest("derive")
+
+    def output(stage: str, output_type):
+        key = f"{stage}/manifest.json"
+        if not run_store.exists(key):
+            return None, None
+        m = run_store.get_json(key)
+        if m.get("state") != "finished":
+            return None, None
+        try:
+            return output_of(m, output_type), m.get("store_uri")
+        except ValidationError as e:
+            out.setdefault("unreadable", {})[stage] = (f"{key} does not match {output_type.__name__} "
+                                                       f"({e.error_count()} errors; written by another version?)")
+            return None, None
+
+    d, uri = output("derive", DeriveOutput)
     if d:
-        out["derived"] = {k: d.get(k) for k in ("one_line", "official", "arch", "predicted_latency",
-                                                 "latency_units", "params", "macs") if d.get(k) is not None}
-        out["derived"]["uri"] = d.get("store_uri")
-    r = manifest("retrain")
+        out["derived"] = {**d.model_dump(include={"one_line", "official", "arch", "predicted_latency",
+                                                  "latency_units", "params", "macs"}, exclude_none=True), "uri": uri}
+    r, uri = output("retrain", RetrainOutput)
     if r:
-        m = r.get("metrics") or {}
-        out["retrained"] = {"metrics": m, "measured_latency_ms": r.get("measured_latency_ms", m.get("latency_ms")),
-                            "predicted_latency_ms": r.get("predicted_latency_ms"),
-                            "latency_protocol": (r.get("measured_latency") or {}).get("protocol"),
-                            "uri": r.get("store_uri")}
-    s = manifest("search")
+        out["retrained"] = {"metrics": r.metrics, "measured_latency_ms": r.measured_latency_ms,
+                            "predicted_latency_ms": r.predicted_latency_ms,
+                            "latency_protocol": (r.measured_latency or {}).get("protocol"), "uri": uri}
+    s, uri = output("search", SearchOutput)
     if s:
-        out["search"] = {"metrics": s.get("metrics") or {}, "uri": s.get("store_uri")}
-    sw = manifest("sweep")
+        out["search"] = {"metrics": s.metrics, "uri": uri}
+    sw, uri = output("sweep", SweepOutput)
     if sw:
-        out["sweep"] = {"trials": sw.get("trials") or [], "uri": sw.get("store_uri")}
+        out["sweep"] = {"trials": sw.trials, "uri": uri}
     return out
 
 
@@ -474,9 +487,8 @@ def format_inspect(info: Mapping[str, Any]) -> str:
     r = info.get("retrained")
     if r:
         m = r["metrics"]
-        acc = next((m[k] for k in ("test_top1", "test_acc", "top1", "accuracy", "val_acc") if k in m), None)
-        ms = r.get("measured_latency_ms")
-        lines.append(f"retrained: accuracy {'-' if acc is None else f'{acc:.4f}'}; "
+        acc, ms = m.get("test_top1"), r.get("measured_latency_ms")
+        lines.append(f"retrained: test top-1 {'-' if acc is None else f'{acc:.4f}'}; "
                      f"measured latency {'-' if ms is None else f'{ms:.4g}'} ms; " + _key_metrics(m, 6))
         d_pred, units = (d or {}).get("predicted_latency"), (d or {}).get("latency_units") or ""
         if r.get("predicted_latency_ms") is not None:  # the latency model's prediction, same protocol as measured
@@ -496,6 +508,8 @@ def format_inspect(info: Mapping[str, Any]) -> str:
         lines.append(f"  artifacts: {r.get('uri')}")
     else:
         lines.append("retrained: none yet (the retrain stage has not finished)")
+    for stage, why in (info.get("unreadable") or {}).items():
+        lines.append(f"{stage}: not shown: {why}")
     sw = info.get("sweep")
     if sw and sw["trials"]:
         lines.append("sweep (Pareto front marked *):")

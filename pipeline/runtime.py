@@ -1,11 +1,10 @@
 """Where the pipeline runs: the artifact store, the tracker, Ray, node ids.
 
-Each piece prefers the cluster/ layer's implementation and says so when it falls back:
-
 - ``open_store(uri)``: ``cluster.storage.open_store``.
-- ``open_tracker(cfg, run_id, store)``: ``cluster.tracking`` when present and tracking is enabled, else a
-  ``NullTracker`` (nothing is logged; the run record still holds everything). Its spool (MLflow
-  operations kept while the server is down) is the run's own: ``tracking_spool_dir``.
+- ``open_tracker(cfg, run_id, store)``: ``cluster.run_tracking.PipelineTracker`` (MLflow through
+  ``cluster.tracking``), over ``NullTracker`` when tracking is off (nothing is logged; the run record
+  still holds everything). Its spool (MLflow operations kept while the server is down) is the run's
+  own: ``tracking_spool_dir``.
 - ``ensure_ray(ray_cfg)``: inside ``ray job submit`` (or with ``$RAY_ADDRESS``) join that cluster with
   ``address="auto"``; else the configured address; else start a local Ray. Started lazily: a run
   whose stages are all cached never starts Ray.
@@ -14,12 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-from jobs.context import NullTracker
 
 __all__ = ["open_store", "open_tracker", "tracking_spool_dir", "ensure_ray"]
 
@@ -48,18 +45,13 @@ def tracking_spool_dir(store: Any, run_id: str, uri: str) -> Path:
 
 
 def open_tracker(cfg: Any, run_id: str, store: Any = None) -> Any:
-    """A tracker for the pipeline run (parent run), or a ``NullTracker`` with the reason printed.
+    """The MLflow parent run of the pipeline run (``cluster.run_tracking.PipelineTracker``); with
+    ``tracking.enabled: false`` the same class over ``NullTracker``. With ``store`` its spool is the
+    run's own (``tracking_spool_dir``)."""
+    from cluster.run_tracking import PipelineTracker
 
-    With ``store`` its spool is the run's own (``tracking_spool_dir``)."""
     if not cfg.tracking.enabled:
-        return NullTracker()
-    try:
-        from pipeline._tracking_adapter import PipelineTracker
-    except ImportError as e:
-        print(f"tracking: cluster/tracking.py cannot be imported ({e}); MLflow logging is off "
-              "(the run record keeps stages, metrics and fingerprints)", file=sys.stderr, flush=True)
-        return NullTracker()
-
+        return PipelineTracker.disabled(run_id)
     spool = tracking_spool_dir(store, run_id, cfg.tracking.uri) if store is not None else None
     return PipelineTracker(cfg.tracking.uri, cfg.tracking.experiment, run_id, config=cfg.dump(), spool_dir=spool)
 

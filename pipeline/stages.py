@@ -426,9 +426,7 @@ def _run_planned(cfg: PipelineConfig, graph: StageGraph, planned: list[PlannedSt
         raise
     finally:
         record.finish(participating)
-        tracker_end = getattr(tracker, "end", None)
-        if callable(tracker_end):
-            tracker_end("FAILED" if failed else ("FINISHED" if record.status == "finished" else "KILLED"))
+        tracker.end("FAILED" if failed else ("FINISHED" if record.status == "finished" else "KILLED"))
     return record
 
 
@@ -451,18 +449,18 @@ def _run_one(st: Stage, fp: str, cache_fps: Mapping[str, str], cfg: PipelineConf
         has_ckpt = False
     inputs = {u: run_store.get_json(f"{u}/{MANIFEST}") for u in st.upstream}
     prev = record.stages.get(st.name) or {}
-    if prev.get("state") == "running" and callable(getattr(tracker, "end_stale_runs", None)):
+    if prev.get("state") == "running":
         # the record says running, yet we hold the lease: its driver was lost (kill -9) and left the
         # stage's MLflow run RUNNING; end it (KILLED) before this attempt's run starts
         tracker.end_stale_runs(st.name, prev.get("mlflow_run_id"))
-    stage_tracker = tracker.stage(st.name, fingerprint=fp) if hasattr(tracker, "stage") else tracker
+    stage_tracker = tracker.stage(st.name, fingerprint=fp)
     caches = {name: store.child(f"cache/{name}/{cfp}") for name, cfp in cache_fps.items()}
     ctx = StageContext(run_id=run_id, stage=st.name, store=stage_store, run_store=run_store, root_store=store,
                        inputs=inputs, fingerprint=fp, resume=resume and has_ckpt,
                        checkpoint_uri=ckpt_store.uri_for(""), checkpoint_store=ckpt_store, caches=caches,
                        cache_fingerprints=dict(cache_fps), tracker=stage_tracker, config=cfg, printer=printer)
     record.stage_started(st.name, fp, resume=ctx.resume, checkpoint_uri=ctx.checkpoint_uri,
-                         mlflow_run_id=getattr(stage_tracker, "run_id", None))
+                         mlflow_run_id=stage_tracker.run_id)
     printer(f"[{st.name}] running ({fp[:12]})" + (" resuming from its checkpoint" if ctx.resume else ""))
     try:
         section = st.section_arg(cfg)
@@ -483,9 +481,7 @@ def _run_one(st: Stage, fp: str, cache_fps: Mapping[str, str], cfg: PipelineConf
         interrupted = isinstance(e, (KeyboardInterrupt, SystemExit)) or STOP_REQUESTED.is_set()
         state = "interrupted" if interrupted else "failed"
         record.stage_failed(st.name, state, f"{type(e).__name__}: {e}", traceback.format_exc(limit=8))
-        end = getattr(stage_tracker, "end", None)
-        if callable(end) and stage_tracker is not tracker:
-            end("FAILED" if state == "failed" else "KILLED")
+        stage_tracker.end("FAILED" if state == "failed" else "KILLED")
         printer(f"[{st.name}] {state}: {type(e).__name__}: {e}")
         if isinstance(e, KeyboardInterrupt):
             raise
@@ -513,9 +509,7 @@ def _run_one(st: Stage, fp: str, cache_fps: Mapping[str, str], cfg: PipelineConf
     if stage_store.exists(REPLACING):
         stage_store.delete(REPLACING)
     record.stage_finished(st.name, manifest)
-    end = getattr(stage_tracker, "end", None)
-    if callable(end) and stage_tracker is not tracker:
-        end("FINISHED")
+    stage_tracker.end("FINISHED")
     printer(f"[{st.name}] finished in {duration:.1f}s; {len(artifacts)} artifacts"
             + (f"; metrics {json.dumps(numeric_metrics(metrics))}" if metrics else ""))
     return manifest

@@ -46,11 +46,14 @@ class Calls:
 
         def derive(section, ctx):
             self.calls.append("derive")
-            return {"one_line": "k3e3 | k5e6", "predicted_latency": 1.25, "latency_units": "ms", "params": 1234}
+            return {"arch": {}, "one_line": "k3e3 | k5e6", "official": "", "path": [0, 1], "op_choice": [0],
+                    "path_prob": 1.0, "predicted_latency": 1.25, "latency_units": "ms", "params": 1234, "macs": None,
+                    "k_best": [], "pictures": []}
 
         def retrain(section, ctx):
             self.calls.append("retrain")
-            return {"metrics": {"test_acc": 0.875}, "measured_latency_ms": 1.5}
+            return {"model_key": "model.pt", "arch_key": "arch.json", "records_key": "records.jsonl",
+                    "checkpoint": "", "workers": [], "metrics": {"test_top1": 0.875}, "measured_latency_ms": 1.5}
 
         from pipeline.stages import CacheSpec, WARMUP_IRRELEVANT
         return StageGraph([
@@ -161,9 +164,9 @@ def test_status_and_inspect(tmp_path, capsys):
         assert f"\n{name}" in text
     store = open_store(str(tmp_path / "store"))
     info = inspect_run(store, "r1")
-    assert info["derived"]["one_line"] == "k3e3 | k5e6" and info["retrained"]["metrics"]["test_acc"] == 0.875
+    assert info["derived"]["one_line"] == "k3e3 | k5e6" and info["retrained"]["metrics"]["test_top1"] == 0.875
     shown = format_inspect(info)
-    assert "derived architecture: k3e3 | k5e6" in shown and "accuracy 0.8750" in shown
+    assert "derived architecture: k3e3 | k5e6" in shown and "test top-1 0.8750" in shown
     assert "predicted vs measured: 1.25 ms vs 1.5 ms (-16.7%)" in shown
     assert cli_main(["status", "--store", str(tmp_path / "store")]) == 0
     assert "r1" in capsys.readouterr().out

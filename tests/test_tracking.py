@@ -205,7 +205,7 @@ def test_epoch_curves_resume_logs_each_epoch_once(tmp_path):
 
 
 def test_parent_reused_by_a_rerun_and_summary_forwarded(tmp_path):
-    from pipeline._tracking_adapter import PipelineTracker
+    from cluster.run_tracking import PipelineTracker
 
     uri = _sqlite(tmp_path)
     first = PipelineTracker(uri, "reuse", "r1", config={"search": {"lambda": 0.1}})

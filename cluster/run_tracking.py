@@ -1,6 +1,8 @@
-"""The run's MLflow face: a parent run per pipeline run, a nested run per stage (cluster.tracking).
+"""A pipeline run's MLflow face over ``cluster.tracking``: a parent run per pipeline run, a nested run per stage.
 
-``PipelineTracker`` is what ``run_pipeline`` and ``StageContext.tracker`` use: ``run_id``, ``url``,
+``PipelineTracker`` is what ``run_pipeline`` uses and ``StageTracker`` (``PipelineTracker.stage``) is
+``StageContext.tracker``; with tracking off both are the same classes over ``NullTracker``
+(``PipelineTracker.disabled()``), so a stage calls the same methods either way. The surface: ``run_id``, ``url``,
 ``log_params`` (nested dicts are flattened; secrets are redacted by cluster.tracking),
 ``log_metrics``, ``log_dict``, ``set_tags``, ``stage(name, fingerprint) -> StageTracker``, ``end``.
 A stage that trains on Ray workers hands ``ctx.tracker.spec`` (a picklable ``TrackerSpec`` naming
@@ -22,7 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from cluster.tracking import TAG_CONFIG, TAG_RUN_ID, TAG_STAGE, Tracker, flatten_config, standard_tags
+from cluster.tracking import (TAG_CONFIG, TAG_RUN_ID, TAG_STAGE, NullTracker, Tracker, flatten_config,
+                              standard_tags)
 
 # stage summary metric -> parent metric: what a user compares runs by
 PARENT_SUMMARY = {
@@ -62,6 +65,11 @@ class _HandleFacade:
     @property
     def experiment(self) -> str:
         return self._tracker.experiment
+
+    @property
+    def enabled(self) -> bool:
+        """False with tracking off: callers skip work done only for MLflow (model files, pictures)."""
+        return not isinstance(self._tracker, NullTracker)
 
     @property
     def spec(self):
@@ -137,8 +145,9 @@ class PipelineTracker(_HandleFacade):
     """The parent run of one pipeline run (reopened by a rerun of the same run id and config)."""
 
     def __init__(self, uri: str | None, experiment: str, run_id: str, config: Any = None,
-                 spool_dir: str | Path | None = None):
-        tracker = Tracker(uri, experiment, spool_dir=spool_dir)   # spool_dir: the run's own (pipeline.runtime)
+                 spool_dir: str | Path | None = None, tracker: Tracker | None = None):
+        # spool_dir: the run's own (pipeline.runtime); tracker: given only by disabled()
+        tracker = tracker if tracker is not None else Tracker(uri, experiment, spool_dir=spool_dir)
         self.pipeline_run_id = run_id
         self.reused = False
         tags = standard_tags(run_id=run_id)
@@ -157,6 +166,11 @@ class PipelineTracker(_HandleFacade):
             handle = tracker.start_run(f"pipeline:{run_id}", tags=tags)
         super().__init__(tracker, handle)
         self._summary: dict[str, float] = {}
+
+    @classmethod
+    def disabled(cls, run_id: str = "") -> "PipelineTracker":
+        """Tracking off: the same surface over ``NullTracker``; nothing is logged, ``run_id`` is None."""
+        return cls(None, "", run_id, tracker=NullTracker())
 
     def log_summary_metrics(self, metrics: Mapping[str, float]) -> None:
         """Run-level numbers, each value once (a stage and the runner may both report it)."""
