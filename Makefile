@@ -30,8 +30,9 @@ data:
 test: setup
 	$(BIN)/python -m pytest -m "not gpu and not drill" $(PYTEST_ARGS)
 
-# ... and the fault drills (about 11 minutes more): a node lost mid-search; a Train worker, SeaweedFS,
-# MLflow and the driver killed during one run. CI (.ci/run) runs both.
+# ... and the fault drills on the local stack (about 15 minutes more): a submitted job stopped mid-search
+# and resumed; a node lost mid-search; a Train worker, SeaweedFS, MLflow and the driver killed during one
+# run. CI (.ci/run) runs both.
 drills: setup
 	$(BIN)/python -m pytest -m "drill and not gpu" $(PYTEST_ARGS)
 

@@ -179,6 +179,7 @@ def _wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.drill
 @pytest.mark.timeout(600)
 def test_stopped_search_resumes_from_its_checkpoint(ray_stack, tmp_path):
     sub = Submission(ray_stack, tmp_path, "resume")
