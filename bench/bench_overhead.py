@@ -169,7 +169,8 @@ def in_process_search(manifest, split_store, space, settings: dict, workers: int
     cfg = SearchConfig.model_validate(settings)
     counts = manifest["counts"]
     batch, steps = steps_per_worker(int(counts["train"]), workers, cfg.batch_size)
-    val_batch, val_steps = steps_per_worker(int(counts["val"]), workers, cfg.batch_size)
+    # as the stage (jobs.search.run): architecture batches of arch_batch_size when the config sets it
+    val_batch, val_steps = steps_per_worker(int(counts["val"]), workers, cfg.arch_batch_size or cfg.batch_size)
     train = load_worker_split(manifest, ["train"], split_store, rank=0, world=workers, augment=True,
                               input_size=space.input_size, channels=space.in_channels)
     val = load_worker_split(manifest, ["val"], split_store, rank=0, world=workers, augment=False,
