@@ -29,8 +29,8 @@ from typing import Any, Callable, Mapping, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["StageContext", "StageOutput", "output_of", "untracked", "CACHE_COMPLETE", "RUNNER_KEYS", "REPO_ROOT", "LOCAL_STORE",
-           "resolve_space"]
+__all__ = ["StageContext", "StageOutput", "output_of", "untracked", "CACHE_COMPLETE", "RUNNER_KEYS", "REPO_ROOT",
+           "LOCAL_STORE", "resolve_space"]
 
 CACHE_COMPLETE = "_complete.json"
 # Keys the runner writes into every manifest beside the stage's Output; an Output must not use them.
@@ -53,6 +53,8 @@ OutputT = TypeVar("OutputT", bound=StageOutput)
 def output_of(manifest: Mapping[str, Any], output_type: type[OutputT]) -> OutputT:
     """A stage's typed ``Output`` from its manifest: the manifest less the runner's keys and index."""
     return output_type.model_validate({k: v for k, v in manifest.items() if k not in (*RUNNER_KEYS, *INDEX_KEYS)})
+
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_STORE = REPO_ROOT / "runs-store"     # the store when neither a config nor $DENSENAS_STORE names one
 

@@ -53,11 +53,11 @@ def log_split_dataset(ctx: Any, manifest: Mapping[str, Any], store: Any) -> None
         counts = manifest.get("counts") or {}
         name = f"{manifest.get('dataset', 'dataset')}-{manifest.get('num_classes', '?')}cls"
         ctx.tracker.log_dataset(name, h.hexdigest()[:36], store.uri_for(""),
-                    schema={"image": f"{manifest.get('channels')}x{manifest.get('image_size')} uint8",
-                            "label": "int64"},
-                    profile={"counts": counts, "classes": manifest.get("classes"),
-                             "shards": {s: len(v) for s, v in shards.items()},
-                             "normalization": manifest.get("normalization")})
+                                schema={"image": f"{manifest.get('channels')}x{manifest.get('image_size')} uint8",
+                                        "label": "int64"},
+                                profile={"counts": counts, "classes": manifest.get("classes"),
+                                         "shards": {s: len(v) for s, v in shards.items()},
+                                         "normalization": manifest.get("normalization")})
     except Exception as e:  # noqa: BLE001 -- tracking never fails a stage
         _say(ctx, f"tracking: split dataset not logged ({type(e).__name__}: {e})")
 

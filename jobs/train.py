@@ -7,10 +7,9 @@
 
 A stage's checkpoint store holds Ray Train's checkpoints (``storage_path``) and ``latest.json``, a
 pointer {run, dir, epoch} to the newest one: a restarted worker group resumes from
-``ray.train.get_checkpoint()``, a new Train run from that pointer after the whole job died, or after Ray Train's controller failed
-(``fit_resuming``). The
-workers' data (``jobs.data``) and rank 0's MLflow curves (``jobs.epochs.EpochCurves``) are the two
-other pieces every worker loop uses.
+``ray.train.get_checkpoint()``; a new Train run resumes from that pointer after the whole job died, or
+after Ray Train's controller failed (``fit_resuming``). The workers' data (``jobs.data``) and rank 0's
+MLflow curves (``jobs.epochs.EpochCurves``) are the two other pieces every worker loop uses.
 """
 from __future__ import annotations
 
@@ -27,9 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.resources import WorkerResources
 
-__all__ = ["TrainJobResources", "torch_trainer", "fit_resuming", "threads_for_cpus", "allreduce_mean", "allreduce_sum",
-           "broadcast_module", "capped_batches", "steps_per_worker", "latest_checkpoint", "publish_latest",
-           "report_checkpoint", "load_checkpoint_file", "numeric_metrics", "node_id", "tensors_digest",
+__all__ = ["TrainJobResources", "torch_trainer", "fit_resuming", "threads_for_cpus", "allreduce_mean",
+           "allreduce_sum", "broadcast_module", "capped_batches", "steps_per_worker", "latest_checkpoint",
+           "publish_latest", "report_checkpoint", "load_checkpoint_file", "numeric_metrics", "node_id", "tensors_digest",
            "LATEST", "META_FILE"]
 
 LATEST = "latest.json"
