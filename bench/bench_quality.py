@@ -236,8 +236,7 @@ def main(argv=None) -> int:
         profile_s = time.time() - t0
         search = search.model_copy(update={"cost": "macs" if args.cost == "macs" else "profile"})
         t0 = time.time()
-        inputs = sweep_stage.SweepInputs(space, split_out, split_store, search, cost_model, None,
-                                         f"sqlite:///{work / 'mlflow.db'}", "bench-quality")
+        inputs = sweep_stage.SweepInputs(space, split_out, split_store, search, cost_model)
         out = sweep_stage.run(sweep, inputs, StageContext.standalone(open_store(str(work / "sweep")), "sweep",
                                                                    checkpoint_store=open_store(str(work / "work")),
                                                                    resume=args.resume))

@@ -36,6 +36,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+@torch.no_grad()
+def measure_latency_ms(model: torch.nn.Module, input_size: int, in_channels: int, repeats: int = 30,
+                       warmup: int = 5) -> float:
+    """Median wall time (ms) of one inference forward at batch 1 with the current thread settings."""
+    from densenas.profiling import time_module
+
+    return float(statistics.median(time_module(model, torch.randn(1, in_channels, input_size, input_size), "cpu",
+                                               warmup, repeats)))
+
+
 def load_tensors(manifest, split_store, split, space):
     """A split as in-memory tensors (evaluation transform: deterministic, identical for every net)."""
     from jobs.data import iter_batches, shard_dataset
@@ -196,8 +206,7 @@ def main(argv=None) -> int:
             cost_model = load_cost_model(args.cost, space)
         search = search.model_copy(update={"cost": "macs" if args.cost == "macs" else "profile"})
         t0 = time.time()
-        inputs = sweep_stage.SweepInputs(space, split_out, split_store, search, cost_model, None,
-                                         f"sqlite:///{work / 'mlflow.db'}", "bench-sweep")
+        inputs = sweep_stage.SweepInputs(space, split_out, split_store, search, cost_model)
         out = sweep_stage.run(sweep, inputs, StageContext.standalone(open_store(str(work / "sweep")), "sweep",
                                                                    checkpoint_store=open_store(str(work / "work"))))
         out = out.model_dump()
@@ -210,7 +219,6 @@ def main(argv=None) -> int:
 
     # Matched-cost comparison with random paths, every net retrained the same way in this process.
     from densenas.arch import load_arch
-    from jobs.sweep import measure_latency_ms
 
     nc = int(manifest["num_classes"])
     data = (load_tensors(manifest, split_store, "train", space), load_tensors(manifest, split_store, "test", space))
@@ -271,7 +279,7 @@ def main(argv=None) -> int:
         f"Setup: space `{space.name}`, data as in `configs/sweep_tiny.yaml` ({manifest['counts']}), search "
         f"{search.epochs} epochs ({search.warmup_epochs} warm-up, trained once and shared), tau {search.tau}, "
         f"cost model {cost_model.units}; each trial: search (Ray Train) -> derive -> {sweep.retrain_epochs}-epoch "
-        f"retrain (Ray Train) -> measured latency (batch 1, 1 thread, median of {sweep.latency_repeats}). "
+        f"retrain stage (Ray Train) -> measured latency (the retrain stage's, under the table's protocol). "
         f"Sweep wall time {sweep_s:.0f} s; comparison retrains {compare_s:.0f} s; total {time.time() - t_all:.0f} s.",
         "",
         "### 1. Does measured latency fall as lambda rises?",

@@ -172,6 +172,20 @@ class PipelineTracker(_HandleFacade):
         """Tracking off: the same surface over ``NullTracker``; nothing is logged, ``run_id`` is None."""
         return cls(None, "", run_id, tracker=NullTracker())
 
+    @classmethod
+    def nested(cls, spec: Any, name: str, run_id: str, tags: Mapping[str, Any] | None = None) -> "PipelineTracker":
+        """A run nested under ``spec``'s run (a ``TrackerSpec`` from ``StageTracker.spec``, e.g. one Tune
+        trial under the sweep stage's run), whose ``stage(...)`` runs nest under it in turn. ``spec``
+        None (tracking off): ``disabled``."""
+        if spec is None:
+            return cls.disabled(run_id)
+        tracker = spec.open()
+        self = cls.__new__(cls)
+        _HandleFacade.__init__(self, tracker, tracker.start_run(name, parent=spec.run_id or spec.parent_run_id,
+                                                                tags=standard_tags(run_id=run_id) | dict(tags or {})))
+        self.pipeline_run_id, self.reused, self._summary = run_id, False, {}
+        return self
+
     def log_summary_metrics(self, metrics: Mapping[str, float]) -> None:
         """Run-level numbers, each value once (a stage and the runner may both report it)."""
         new = {k: float(v) for k, v in metrics.items() if self._summary.get(k) != float(v)}

@@ -45,7 +45,7 @@ from densenas.space import SearchSpace
 from densenas.supernet import SuperNet
 from jobs.context import StageContext, StageOutput, resolve_space
 
-__all__ = ["DeriveConfig", "DeriveInputs", "DeriveOutput", "DeriveError", "run", "derive_to_store",
+__all__ = ["DeriveConfig", "DeriveInputs", "DeriveOutput", "DeriveError", "run",
            "supernet_from_search_outputs", "arch_params_doc", "ARCH_PARAMS_FORMAT"]
 
 ARCH_PARAMS_FORMAT = "densenas-arch-params"

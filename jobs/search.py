@@ -69,6 +69,7 @@ __all__ = [
     "SearchOutput",
     "FailureInjection",
     "run",
+    "warm_up",
 ]
 
 STATE_FILE = "search_state.pt"
@@ -142,7 +143,7 @@ def _search_worker(config: dict) -> None:
                 os._exit(1)
 
     digests, epoch_ends = [], []   # epoch_ends: wall-clock end of each epoch (bench/bench_overhead.py)
-    while searcher.epoch < search.epochs:
+    while searcher.epoch < config["until_epoch"]:
         train = capped_batches(streams.batches("train", config["batch"], searcher.epoch, drop_last=True,
                                                device=device), config["steps"], on_step)
         val = capped_batches(streams.batches("val", config["val_batch"], searcher.epoch, drop_last=True,
@@ -209,10 +210,36 @@ class SearchOutput(StageOutput):
 def run(cfg: SearchJobConfig, inputs: SearchInputs, ctx: StageContext) -> SearchOutput:
     """Run the search as a Ray Train job (Ray must be initialised): outputs in ``ctx.store``,
     checkpoints and the ``latest.json`` pointer in ``ctx.checkpoint_store``."""
+    space, num_classes, steps, unrouted, seconds = _fit(cfg, inputs, ctx, cfg.epochs)
+    out = _finish(cfg, space, inputs.cost_model, num_classes, steps, ctx.checkpoint_store, ctx.store, seconds, ctx)
+    if unrouted:   # MLflow was down when the stage started: its workers could not log the epochs
+        log_curves_from_driver(ctx, [json.loads(line) for line in ctx.store.get_bytes("search_record.jsonl").decode()
+                                     .splitlines() if line.strip()], search_epoch_metrics)
+    return out
+
+
+def warm_up(cfg: SearchJobConfig, inputs: SearchInputs, ctx: StageContext) -> Any:
+    """Train only the weights-only warm-up, the first ``warmup_epochs`` epochs of ``run`` (same net,
+    data order and cosine schedule), and publish it to ``inputs.warmup_store``, which a later ``run``
+    with any lambda / tau starts from; returns that store. Nothing to train when it is complete."""
+    store = inputs.warmup_store
+    if store is None or cfg.warmup_epochs == 0:
+        raise ValueError("warm_up needs inputs.warmup_store and search.warmup_epochs > 0")
+    if not store.exists(CACHE_COMPLETE):
+        _fit(cfg, inputs, ctx, cfg.warmup_epochs)
+    if not store.exists(CACHE_COMPLETE):
+        raise RuntimeError(f"the warm-up finished but published nothing to {store.uri_for('')}; see the worker logs")
+    return store
+
+
+def _fit(job: SearchJobConfig, inputs: SearchInputs, ctx: StageContext, until_epoch: int
+         ) -> tuple[Any, int, int, bool, float]:
+    """The search's Train job, run (or resumed) up to ``until_epoch``: (space, classes, steps per epoch,
+    whether MLflow was unrouted at the start, seconds)."""
     from cluster.storage import ray_storage
     from jobs.data import DataSpec, Stream, trainer_datasets
 
-    job, search, store, say = cfg, cfg, ctx.store, ctx.progress
+    search, store, say = job, ctx.store, ctx.progress
     space, split, cost_model = resolve_space(inputs.space), inputs.split, inputs.cost_model
     ckpt_store, warm_store = ctx.checkpoint_store, inputs.warmup_store
     counts = split.counts
@@ -249,7 +276,7 @@ def run(cfg: SearchJobConfig, inputs: SearchInputs, ctx: StageContext) -> Search
     tracking, unrouted = stage_tracking_or_unrouted(ctx)
     loop_config = {
         "job": job.dump(), "space": space.to_dict(), "num_classes": num_classes, "cost_model": cost_model,
-        "steps": steps, "batch": batch, "val_steps": val_steps, "val_batch": val_batch,
+        "steps": steps, "batch": batch, "val_steps": val_steps, "val_batch": val_batch, "until_epoch": until_epoch,
         "threads": threads_for_cpus(job.cpus_per_worker), "ckpt_store": ckpt_store, "stage_store": store,
         "warmup_store": warm_store if search.warmup_epochs > 0 else None, "warmup_ready": warm_ready,
         "pointer": pointer, "run_name": run_name, "tracking": tracking,
@@ -266,16 +293,13 @@ def run(cfg: SearchJobConfig, inputs: SearchInputs, ctx: StageContext) -> Search
                              use_gpu=job.use_gpu, run_name=name, storage=(storage_path, storage_fs),
                              max_failures=job.max_failures, datasets=datasets)
 
-    say(f"search: {job.workers} worker(s) x {request.per_worker()}, {search.epochs} epochs "
+    what = "search" if until_epoch == search.epochs else f"search warm-up (epochs 1-{until_epoch})"
+    say(f"{what}: {job.workers} worker(s) x {request.per_worker()}, {search.epochs} epochs "
         f"({search.warmup_epochs} warm-up), {steps} weight steps/epoch at {batch}/worker, "
         f"{search.arch_steps_per_epoch or val_steps} arch steps/epoch; checkpoints in {ckpt_store.uri_for(run_name)}")
     t0 = time.time()
     fit_resuming(trainer, ckpt_store, run_name, what="search", say=say)
-    out = _finish(job, space, cost_model, num_classes, steps, ckpt_store, store, time.time() - t0, ctx)
-    if unrouted:   # MLflow was down when the stage started: its workers could not log the epochs
-        log_curves_from_driver(ctx, [json.loads(line) for line in store.get_bytes("search_record.jsonl").decode()
-                                     .splitlines() if line.strip()], search_epoch_metrics)
-    return out
+    return space, num_classes, steps, unrouted, time.time() - t0
 
 
 def _finish(job: SearchJobConfig, space, cost_model, num_classes: int, steps: int, ckpt_store, store,

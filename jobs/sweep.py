@@ -1,45 +1,32 @@
-"""The sweep stage: Ray Tune over the latency trade-off (lambda, tau) of DenseNAS, sharing one warm-up.
+"""The sweep stage: Ray Tune over the latency trade-off (lambda, tau), each trial the stages' own ``run()``.
 
-    run(SweepConfig(...), SweepInputs(space, split, split_store, search, cost_model, ...), ctx) -> SweepOutput
+    run(SweepConfig(...), SweepInputs(space, split, split_store, search, cost_model, warmup_store), ctx) -> SweepOutput
 
-How it runs (all on Ray):
-
-1. **Warm-up, once.** The weights-only warm-up does not depend on lambda / tau, so the driver trains
-   it once (a Ray Train job of the same shape as every trial's search: same workers, batch and
-   steps per epoch, same seed, the search's full cosine schedule) and publishes it to the warm-up
-   cache (``warmup_state.pt``, then ``_complete.json``) in exactly the format ``jobs.search`` reads.
-   An existing complete cache entry (the pipeline's ``ctx.caches["warmup"]``, shared with the search
-   stage) is reused as is.
-2. **Trials.** ``Tuner`` runs a *function trainable* (``tune.with_resources(fn, {"cpu": 0.01})``: the
-   trial driver only waits) per grid / random point. A trial:
-   a. runs the search stage, ``jobs.search.run`` (a ``TorchTrainer``), with this
-      trial's lambda / tau, starting from the warm-up cache (so only the search epochs are trained);
-   b. derives the network (``jobs.derive.derive_to_store``: Viterbi path + argmax ops), once per
-      latency budget when ``latency_budgets`` is set (plus the unbudgeted one);
-   c. evaluates every derived network in a second ``TorchTrainer``: a short retrain from scratch
-      (``evaluation: retrain``) or the super network restricted to the derived path
-      (``evaluation: supernet``), then times the built network (measured latency, batch 1,
-      one thread); the worker's reports reach Tune through ``TuneReportCallback``.
-   Each trial writes ``trials/<key>/result.json`` last; a trial restarted after it finished only
-   re-reports it. Resources per trial and ``max_concurrent`` come from the config and are checked
-   against the cluster first (an impossible request fails at once instead of waiting forever).
+1. **Warm-up, once.** The weights-only warm-up does not depend on lambda / tau: ``jobs.search.warm_up``
+   trains it (the search's own Train job, stopped after ``warmup_epochs``) into the warm-up cache, unless
+   a complete entry of the trials' shape is there (the pipeline's ``ctx.caches["warmup"]``, shared
+   with the search stage).
+2. **Trials.** ``Tuner`` runs a function trainable per grid / random point (``trial_driver_cpus``: it
+   only waits). A trial is the pipeline's stages in a row, in ``trials/<key>/`` of the checkpoint store:
+   ``jobs.search.run`` with the trial's lambda / tau (from the warm-up), then per latency budget
+   (plus the unbudgeted one) ``jobs.derive.run`` and ``jobs.retrain.run`` (the retrain stage's recipe,
+   ``retrain_*`` epochs / batch / lr, no export; its latency measured under the latency table's
+   protocol). Each candidate is reported to Tune; ``result.json`` is written last, and a trial
+   restarted after it only re-reports it. An interrupted trial's search / retrain continue from their
+   own checkpoints.
 3. **Output.** The Pareto front over every derived network (accuracy max, measured latency min,
-   ``densenas.pareto``): ``trials.csv`` / ``trials.parquet`` (every candidate, ``pareto`` flag),
-   ``pareto.csv`` / ``pareto.parquet`` (the front), ``pareto.png`` (every trial, front highlighted,
-   points labelled lambda/tau) and ``pareto_archs/<key>.json`` (the architecture of each front
-   network), in the store and as artifacts of the MLflow parent run.
+   ``densenas.pareto``): ``trials.csv|parquet`` (every candidate, ``pareto`` flag), ``pareto.csv|parquet``,
+   ``pareto.png`` and ``pareto_archs/<candidate>.json``, in ``ctx.store`` and on the stage's MLflow run,
+   whose front is registered as model versions (architecture only).
 
-MLflow: a parent run for the sweep (nested under the pipeline's stage run when there is one) and a
-nested run per trial (params lambda / tau / budget, the trial's metrics). The experiment is created
-by the driver (a trial cannot create it). Tracking problems are printed, never fatal.
-
-Resume: with ``ctx.resume`` (the pipeline's ``--resume``) it calls
-``Tuner.restore(path, trainable=..., resume_unfinished=True, resume_errored=True)``: finished trials
-are not run again; an interrupted trial's search continues from its own latest checkpoint.
+MLflow: each trial is a run nested under the stage's run (``ctx.tracker``), its search / derive /
+retrain runs nested under the trial's, as in a pipeline run. Resume (``ctx.resume``):
+``Tuner.restore(..., resume_unfinished=True, resume_errored=True)``: a finished trial is not run again
+(its run stays under the stage run of the attempt that ran it, beside the new one in the pipeline's
+run); the new stage run gets the trials it runs and the Pareto outputs of all.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -50,25 +37,26 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Sequence
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from densenas.pareto import non_dominated_mask
 from densenas.search import SearchConfig
 from jobs.context import CACHE_COMPLETE, StageContext, StageOutput, resolve_space
+from jobs.retrain import RetrainConfig
 from jobs.split import SplitOutput
 from jobs.train import numeric_metrics
 
 __all__ = ["SweepConfig", "SweepInputs", "SweepOutput", "TrialFailureDrill", "SweepError", "run", "sweep_points",
-           "trial_key",
-           "measure_latency_ms"]
+           "trial_key"]
 
 TRIAL_RESULT = "result.json"
-WARMUP_STATE = "warmup_state.pt"     # the names jobs.search reads
 EXPERIMENT = "sweep"
-CPU = torch.device("cpu")
+REMOVED = {"evaluation": "every trial retrains its derived net with the retrain stage",
+           "accuracy_split": "the retrain stage trains on search-train + search-val and tests on the test split",
+           "latency_repeats": "the retrain stage times the net under the latency table's protocol "
+                              "(recipe: {latency_repeats: N} without a table)"}
 
 
 class SweepError(RuntimeError):
@@ -97,24 +85,28 @@ class SweepConfig(BaseModel):
     tau_range: tuple[float, float] = Field((5.0, 30.0), description="random mode: uniform tau range")
     latency_budgets: list[float] = Field(default_factory=list,
                                          description="also derive the best path within each budget (cost units)")
-    evaluation: Literal["retrain", "supernet"] = Field("retrain", description="retrain the derived net briefly, "
-                                                       "or evaluate the super network on the derived path")
-    retrain_epochs: int = Field(3, ge=0, description="retrain epochs (0 means evaluation: supernet)")
+    retrain_epochs: int = Field(3, ge=1, description="epochs of each derived net's retrain")
     retrain_batch_size: int = Field(64, ge=1)
     retrain_lr: float = Field(0.05, gt=0)
-    recipe: dict[str, Any] = Field(default_factory=dict, description="further densenas.retrain.TrainRecipe fields "
-                                   "of the evaluation's retrain (as the retrain section; default: its defaults)")
-    accuracy_split: Literal["test", "val"] = Field("test", description="where accuracy is measured")
+    recipe: dict[str, Any] = Field(default_factory=dict, description="further retrain-section fields of the trials' "
+                                   "retrain (jobs.retrain.RetrainConfig; default: its defaults)")
     search_epochs: int | None = Field(None, ge=1, description="override search.epochs for the trials")
     max_concurrent: int = Field(1, ge=1, description="trials at once")
-    workers_per_trial: int = Field(1, ge=1, description="Ray Train workers of each trial's search / evaluation")
+    workers_per_trial: int = Field(1, ge=1, description="Ray Train workers of each trial's search / retrain")
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs per Train worker (fractions let trials share cores)")
     trial_driver_cpus: float = Field(0.01, gt=0, description="CPUs of the trial function itself (it only waits)")
     data_cpus: float = Field(1.0, ge=0, description="CPUs kept free for Ray Data's decode tasks")
     max_failures: int = Field(0, ge=0, description="Tune retries of a failed trial")
-    latency_repeats: int = Field(30, ge=3, description="timed forward passes per measured latency")
     seed: int = 0
     fail_trial: TrialFailureDrill | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, doc: Any) -> Any:
+        gone = [f"sweep.{k}: {why}" for k, why in REMOVED.items() if isinstance(doc, dict) and k in doc]
+        if gone:
+            raise ValueError("no longer a sweep field, remove it (" + "; ".join(gone) + ")")
+        return doc
 
     @model_validator(mode="after")
     def _ranges(self) -> "SweepConfig":
@@ -132,19 +124,23 @@ class SweepConfig(BaseModel):
             raise ValueError(f"tau_range must be 1 < low <= high, got {self.tau_range}")
         if any(b <= 0 for b in self.latency_budgets):
             raise ValueError(f"latency_budgets must be > 0, got {self.latency_budgets}")
+        self.retrain_config()   # a bad recipe fails with the config, not in a trial
         return self
 
+    def retrain_config(self) -> RetrainConfig:
+        """Each trial's retrain stage: the retrain section's defaults, ``recipe``, the sweep's epochs /
+        batch / lr and Train resources; no export, no model registered (the front is, by the sweep)."""
+        return RetrainConfig.model_validate({
+            **self.recipe, "epochs": self.retrain_epochs, "batch_size": self.retrain_batch_size, "lr": self.retrain_lr,
+            "workers": self.workers_per_trial, "cpus_per_worker": self.cpus_per_worker, "data_cpus": self.data_cpus,
+            "use_gpu": False, "export": False, "log_model": False, "seed": self.seed})
+
     def train_recipe(self) -> Any:
-        """The evaluation's ``densenas.retrain.TrainRecipe``: the retrain stage's recipe (label smoothing,
-        no decay on BN/bias, cosine per step, ...) with the sweep's epochs, batch and lr."""
+        """The trials' ``densenas.retrain.TrainRecipe`` (to retrain other nets the same way)."""
         from densenas.retrain import TrainRecipe
 
-        return TrainRecipe.model_validate({**self.recipe, "epochs": max(1, self.retrain_epochs),
-                                           "batch_size": self.retrain_batch_size, "lr": self.retrain_lr})
-
-    @property
-    def evaluation_mode(self) -> str:
-        return "supernet" if self.evaluation == "supernet" or self.retrain_epochs == 0 else "retrain"
+        cfg = self.retrain_config()
+        return TrainRecipe.model_validate({k: getattr(cfg, k) for k in TrainRecipe.model_fields})
 
 
 # --------------------------------------------------------------------------- points
@@ -176,246 +172,107 @@ def _budget_key(budget: float | None) -> str:
     return "free" if budget is None else re.sub(r"[^A-Za-z0-9_.-]", "_", f"b{budget:.6g}")
 
 
-# --------------------------------------------------------------------------- latency
-@torch.no_grad()
-def measure_latency_ms(model: torch.nn.Module, input_size: int, in_channels: int, repeats: int = 30,
-                       warmup: int = 5) -> float:
-    """Median wall time (ms) of one inference forward at batch 1 (``densenas.profiling.time_module``,
-    eval mode, no autograd) with the current thread settings."""
-    import statistics
-
-    from densenas.profiling import time_module
-
-    return float(statistics.median(time_module(model, torch.randn(1, in_channels, input_size, input_size), "cpu",
-                                               warmup, repeats)))
-
-
-# --------------------------------------------------------------------------- Ray Train loops
-def _warmup_worker(config: dict) -> None:
-    """The weights-only warm-up as jobs.search trains it (same seed, net, schedule, data order), stopped
-    at ``warmup_epochs`` and published to the warm-up cache by rank 0."""
-    import ray.train
-    import ray.train.torch
-
-    from densenas.search import SearchConfig, Searcher
-    from densenas.supernet import SuperNet
-    from jobs.data import worker_batches
-    from jobs.train import allreduce_mean, broadcast_module, capped_batches
-
-    tctx = ray.train.get_context()
-    rank, world = tctx.get_world_rank(), tctx.get_world_size()
-    torch.set_num_threads(config["threads"])
-    search = SearchConfig.model_validate(config["search"])
-    torch.manual_seed(search.seed)
-    net = SuperNet(config["space"], num_classes=config["num_classes"])
-    log = (lambda m: print(f"[sweep warm-up] {m}", flush=True)) if rank == 0 else None
-    searcher = Searcher(net, search, config["cost_model"], steps_per_epoch=config["steps"], device="cpu",
-                        grad_sync=allreduce_mean if world > 1 else None, log=log)
-    broadcast_module(net)
-    while searcher.epoch < search.warmup_epochs:
-        searcher.run_epoch(
-            capped_batches(worker_batches("train", config["batch"], drop_last=True, device=CPU), config["steps"]),
-            capped_batches(worker_batches("val", config["val_batch"], drop_last=True, device=CPU), config["val_steps"]))
-    metrics = {"epoch": float(searcher.epoch)}
-    last = searcher.history[-1] if searcher.history else {}
-    metrics.update({k: float(v) for k, v in last.items() if k in ("train_acc", "val_acc", "train_loss")
-                    and isinstance(v, (int, float))})
-    if rank == 0:
-        buf = io.BytesIO()
-        torch.save(searcher.state_dict(), buf)
-        warm = config["warmup_store"]
-        warm.put_bytes(WARMUP_STATE, buf.getvalue())
-        warm.publish_json(CACHE_COMPLETE, {"epoch": searcher.epoch, "time": time.time(),
-                                           "steps_per_epoch": config["steps"], "made_by": "sweep"})
-    ray.train.report(metrics)
-
-
-def _evaluate_worker(config: dict) -> None:
-    """Accuracy of one derived network (short retrain, or the super network on the derived path),
-    then its measured latency; one ``ray.train.report`` per epoch (Tune sees them via the callback)."""
-    import ray.train
-
-    from densenas.arch import Arch, build_model
-    from jobs.data import worker_batches
-
-    torch.set_num_threads(config["threads"])
-    torch.manual_seed(config["seed"])
-    arch = Arch.from_dict(config["arch"])
-    split, static = config["accuracy_split"], dict(config["static"])
-
-    def accuracy(forward) -> float:
-        correct = total = 0
-        with torch.no_grad():
-            for x, y in worker_batches(split, config["batch"], device=CPU):
-                correct += int((forward(x).argmax(1) == y).sum())
-                total += int(y.numel())
-        return correct / max(total, 1)
-
-    if config["mode"] == "retrain":
-        # The retrain stage's recipe and code (densenas.retrain), so a sweep accuracy and a retrain
-        # accuracy of the same network and epochs mean the same thing.
-        from densenas.retrain import TrainRecipe, build_optimizer, build_scheduler, train_epoch
-        from jobs.train import capped_batches
-
-        recipe = TrainRecipe.model_validate(config["recipe"])
-        model = build_model(arch, num_classes=config["num_classes"], dropout=recipe.dropout)
-        opt = build_optimizer(model, recipe)
-        sched = build_scheduler(opt, recipe, config["steps"])
-        epochs = recipe.epochs
-        for epoch in range(epochs):
-            r = train_epoch(model, capped_batches(worker_batches("train", recipe.batch_size, drop_last=True,
-                                                                 device=CPU), config["steps"]),
-                            opt, sched, recipe)
-            acc = accuracy(model.eval())
-            metrics = {**static, "epoch": epoch + 1, "train_loss": r["loss"], "accuracy": acc}
-            if epoch == epochs - 1:
-                metrics["measured_latency_ms"] = _latency(arch, config)
-                config["result_store"].put_json("metrics.json", metrics)   # before the report: the trial reads it
-            ray.train.report(metrics)
-        return
-    # Super-network evaluation: the searched weights, one op per layer (argmax), the path's edges only.
-    from densenas.supernet import SuperNet
-
-    state = torch.load(io.BytesIO(config["supernet_state"]), map_location="cpu", weights_only=False)
-    net = SuperNet(config["space"], num_classes=config["num_classes"])
-    net.load_state_dict(state["supernet"])
-    path = list(config["path"])
-    nxt = dict(zip(path, path[1:] + [net.space.end_node]))
-    with torch.no_grad():
-        for i, beta in enumerate(net.betas):
-            if i in nxt:
-                dsts = [j for (_, j, _) in net.space.out_edges(i)]
-                beta.fill_(-1e4)
-                beta[dsts.index(nxt[i])] = 0.0
-    choices = [(c,) for c in config["op_choice"]]
-    net.train()   # the super network keeps no useful BN running statistics: batch statistics, as in search
-    acc = accuracy(lambda x: net(x, choices, arch_grad=False))
-    metrics = {**static, "epoch": 0, "accuracy": acc, "measured_latency_ms": _latency(arch, config)}
-    config["result_store"].put_json("metrics.json", metrics)
-    ray.train.report(metrics)
-
-
-def _latency(arch: Any, config: dict) -> float:
-    from densenas.arch import build_model
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = build_model(arch, num_classes=config["num_classes"])
-        return measure_latency_ms(model, arch.input_size, arch.in_channels, config["latency_repeats"])
-    finally:
-        torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------- the trial
-def _sweep_trial(config: dict, shared: dict) -> None:
-    """One Tune trial: search from the warm-up -> derive (per budget) -> evaluate -> result.json."""
+@dataclass(frozen=True)
+class _Shared:
+    """What every trial gets (pickled once by ``tune.with_parameters``)."""
+
+    cfg: SweepConfig
+    search: dict                 # the trials' search section (method fields), lambda / tau replaced per trial
+    inputs: "SweepInputs"
+    warmup_store: Any
+    work_store: Any
+    tracking: Any                # TrackerSpec of the stage's run, or None
+    run_id: str
+
+
+def _sweep_trial(config: dict, shared: _Shared) -> None:
+    """One Tune trial: search from the warm-up -> derive -> retrain, per budget; ``result.json`` last."""
     from ray import tune
 
+    from cluster.run_tracking import PipelineTracker
+    from cluster.tracking import TAG_TRIAL
+
     point = config["point"]
-    cfg = SweepConfig.model_validate(shared["sweep"])
-    work = shared["work_store"].child(f"trials/{point['key']}")
+    work = shared.work_store.child(f"trials/{point['key']}")
     work.put_json(f"starts/{time.time():.3f}-{uuid.uuid4().hex[:6]}.json", {"pid": os.getpid(), "time": time.time()})
-    tracker = _TrialTracker(shared.get("mlflow"), point)
-    if work.exists(TRIAL_RESULT):              # finished before an interruption: report, do not recompute
-        result = work.get_json(TRIAL_RESULT)
-        for row in result["candidates"]:
-            tune.report(numeric_metrics(row))
-        return
+    finished = work.exists(TRIAL_RESULT)
+    # Its own run id tag: the pipeline's lookups of a stage's runs by (run id, stage) never see a trial's stages.
+    tracker = PipelineTracker.nested(shared.tracking, f"trial-{point['key']}", f"{shared.run_id}:sweep:{point['key']}",
+                                     {TAG_TRIAL: point["key"], "densenas.cached": str(finished).lower()})
+    tracker.log_params({"lambda": point["lambda"], "tau": point["tau"]})
     try:
-        result = _run_trial(cfg, point, shared, work)
+        result = work.get_json(TRIAL_RESULT) if finished else _run_trial(shared, point, work, tracker)
     except BaseException as e:
-        tracker.end("FAILED", error=f"{type(e).__name__}: {e}")
+        tracker.set_tags({"error": f"{type(e).__name__}: {e}"[:500]})
+        tracker.end("FAILED")
         raise
-    tracker.log(result)
+    for step, row in enumerate(result["candidates"]):
+        if "error" not in row:
+            tune.report(numeric_metrics(row))
+            tracker.log_metrics({k: float(row[k]) for k in ("accuracy", "measured_latency_ms", "predicted_latency")
+                                 if _finite(row.get(k))}, step=step)
+    tracker.log_dict(result, "trial_result.json")
     tracker.end("FINISHED")
-    work.publish_json(TRIAL_RESULT, result)     # last: its presence means the trial is complete
+    if not finished:
+        work.publish_json(TRIAL_RESULT, result)     # last: its presence means the trial is complete
 
 
-def _run_trial(cfg: SweepConfig, point: dict, shared: dict, work: Any) -> dict:
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
+def _stage(tracker: Any, name: str, store: Any, fn: Any) -> Any:
+    """``fn(ctx)`` as a stage of the trial: its own store, checkpoints and nested MLflow run."""
+    stage_tracker = tracker.stage(name)
+    ctx = StageContext.standalone(store, name, tracker=stage_tracker)
+    try:
+        out = fn(ctx)
+    except BaseException:
+        stage_tracker.end("FAILED")
+        raise
+    stage_tracker.log_metrics(numeric_metrics(out.metrics))
+    stage_tracker.end("FINISHED")
+    return out
 
-    from cluster.storage import ray_storage
-    from jobs.data import train_datasets
-    from jobs.derive import DeriveConfig, derive_to_store, supernet_from_search_outputs
-    from jobs.context import StageContext
-    from jobs.search import SearchInputs, SearchJobConfig, run as run_search
-    from jobs.train import steps_per_worker
-    from jobs.split import SplitOutput
 
-    space, cost_model = shared["space"], shared["cost_model"]
+def _run_trial(shared: _Shared, point: dict, work: Any, tracker: Any) -> dict:
+    from densenas.latency import LatencyTable
+    from jobs import derive, retrain, search
+
+    cfg, inputs = shared.cfg, shared.inputs
     drill = cfg.fail_trial
     if drill is not None and drill.index == point["index"] and not os.path.exists(drill.marker):
         Path(drill.marker).write_text(f"trial {point['key']} failed on purpose\n")
         raise SweepError(f"failure drill: trial {point['key']} (index {point['index']}) stops before its search")
-    job = SearchJobConfig.model_validate({**shared["search"], "lambda": point["lambda"], "tau": point["tau"],
-                                          **_train_job_fields(cfg)})
+    space = resolve_space(inputs.space)
+    job = search.SearchJobConfig.model_validate({**shared.search, "lambda": point["lambda"], "tau": point["tau"],
+                                                 **_train_job_fields(cfg)})
     t0 = time.time()
-    search_store = work.child("search")
-    out = run_search(job, SearchInputs(space, SplitOutput.model_validate(shared["split_manifest"]),
-                                       shared["split_store"], cost_model, shared["warmup_store"]),
-                     StageContext.standalone(search_store, "search"))
+    searched = _stage(tracker, "search", work.child("search"), lambda ctx: search.run(job, search.SearchInputs(
+        space, inputs.split, inputs.split_store, inputs.cost_model, shared.warmup_store), ctx))
     search_s = time.time() - t0
-
-    state_bytes = search_store.get_bytes(out.state_key)
-    net = supernet_from_search_outputs(space, state_bytes)
+    arch_params = work.child("search").get_bytes(searched.arch_params_key)
+    table = inputs.cost_model if isinstance(inputs.cost_model, LatencyTable) else None
     candidates = []
-    mode = cfg.evaluation_mode
-    datasets = train_datasets(shared["split_manifest"], shared["split_store"], input_size=space.input_size,
-                              channels=space.in_channels,
-                              splits=(("train", cfg.accuracy_split) if mode == "retrain" else (cfg.accuracy_split,)))
     for budget in [None, *cfg.latency_budgets]:
         bkey = _budget_key(budget)
-        dstore = work.child(f"derive/{bkey}")
+        suffix = "" if budget is None else f"@{bkey}"
+        row = {"trial": point["key"], "index": point["index"], "lambda": point["lambda"], "tau": point["tau"],
+               "budget": budget, "candidate": f"{point['key']}/{bkey}"}
         try:
-            d = derive_to_store(DeriveConfig(k_best=3, latency_budget=budget, diagram=False), net, cost_model, dstore)
+            d = _stage(tracker, f"derive{suffix}", work.child(f"derive/{bkey}"), lambda ctx: derive.run(
+                derive.DeriveConfig(k_best=3, latency_budget=budget, diagram=False),
+                derive.DeriveInputs(space, arch_params, inputs.cost_model, inputs.split.num_classes), ctx))
         except ValueError as e:   # no path within this budget: recorded, not fatal for the trial
-            candidates.append({"trial": point["key"], "lambda": point["lambda"], "tau": point["tau"],
-                               "budget": budget, "error": str(e)})
+            candidates.append(row | {"error": str(e)})
             continue
-        static = {"lambda": point["lambda"], "tau": point["tau"], "budget": budget if budget is not None else -1.0,
-                  "predicted_latency": d["predicted_latency"], "params": d["params"], "macs": d["macs"],
-                  "path_prob": d["path_prob"], "search_val_acc": out.metrics.get("val_acc")}
-        static = {k: float(v) for k, v in static.items() if isinstance(v, (int, float))}
-        loop = {"mode": mode, "arch": d["arch"], "num_classes": net.num_classes, "space": space.to_dict(),
-                "path": d["path"], "op_choice": d["op_choice"], "recipe": cfg.train_recipe().model_dump(mode="json"),
-                "batch": cfg.retrain_batch_size, "threads": max(1, int(cfg.cpus_per_worker)),
-                "steps": max(1, steps_per_worker(int(shared["split_manifest"]["counts"]["train"]), 1,
-                                                 cfg.retrain_batch_size)[1]),
-                "seed": cfg.seed, "accuracy_split": cfg.accuracy_split, "latency_repeats": cfg.latency_repeats,
-                "static": static, "supernet_state": state_bytes if mode == "supernet" else None}
-        eval_store = work.child(f"eval/{bkey}")
-        eval_store.delete("metrics.json")
-        loop["result_store"] = eval_store
-        storage_path, storage_fs = ray_storage(eval_store)
-        name = f"eval-{uuid.uuid4().hex[:6]}"
-        trainer = TorchTrainer(
-            _evaluate_worker, train_loop_config=loop,
-            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": cfg.cpus_per_worker}),
-            run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
-                                 callbacks=[TuneReportCallback()]),
-            datasets=datasets)
         t1 = time.time()
-        res = trainer.fit()
-        if getattr(res, "error", None) is not None:
-            raise SweepError(f"evaluation of trial {point['key']} ({bkey}) failed: {res.error}") from res.error
-        if not eval_store.exists("metrics.json"):
-            raise SweepError(f"evaluation of trial {point['key']} ({bkey}) finished without metrics.json in "
-                             f"{eval_store.uri_for('')}; see the worker log")
-        m = eval_store.get_json("metrics.json")   # Train V2's Result.metrics can be empty without a checkpoint
-        candidates.append({
-            "trial": point["key"], "index": point["index"], "lambda": point["lambda"], "tau": point["tau"],
-            "budget": budget, "candidate": f"{point['key']}/{bkey}", "evaluation": mode,
-            "accuracy": m.get("accuracy"), "measured_latency_ms": m.get("measured_latency_ms"),
-            "predicted_latency": d["predicted_latency"], "latency_units": d["latency_units"],
-            "params": d["params"], "macs": d["macs"], "path": d["path"], "path_prob": d["path_prob"],
-            "one_line": d["one_line"], "official": d["official"], "arch": d["arch"],
-            "search_val_acc": static.get("search_val_acc"), "eval_seconds": round(time.time() - t1, 2)})
+        r = _stage(tracker, f"retrain{suffix}", work.child(f"retrain/{bkey}"), lambda ctx: retrain.run(
+            cfg.retrain_config(), retrain.RetrainInputs(d.arch, inputs.split, inputs.split_store, table), ctx))
+        candidates.append(row | {
+            "evaluation": "retrain", "accuracy": r.metrics["test_top1"], "measured_latency_ms": r.measured_latency_ms,
+            "predicted_latency": d.predicted_latency, "latency_units": d.latency_units, "params": d.params,
+            "macs": d.macs, "path": d.path, "path_prob": d.path_prob, "one_line": d.one_line, "official": d.official,
+            "arch": d.arch, "search_val_acc": searched.metrics.get("val_acc"), "eval_seconds": round(time.time() - t1, 2)})
     return {"trial": point["key"], "index": point["index"], "lambda": point["lambda"], "tau": point["tau"],
-            "search_seconds": round(search_s, 2), "search_metrics": out.metrics,
-            "candidates": candidates}
+            "search_seconds": round(search_s, 2), "search_metrics": searched.metrics, "candidates": candidates}
 
 
 def _train_job_fields(cfg: SweepConfig) -> dict:
@@ -423,123 +280,35 @@ def _train_job_fields(cfg: SweepConfig) -> dict:
             "max_failures": 1, "data_cpus": cfg.data_cpus}
 
 
-# --------------------------------------------------------------------------- MLflow
-class _TrialTracker:
-    """A nested MLflow run per trial, through cluster.tracking (spool, secret filter). Never raises."""
-
-    def __init__(self, info: Mapping[str, Any] | None, point: Mapping[str, Any]):
-        self.tracker = self.run = None
-        if not info:
-            return
-        from cluster.tracking import TAG_STAGE, TAG_TRIAL, Tracker
-
-        self.tracker = Tracker(info["uri"], info.get("experiment") or "densenas-sweep",
-                               experiment_id=info.get("experiment_id"))
-        self.run = self.tracker.start_run(f"trial-{point['key']}", parent=info["parent_run_id"],
-                                          tags={TAG_STAGE: "sweep-trial", TAG_TRIAL: point["key"]})
-        self.run.log_params({"lambda": point["lambda"], "tau": point["tau"]})
-
-    def log(self, result: Mapping[str, Any]) -> None:
-        if self.run is None:
-            return
-        for step, row in enumerate(result["candidates"]):
-            self.run.log_metrics({k: row[k] for k in ("accuracy", "measured_latency_ms", "predicted_latency", "params",
-                                                      "macs", "path_prob")
-                                  if isinstance(row.get(k), (int, float)) and math.isfinite(float(row[k]))}, step=step)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp, "trial_result.json")
-            path.write_text(json.dumps(result, indent=1, default=str))
-            self.run.log_artifact(path)
-
-    def end(self, status: str, error: str | None = None) -> None:
-        if self.run is None:
-            return
-        if error:
-            self.run.set_tags({"error": error[:500]})
-        self.run.end(status)
-        self.tracker.close()
-
-
-def _open_parent_run(tracking_uri: str | None, experiment: str, work_store: Any, parent_of: str | None,
-                     cfg: SweepConfig, say) -> dict | None:
-    """The sweep's parent run (cluster.tracking), or the one of an interrupted sweep on resume."""
-    if not tracking_uri:
-        return None
-    from cluster.tracking import TAG_STAGE, Tracker, flatten_config
-
-    tracker = Tracker(tracking_uri, experiment)
-    if work_store.exists("mlflow_parent.json"):
-        info = work_store.get_json("mlflow_parent.json")
-        if info.get("uri") == tracking_uri:
-            tracker.reopen(info["parent_run_id"], "sweep")
-            tracker.close()
-            return info
-    run = tracker.start_run("sweep", parent=parent_of, tags={TAG_STAGE: "sweep"})
-    run.log_params(flatten_config(cfg.model_dump(mode="json", exclude={"fail_trial"})))
-    tracker.close()
-    if run.run_id is None:   # created in the spool only: trials would have nothing to nest under
-        say("tracking: MLflow unavailable for the sweep; its runs are spooled, trials are not tracked")
-        return None
-    info = {"uri": tracking_uri, "experiment": experiment, "experiment_id": tracker.experiment_id,
-            "parent_run_id": run.run_id}
-    work_store.put_json("mlflow_parent.json", info)
-    return info
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
 # --------------------------------------------------------------------------- warm-up
-def _ensure_warmup(search: Any, cfg: SweepConfig, space: Any, manifest: Mapping, split_store: Any, cost_model: Any,
-                   warm_store: Any, say) -> Any:
-    """Train the shared warm-up once (skipped when a complete cache entry fits the trials); returns the
-    store holding it."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from cluster.storage import ray_storage
-    from jobs.data import train_datasets
+def _warm_up(search_doc: dict, cfg: SweepConfig, inputs: "SweepInputs", warm_store: Any, work_store: Any,
+             say) -> Any:
+    """The shared warm-up (``jobs.search.warm_up``) in the trials' shape; returns the store holding it.
+    An entry made with another worker count (e.g. by the search stage) is kept for its owner and ours
+    goes beside it."""
+    from jobs import search
     from jobs.train import steps_per_worker
 
-    counts = manifest["counts"]
-    batch, steps = steps_per_worker(int(counts["train"]), cfg.workers_per_trial, search.batch_size)
-    val_batch, val_steps = steps_per_worker(int(counts["val"]), cfg.workers_per_trial, search.batch_size)
-    if steps < 1 or val_steps < 1:
-        raise SweepError(f"the split has {counts['train']} search-train / {counts['val']} search-val images: not one "
-                         f"batch of {search.batch_size} per worker; lower search.batch_size or add data")
-    if search.warmup_epochs == 0:
+    job = search.SearchJobConfig.model_validate({**search_doc, **_train_job_fields(cfg)})
+    if job.warmup_epochs == 0:
         return warm_store
-    if _warmup_fits(warm_store, steps, search.warmup_epochs):
+    steps = steps_per_worker(int(inputs.split.counts["train"]), cfg.workers_per_trial, job.batch_size)[1]
+    if warm_store.exists(CACHE_COMPLETE) and not _fits(warm_store, steps, job.warmup_epochs):
+        warm_store = warm_store.child(f"sweep-workers-{cfg.workers_per_trial}")
+    if _fits(warm_store, steps, job.warmup_epochs):
         say(f"warm-up: reusing the cached warm-up at {warm_store.uri_for('')}")
         return warm_store
-    if warm_store.exists(CACHE_COMPLETE):
-        # The entry was made with another worker count (e.g. by the search stage): keep it for its owner
-        # and keep ours beside it, keyed by the trials' shape.
-        warm_store = warm_store.child(f"sweep-workers-{cfg.workers_per_trial}")
-        if _warmup_fits(warm_store, steps, search.warmup_epochs):
-            say(f"warm-up: reusing the cached warm-up at {warm_store.uri_for('')}")
-            return warm_store
-    storage_path, storage_fs = ray_storage(warm_store.child("_train"))
-    loop = {"search": search.dump(), "space": space.to_dict(), "num_classes": int(manifest["num_classes"]),
-            "cost_model": cost_model, "steps": steps, "batch": batch, "val_steps": val_steps, "val_batch": val_batch,
-            "threads": max(1, int(cfg.cpus_per_worker)), "warmup_store": warm_store}
-    say(f"warm-up: {search.warmup_epochs} weights-only epochs once for every trial ({cfg.workers_per_trial} "
-        f"worker(s), {steps} steps/epoch)")
-    trainer = TorchTrainer(
-        _warmup_worker, train_loop_config=loop, torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.workers_per_trial,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name=f"warmup-{uuid.uuid4().hex[:6]}", storage_path=storage_path,
-                             storage_filesystem=storage_fs),
-        datasets=train_datasets(manifest, split_store, input_size=space.input_size, channels=space.in_channels))
-    t0 = time.time()
-    res = trainer.fit()
-    if getattr(res, "error", None) is not None:
-        raise SweepError(f"the sweep's warm-up failed: {res.error}") from res.error
-    if not warm_store.exists(CACHE_COMPLETE):
-        raise SweepError(f"the warm-up finished but published nothing to {warm_store.uri_for('')}")
-    say(f"warm-up: done in {time.time() - t0:.1f}s")
-    return warm_store
+    say(f"warm-up: {job.warmup_epochs} weights-only epochs once for every trial")
+    ctx = StageContext.standalone(work_store.child("warmup-run"), "sweep warm-up")
+    return search.warm_up(job, search.SearchInputs(inputs.space, inputs.split, inputs.split_store,
+                                                   inputs.cost_model, warm_store), ctx)
 
 
-def _warmup_fits(warm_store: Any, steps: int, warmup_epochs: int) -> bool:
+def _fits(warm_store: Any, steps: int, warmup_epochs: int) -> bool:
     if not warm_store.exists(CACHE_COMPLETE):
         return False
     info = warm_store.get_json(CACHE_COMPLETE)
@@ -547,6 +316,11 @@ def _warmup_fits(warm_store: Any, steps: int, warmup_epochs: int) -> bool:
 
 
 # --------------------------------------------------------------------------- outputs
+COLUMNS = ["candidate", "trial", "lambda", "tau", "budget", "evaluation", "accuracy", "measured_latency_ms",
+           "predicted_latency", "latency_units", "params", "macs", "path_prob", "search_val_acc", "pareto",
+           "one_line", "official", "path", "arch_key"]
+
+
 def _rows(work_store: Any, points: Sequence[dict]) -> tuple[list[dict], list[str]]:
     rows, missing = [], []
     for p in points:
@@ -558,7 +332,8 @@ def _rows(work_store: Any, points: Sequence[dict]) -> tuple[list[dict], list[str
     return rows, missing
 
 
-def _write_outputs(rows: list[dict], store: Any, latency_key: str, say) -> dict:
+def _write_outputs(rows: list[dict], store: Any, latency_key: str, tracker: Any, say) -> dict:
+    """Tables, plot and front architectures into ``store`` and onto the stage's run."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -568,69 +343,34 @@ def _write_outputs(rows: list[dict], store: Any, latency_key: str, say) -> dict:
     ok = [r for r in rows if "error" not in r]
     mask = non_dominated_mask([r.get("accuracy") for r in ok], [r.get(latency_key) for r in ok])
     for r, m in zip(ok, mask):
-        r["pareto"] = bool(m)
-        r["latency"] = r.get(latency_key)
-    columns = ["candidate", "trial", "lambda", "tau", "budget", "evaluation", "accuracy", "measured_latency_ms",
-               "predicted_latency", "latency_units", "params", "macs", "path_prob", "search_val_acc", "pareto",
-               "one_line", "official", "path", "arch_key"]
+        r["pareto"], r["latency"] = bool(m), r.get(latency_key)
     front = sorted((r for r in ok if r["pareto"]), key=lambda r: float(r[latency_key]))
-    for r in front:
-        r["arch_key"] = f"pareto_archs/{r['candidate'].replace('/', '__')}.json"
-        store.put_json(r["arch_key"], r["arch"])
-
-    def table(rs: list[dict]) -> Any:
-        data = {c: [(json.dumps(r.get(c)) if c == "path" else r.get(c)) for r in rs] for c in columns}
-        types = {"lambda": pa.float64(), "tau": pa.float64(), "budget": pa.float64(), "accuracy": pa.float64(),
-                 "measured_latency_ms": pa.float64(), "predicted_latency": pa.float64(), "params": pa.int64(),
-                 "macs": pa.int64(), "path_prob": pa.float64(), "search_val_acc": pa.float64(), "pareto": pa.bool_()}
-        return pa.table({c: pa.array(v, type=types.get(c, pa.string())) for c, v in data.items()})
-
+    types = {"lambda": pa.float64(), "tau": pa.float64(), "budget": pa.float64(), "accuracy": pa.float64(),
+             "measured_latency_ms": pa.float64(), "predicted_latency": pa.float64(), "params": pa.int64(),
+             "macs": pa.int64(), "path_prob": pa.float64(), "search_val_acc": pa.float64(), "pareto": pa.bool_()}
     with tempfile.TemporaryDirectory() as tmp:
+        archs = Path(tmp, "pareto_archs")
+        archs.mkdir()
+        for r in front:
+            r["arch_key"] = f"pareto_archs/{r['candidate'].replace('/', '__')}.json"
+            store.put_json(r["arch_key"], r["arch"])
+            Path(tmp, r["arch_key"]).write_text(json.dumps(r["arch"], indent=1))
         for name, rs in (("trials", ok), ("pareto", front)):
-            t = table(rs)
+            t = pa.table({c: pa.array([json.dumps(r.get(c)) if c == "path" else r.get(c) for r in rs],
+                                      type=types.get(c, pa.string())) for c in COLUMNS})
             pq.write_table(t, f"{tmp}/{name}.parquet")
             pacsv.write_csv(t, f"{tmp}/{name}.csv")
-            store.put_file(f"{name}.parquet", f"{tmp}/{name}.parquet")
-            store.put_file(f"{name}.csv", f"{tmp}/{name}.csv")
         units = "ms, measured" if latency_key == "measured_latency_ms" else (ok[0].get("latency_units") if ok else "")
         pareto_plot(ok, f"{tmp}/pareto.png", latency=latency_key, latency_label=f"latency ({units})",
-                    accuracy_label="accuracy")
-        store.put_file("pareto.png", f"{tmp}/pareto.png")
+                    accuracy_label="test top-1")
+        for name in ("trials.parquet", "trials.csv", "pareto.parquet", "pareto.csv", "pareto.png"):
+            store.put_file(name, f"{tmp}/{name}")
+            tracker.log_artifact(f"{tmp}/{name}")
+        if front:
+            tracker.log_artifact(archs, "pareto_archs")
     say(f"Pareto front: {len(front)} of {len(ok)} networks: "
         + "; ".join(f"{r['candidate']} acc {r['accuracy']:.3f} @ {r[latency_key]:.3g}" for r in front))
     return {"front": front, "rows": ok}
-
-
-def _log_parent(mlflow_info: dict | None, store: Any, out: dict, status: str, say,
-                latency_key: str = "measured_latency_ms") -> None:
-    """Tables, plot, front archs and metrics onto the sweep's run; the front registered as model versions."""
-    if not mlflow_info:
-        return
-    from cluster.tracking import Tracker
-    from jobs.registry import register_pareto_front
-
-    tracker = Tracker(mlflow_info["uri"], mlflow_info.get("experiment") or "densenas-sweep",
-                      experiment_id=mlflow_info.get("experiment_id"))
-    run = tracker.attach(mlflow_info["parent_run_id"], "sweep")
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for key in ["trials.csv", "trials.parquet", "pareto.csv", "pareto.parquet", "pareto.png"]:
-                if store.exists(key):
-                    store.get_file(key, f"{tmp}/{key}")
-                    run.log_artifact(f"{tmp}/{key}")
-            if out.get("front"):
-                archs = Path(tmp, "pareto_archs")
-                for r in out["front"]:
-                    store.get_file(r["arch_key"], archs / Path(r["arch_key"]).name)
-                run.log_artifact(archs, "pareto_archs")
-        run.log_metrics({k: float(v) for k, v in out.get("metrics", {}).items()})
-        if status == "FINISHED" and out.get("front"):
-            n = register_pareto_front((tracker, run), out["front"], latency_key)
-            say(f"tracking: {n} Pareto-front net(s) registered (architecture only)")
-    except Exception as e:  # noqa: BLE001 -- tracking never fails the sweep
-        say(f"tracking: sweep run not completed ({type(e).__name__}: {e})")
-    run.end(status)
-    tracker.close()
 
 
 # --------------------------------------------------------------------------- the stage
@@ -642,8 +382,6 @@ class SweepInputs:
     search: SearchConfig             # the search section: every trial searches with it (lambda / tau its own)
     cost_model: Any                  # the search's cost model (jobs.profile.resolve_cost_model)
     warmup_store: Any = None         # the shared warm-up cache entry; None: ctx.checkpoint_store/warmup
-    tracking_uri: str | None = None  # MLflow of the sweep's parent and trial runs; None: no tracking
-    experiment: str | None = None
 
 
 class SweepOutput(StageOutput):
@@ -652,7 +390,6 @@ class SweepOutput(StageOutput):
     trials: list[dict[str, Any]]
     pareto: list[dict[str, Any]]
     latency_metric: str
-    mlflow_parent_run_id: str | None
 
 
 def run(cfg: SweepConfig, inputs: SweepInputs, ctx: StageContext) -> SweepOutput:
@@ -662,45 +399,30 @@ def run(cfg: SweepConfig, inputs: SweepInputs, ctx: StageContext) -> SweepOutput
     from ray import tune
 
     from cluster.storage import ray_storage
+    from jobs.registry import register_pareto_front
     from jobs.resources import WorkerResources, check_resources
 
-    space, cost_model, say = resolve_space(inputs.space), inputs.cost_model, ctx.progress
-    search = _search_config(inputs.search, cfg)
-    split_manifest, split_store = inputs.split.model_dump(mode="json"), inputs.split_store
-    store, work_store, resume = ctx.store, ctx.checkpoint_store, ctx.resume
-    warmup_store = inputs.warmup_store or work_store.child("warmup")
-    tracking_uri, experiment = inputs.tracking_uri, inputs.experiment or "densenas-sweep"
+    say, work_store = ctx.progress, ctx.checkpoint_store
     if not ray.is_initialized():
         raise SweepError("Ray is not initialised: the pipeline starts it (stage uses_ray), or call ray.init() first")
-
     # Resources: one trial = its driver + a Train job; max_concurrent trials at once must fit.
-    per_trial = WorkerResources(cfg.workers_per_trial, cfg.cpus_per_worker)
-    check_resources(per_trial, reserve={"CPU": cfg.data_cpus + cfg.trial_driver_cpus}, what="one sweep trial")
-    if cfg.max_concurrent > 1:
-        check_resources(WorkerResources(cfg.max_concurrent * cfg.workers_per_trial, cfg.cpus_per_worker),
-                        reserve={"CPU": cfg.data_cpus + cfg.max_concurrent * cfg.trial_driver_cpus},
-                        what=f"{cfg.max_concurrent} concurrent sweep trials")
-
+    check_resources(WorkerResources(cfg.max_concurrent * cfg.workers_per_trial, cfg.cpus_per_worker),
+                    reserve={"CPU": cfg.data_cpus + cfg.max_concurrent * cfg.trial_driver_cpus},
+                    what="one sweep trial" if cfg.max_concurrent == 1 else f"{cfg.max_concurrent} concurrent sweep trials")
     points = sweep_points(cfg)
     say(f"{len(points)} trial(s) ({cfg.mode}): " + ", ".join(p["key"] for p in points)
-        + f"; evaluation {cfg.evaluation_mode}; {cfg.max_concurrent} at a time")
-    if not resume:
-        work_store.delete_prefix("trials")
-        work_store.delete_prefix("tune")
-        work_store.delete("mlflow_parent.json")
-    warmup_store = _ensure_warmup(search, cfg, space, split_manifest, split_store, cost_model, warmup_store, say)
-
-    parent_of = ctx.tracker.run_id
-    mlflow_info = _open_parent_run(tracking_uri, experiment, work_store, parent_of, cfg, say)
-    shared = {"sweep": cfg.model_dump(mode="json"), "search": search.dump(), "space": space,
-              "cost_model": cost_model, "split_manifest": dict(split_manifest), "split_store": split_store,
-              "warmup_store": warmup_store, "work_store": work_store, "mlflow": mlflow_info}
-    trainable = tune.with_resources(tune.with_parameters(_sweep_trial, shared=shared),
-                                    {"cpu": cfg.trial_driver_cpus})
+        + f"; {cfg.max_concurrent} at a time")
+    if not ctx.resume:
+        for prefix in ("trials", "tune", "warmup-run"):
+            work_store.delete_prefix(prefix)
+    search_doc = _search_doc(inputs.search, cfg)
+    warm_store = _warm_up(search_doc, cfg, inputs, inputs.warmup_store or work_store.child("warmup"), work_store, say)
+    shared = _Shared(cfg, search_doc, inputs, warm_store, work_store, ctx.tracker.spec, ctx.run_id)
+    trainable = tune.with_resources(tune.with_parameters(_sweep_trial, shared=shared), {"cpu": cfg.trial_driver_cpus})
     storage_path, storage_fs = ray_storage(work_store.child("tune"))
     exp_path = f"{storage_path.rstrip('/')}/{EXPERIMENT}"
     t0 = time.time()
-    if resume and tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs):
+    if ctx.resume and tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs):
         say(f"resuming the Tune experiment at {exp_path} (finished trials are not run again)")
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=storage_fs)
@@ -709,41 +431,38 @@ def run(cfg: SweepConfig, inputs: SweepInputs, ctx: StageContext) -> SweepOutput
             trainable, param_space={"point": tune.grid_search(points)},
             tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent, num_samples=1),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage_path, storage_filesystem=storage_fs,
-                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                      verbose=1))
+                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures), verbose=1))
     grid = tuner.fit()
     # A RayTaskError's text is a whole traceback: keep the last line (the error itself) of each.
     errors = [next((ln for ln in reversed(str(e).splitlines()) if ln.strip()), str(e)) for e in grid.errors]
     rows, missing = _rows(work_store, points)
     latency_key = "measured_latency_ms" if any(r.get("measured_latency_ms") is not None for r in rows) \
         else "predicted_latency"
-    out = _write_outputs(rows, store, latency_key, say) if rows else {"front": [], "rows": []}
-    n_ok = len(points) - len(missing)
-    metrics = {"trials": float(len(points)), "trials_finished": float(n_ok), "pareto_size": float(len(out["front"])),
-               "sweep_seconds": round(time.time() - t0, 2)}
+    out = _write_outputs(rows, ctx.store, latency_key, ctx.tracker, say) if rows else {"front": [], "rows": []}
+    metrics = {"trials": float(len(points)), "trials_finished": float(len(points) - len(missing)),
+               "pareto_size": float(len(out["front"])), "sweep_seconds": round(time.time() - t0, 2)}
     if out["front"]:
         metrics["best_accuracy"] = max(float(r["accuracy"]) for r in out["front"])
-    out["metrics"] = metrics
     if missing:
-        _log_parent(mlflow_info, store, out, "FAILED", say)
         raise SweepError(f"{len(missing)} of {len(points)} trial(s) did not finish ({', '.join(missing)}): "
                          f"{'; '.join(errors)[:1500]}. Finished trials are kept: rerun with --resume "
                          "(ctx.resume) to run only the unfinished ones")
-    _log_parent(mlflow_info, store, out, "FINISHED", say, latency_key)
+    n = register_pareto_front(ctx.tracker, out["front"], latency_key)
+    if n:
+        say(f"tracking: {n} Pareto-front net(s) registered (architecture only)")
     keep = ("candidate", "trial", "lambda", "tau", "budget", "accuracy", "measured_latency_ms",
             "predicted_latency", "latency_units", "params", "macs", "pareto", "one_line")
     return SweepOutput(trials=[{k: r.get(k) for k in keep} for r in out["rows"]],
                        pareto=[{k: r.get(k) for k in keep} | {"arch_key": r["arch_key"]} for r in out["front"]],
-                       latency_metric=latency_key, mlflow_parent_run_id=(mlflow_info or {}).get("parent_run_id"),
-                       metrics=metrics)
+                       latency_metric=latency_key, metrics=metrics)
 
 
-def _search_config(search_cfg: SearchConfig, cfg: SweepConfig) -> SearchConfig:
+def _search_doc(search_cfg: SearchConfig, cfg: SweepConfig) -> dict:
+    """The trials' search section: its method fields (a trial's Train job is the sweep's), epochs overridden."""
     doc = search_cfg.dump()
-    # The search section also says how its own Train job runs; a trial's job is the sweep's.
     method = {f.alias or name for name, f in SearchConfig.model_fields.items()}
     doc = {k: v for k, v in doc.items() if k in method}
     if cfg.search_epochs is not None:
         doc["epochs"] = cfg.search_epochs
         doc["warmup_epochs"] = min(int(doc.get("warmup_epochs", 0)), cfg.search_epochs)
-    return SearchConfig.model_validate(doc)
+    return SearchConfig.model_validate(doc).dump()

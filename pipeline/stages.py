@@ -597,11 +597,9 @@ def _sweep(sections: Mapping[str, Any], ctx: StageContext) -> BaseModel:
     from jobs import sweep
     from jobs.split import SplitOutput
 
-    space, tracking = resolve_space(sections["space"]), ctx.config.tracking
+    space = resolve_space(sections["space"])
     inputs = sweep.SweepInputs(space, ctx.input("split", SplitOutput), ctx.input_store("split"), sections["search"],
-                               _cost_model(sections["search"], space, ctx), ctx.caches.get("warmup"),
-                               tracking.uri if tracking.enabled else None,
-                               tracking.experiment if tracking.enabled else None)
+                               _cost_model(sections["search"], space, ctx), ctx.caches.get("warmup"))
     return sweep.run(sections["sweep"], inputs, ctx)
 
 
@@ -622,7 +620,8 @@ def builtin_graph() -> StageGraph:
                      code=RETRAIN_CODE, uses_ray=True,
                      description="train the derived net from scratch, test, measure latency"))
     g.register(Stage("sweep", _sweep, ("space", "search", "sweep"), upstream=("split", "profile"),
-                     code=("densenas", "imagedata", "jobs/sweep.py", "jobs/search.py"), uses_ray=True,
+                     code=("densenas", "imagedata", "jobs/sweep.py", "jobs/search.py", "jobs/derive.py",
+                           "jobs/retrain.py", "jobs/data.py", "jobs/train.py"), uses_ray=True,
                      caches={"warmup": WARMUP_CACHE}, enabled=lambda cfg: bool(cfg.sweep.enabled),
                      description="Ray Tune over lambda / tau sharing one warm-up"))
     return g

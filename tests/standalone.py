@@ -32,11 +32,25 @@ def run_retrain(cfg: retrain.RetrainConfig, arch: Any, split_out: split.SplitOut
 def run_sweep(cfg: Any, space: Any, search_cfg: Any, split_out: split.SplitOutput, split_store: Any, store: Any,
               work_store: Any, tracking_uri: str | None = None, experiment: str | None = None,
               resume: bool = False) -> dict:
-    """The sweep on the search section's cost model; trials' state in ``work_store``."""
+    """The sweep on the search section's cost model; trials' state in ``work_store``. With
+    ``tracking_uri``: the stage's MLflow run is ``sweep`` under a parent ``pipeline:sweep-test``, ended
+    FINISHED or FAILED as the pipeline's runner ends it; its id is the output's ``mlflow_run_id``."""
+    from cluster.run_tracking import PipelineTracker
     from jobs import sweep
 
     space = resolve_space(space)
     cost_model = resolve_cost_model(search_cfg.cost, space, skip_fraction=search_cfg.macs_skip_fraction)
-    inputs = sweep.SweepInputs(space, split_out, split_store, search_cfg, cost_model, None, tracking_uri, experiment)
-    ctx = StageContext.standalone(store, "sweep", checkpoint_store=work_store, resume=resume)
-    return sweep.run(cfg, inputs, ctx).model_dump()
+    inputs = sweep.SweepInputs(space, split_out, split_store, search_cfg, cost_model)
+    parent = (PipelineTracker(tracking_uri, experiment or "sweep-test", "sweep-test") if tracking_uri
+              else PipelineTracker.disabled())
+    tracker = parent.stage("sweep")
+    ctx = StageContext.standalone(store, "sweep", checkpoint_store=work_store, resume=resume, tracker=tracker)
+    try:
+        out = sweep.run(cfg, inputs, ctx)
+    except BaseException:
+        tracker.end("FAILED")
+        parent.end("FAILED")
+        raise
+    tracker.end("FINISHED")
+    parent.end("FINISHED")
+    return out.model_dump() | {"mlflow_run_id": tracker.run_id}

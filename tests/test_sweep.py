@@ -1,11 +1,10 @@
 """jobs.sweep: a 2-trial Ray Tune sweep over lambda on 2 CPUs, sharing one warm-up, interrupted by a
-failing first trial (the second still runs) and resumed without rerunning the finished trial; Pareto
-outputs and MLflow runs.
+failing first trial (the second still runs) and resumed without rerunning the finished trial; each
+trial the search, derive and retrain stages' run(); Pareto outputs and MLflow runs.
 
 Tiny on purpose (micro space at 16 px, 4 classes x 40 images, 2 search epochs of which 1 warm-up,
-super-network evaluation; bench/bench_sweep.py covers the retrain path): every trial is still two
-Ray Train jobs with Ray Data readers, and each costs tens of seconds of start-up on a loaded 2-core
-machine, so this test takes minutes, not seconds (see the report).
+1 retrain epoch): every trial is still two Ray Train jobs, and each costs tens of seconds of start-up
+on a loaded 2-core machine, so this test takes minutes, not seconds.
 """
 import json
 
@@ -27,7 +26,16 @@ def test_config_and_points():
     with pytest.raises(ValueError, match="extra"):
         SweepConfig.model_validate({"lamdas": [0.1]})
     assert trial_key(0.15, 15.0) == "l0.15_t15"
-    assert SweepConfig(retrain_epochs=0).evaluation_mode == "supernet"
+    with pytest.raises(ValueError, match="sweep.evaluation: every trial retrains"):
+        SweepConfig.model_validate({"evaluation": "supernet"})
+    with pytest.raises(ValueError, match="retrain_epochs"):
+        SweepConfig(retrain_epochs=0)
+    with pytest.raises(ValueError, match="momentum"):
+        SweepConfig(recipe={"momentum": 2.0})
+    cfg = SweepConfig(retrain_epochs=2, retrain_lr=0.1, workers_per_trial=2, recipe={"label_smoothing": 0.0})
+    rc = cfg.retrain_config()
+    assert (rc.epochs, rc.lr, rc.workers, rc.label_smoothing, rc.export, rc.log_model) == (2, 0.1, 2, 0.0, False, False)
+    assert cfg.train_recipe().label_smoothing == 0.0 and cfg.train_recipe().epochs == 2
 
 
 @pytest.mark.slow
@@ -46,9 +54,9 @@ def test_two_trial_sweep_interrupted_then_resumed(tmp_path):
     search = SearchConfig.model_validate({"epochs": 2, "warmup_epochs": 1, "batch_size": 16, "seed": 3,
                                           "weights": {"lr": 0.05}, "arch": {"lr": 0.01}, "cost": "macs"})
     marker = tmp_path / "trial-0-failed-once"
-    cfg = SweepConfig(lambdas=[0.0, 5.0], taus=[15.0], evaluation="supernet", retrain_epochs=1,
-                      retrain_batch_size=16, accuracy_split="test", max_concurrent=1, workers_per_trial=1,
-                      cpus_per_worker=0.5, data_cpus=1.0, latency_repeats=5,
+    cfg = SweepConfig(lambdas=[0.0, 5.0], taus=[15.0], retrain_epochs=1, retrain_batch_size=16,
+                      max_concurrent=1, workers_per_trial=1, cpus_per_worker=0.5, data_cpus=1.0,
+                      recipe={"latency_repeats": 5, "latency_warmup": 2},
                       fail_trial={"index": 0, "marker": str(marker)})
     store, work = open_store(str(tmp_path / "sweep")), open_store(str(tmp_path / "work"))
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -70,15 +78,18 @@ def test_two_trial_sweep_interrupted_then_resumed(tmp_path):
     # Finished trials ran once; the interrupted one ran again.
     starts = {k: len(work.list(f"trials/{k}/starts/")) for k in keys}
     assert starts == {keys[0]: 2, keys[1]: 1}
-    # One warm-up for every trial: made by the sweep, and each trial's search trained only epoch 2.
-    assert work.get_json("warmup/_complete.json")["made_by"] == "sweep"
+    # One warm-up for every trial, trained once (the search's own job, stopped after epoch 1); each
+    # trial's search started from it and trained only epoch 2.
+    assert work.exists("warmup/_complete.json") and work.get_json("warmup-run/checkpoints/latest.json")["epoch"] == 1
     for k in keys:
         records = [json.loads(x) for x in work.get_bytes(f"trials/{k}/search/search_record.jsonl").decode().splitlines()]
         assert [r["epoch"] for r in records] == [1, 2] and records[0]["phase"] == "warmup"
         result = work.get_json(f"trials/{k}/result.json")   # searched with its own lambda, not the warm-up's
         assert result["search_metrics"]["lambda"] == pytest.approx(result["lambda"])
+        # the retrain stage's outputs: its record and weights, no export
+        assert work.exists(f"trials/{k}/retrain/free/model.pt") and not work.exists(f"trials/{k}/retrain/free/model.onnx")
 
-    # Every trial reports predicted + measured latency, accuracy, params and MACs.
+    # Every trial reports test accuracy, predicted + measured latency, params and MACs.
     assert len(out["trials"]) == 2
     for r in out["trials"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["measured_latency_ms"] > 0
@@ -90,14 +101,22 @@ def test_two_trial_sweep_interrupted_then_resumed(tmp_path):
     table = pq.read_table(str(tmp_path / "sweep" / "pareto.parquet"))
     assert table.num_rows == len(out["pareto"]) and all(table.column("pareto").to_pylist())
 
-    # MLflow: a parent run, a nested run per trial attempt, the Pareto artifacts on the parent.
+    # MLflow: each attempt's stage run holds a run per trial it ran (the resumed one: the trial that
+    # failed before); each trial run its search / derive / retrain runs; the last one the Pareto artifacts.
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=tracking)
     exp = client.get_experiment_by_name("sweep-test")
     runs = client.search_runs([exp.experiment_id])
-    parent = [r for r in runs if r.info.run_id == out["mlflow_parent_run_id"]][0]
-    assert parent.info.status == "FINISHED"
-    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.info.status for r in trials) == ["FAILED", "FINISHED", "FINISHED"]
-    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    children = lambda run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run_id]  # noqa: E731
+    stage = [r for r in runs if r.info.run_id == out["mlflow_run_id"]][0]
+    trials = children(stage.info.run_id)
+    assert [(r.info.run_name, r.info.status) for r in trials] == [(f"trial-{keys[0]}", "FINISHED")]
+    fresh = next(r for r in trials if r.info.run_name == f"trial-{keys[0]}")
+    assert sorted((r.info.run_name, r.info.status) for r in children(fresh.info.run_id)) == [
+        ("derive", "FINISHED"), ("retrain", "FINISHED"), ("search", "FINISHED")]
+    assert 0.0 <= fresh.data.metrics["test_top1"] <= 1.0 and fresh.data.metrics["measured_latency_ms"] > 0
+    all_trials = [r for r in runs if r.info.run_name.startswith("trial-")]
+    assert sorted((r.info.run_name, r.info.status) for r in all_trials) == [
+        (f"trial-{keys[0]}", "FAILED"), (f"trial-{keys[0]}", "FINISHED"), (f"trial-{keys[1]}", "FINISHED")]
+    names = {a.path for a in client.list_artifacts(stage.info.run_id)}
     assert {"pareto.csv", "pareto.parquet", "pareto.png", "pareto_archs"} <= names
