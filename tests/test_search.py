@@ -10,17 +10,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from densenas.search import (
-    CollapseWarning,
-    DataSection,
-    SearchConfig,
-    SearchRunConfig,
-    Searcher,
-    _load_data,
-    iterate_batches,
-    latency_loss,
-    main,
-)
+from densenas.search import CollapseWarning, SearchConfig, Searcher, iterate_batches, latency_loss
+from densenas.search_cli import DataSection, SearchRunConfig, _load_data, main
 from densenas.supernet import SuperNet
 
 REPO = Path(__file__).resolve().parents[1]
