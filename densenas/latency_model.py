@@ -428,12 +428,6 @@ class LatencyModel(LatencyTable):
                 f"scale={c.scale:.3f}, layer_ms={c.layer_ms:.4f}, fixed_ms={c.fixed_ms:.3f})")
 
 
-def model_from_doc(doc: Mapping[str, Any]) -> LatencyTable:
-    """A ``LatencyModel`` when the table document carries a calibration, else the plain table
-    (``LatencyTable.from_dict`` does the same)."""
-    return LatencyTable.from_dict(doc)
-
-
 # --------------------------------------------------------------------------- architectures
 def arch_signatures(arch: Any, batch: int) -> list[OpSignature]:
     """The signatures of an architecture document's layers, in network order (stem first), as the
