@@ -24,9 +24,10 @@ from tests.fault_scenario import RETRAIN_EPOCHS, SEARCH_EPOCHS, FaultScenario, s
 @pytest.mark.drill
 @pytest.mark.timeout(2700)
 @pytest.mark.xfail(strict=False, reason="a SeaweedFS restart longer than ~4 s that hits Ray Train's controller "
-                   "(checkpoint_manager_snapshot.json) ends fit() with a ControllerError; the stage now continues in a "
-                   "new Train run from its pointer (jobs.train.fit_resuming, tests/test_fit_resuming.py), but no run of "
-                   "this test has hit the controller since, so the end-to-end path is not yet seen working")
+                   "(checkpoint_manager_snapshot.json) ended fit() with a ControllerError in 2 of 3 runs before "
+                   "jobs.train.fit_resuming; that retry is proven with a real controller failure in "
+                   "tests/test_fit_resuming.py, but this drill has passed only once with it (its restart did not hit "
+                   "the controller), so it stays non-strict until it has passed a few times")
 def test_pipeline_survives_worker_s3_mlflow_and_driver_faults(tmp_path):
     from bench.bench_faults import _uptime, write_report
 

@@ -1,6 +1,6 @@
 """jobs.train.fit_resuming: a Ray Train controller failure costs a new Train run from the checkpoint
-pointer, not the stage. The trainer here is a stand-in whose ``fit()`` raises what Ray Train's raises
-(the end-to-end case, a SeaweedFS restart under a running search, is tests/test_faults.py)."""
+pointer, not the stage. The first tests use a stand-in trainer whose ``fit()`` raises what Ray Train's
+raises; the last one breaks a real search's controller (Ray Train, local store)."""
 import pytest
 
 pytest.importorskip("ray")
@@ -62,3 +62,62 @@ def test_worker_errors_are_not_retried_here(tmp_path):
     with pytest.raises(WorkerGroupError):
         fit_resuming(trainer, store, "search-x", what="search", say=lambda m: None, wait_s=0)
     assert len(trainer.builds) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_a_real_controller_failure_mid_search_continues_in_a_new_train_run(tmp_path):
+    """End to end with Ray Train's own controller: once the search has published epoch 1, the path
+    of its run's controller bookkeeping (``checkpoint_manager_snapshot.json``) becomes a directory, so
+    the controller's next write fails (``ControllerError``, outside ``max_failures``), as a storage
+    outage under the controller does. The stage goes on in ``<run>-retry1`` from the pointer and
+    finishes every epoch once."""
+    import json
+    import shutil
+    import threading
+    import time
+
+    import ray
+
+    from jobs.search import SearchJobConfig
+    from jobs.split import SplitConfig
+    from tests.standalone import run_search, run_split
+
+    split_store = open_store(str(tmp_path / "split"))
+    manifest = run_split(SplitConfig(classes=4, max_per_class=40, test_max_per_class=10, val_fraction=0.25,
+                                     shard_size=1000, seed=1, executor="local"), split_store)
+    job = SearchJobConfig.model_validate(dict(workers=1, cpus_per_worker=1, max_failures=1, epochs=4,
+                                              warmup_epochs=1, batch_size=16, seed=3, weights={"lr": 0.05},
+                                              arch={"lr": 0.01}, cost="macs"))
+    ckpt_dir = tmp_path / "stage" / "checkpoints"
+    broken, stop = [], threading.Event()
+
+    def break_the_controllers_bookkeeping():
+        while not stop.is_set():
+            latest = ckpt_dir / "latest.json"
+            if latest.exists():
+                run = json.loads(latest.read_text())["run"]
+                snapshot = ckpt_dir / run / "checkpoint_manager_snapshot.json"
+                if snapshot.is_file():
+                    snapshot.unlink()
+                    snapshot.mkdir()
+                    broken.append(run)
+                    return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=break_the_controllers_bookkeeping, daemon=True)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    try:
+        watcher.start()
+        out = run_search(job, "micro_mbconv", manifest, split_store, open_store(str(tmp_path / "stage")))
+    finally:
+        stop.set()
+        ray.shutdown()
+    assert broken, "the controller's snapshot never appeared: the drill did not fire"
+    pointer = json.loads((ckpt_dir / "latest.json").read_text())
+    assert pointer["run"] == f"{broken[0]}-retry1" and pointer["epoch"] == 4
+    assert out["epochs"] == 4
+    records = [json.loads(x) for x in (tmp_path / "stage" / "search_record.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    shutil.rmtree(ckpt_dir / broken[0], ignore_errors=True)
