@@ -17,13 +17,16 @@ except ImportError:
 spec = importlib.util.spec_from_file_location("old_search", "/tmp/s23/old_search.py")
 old_search = importlib.util.module_from_spec(spec); sys.modules["old_search"] = old_search; spec.loader.exec_module(old_search)
 H = B.HYPER
+import types
+spec2 = importlib.util.spec_from_file_location("old_supernet", "/tmp/s23/old_supernet.py")
+old_supernet = importlib.util.module_from_spec(spec2); sys.modules["old_supernet"] = old_supernet; spec2.loader.exec_module(old_supernet)
 
 def hwm():
     for l in open("/proc/self/status"):
         if l.startswith("VmHWM:"): return int(l.split()[1]) / 2**20
 
 def build(variant, kind, batch):
-    ops, srch = variant.split("+")
+    ops, srch, *net_v = variant.split("+")
     mod = new_search if srch == "new" else old_search
     cfg = mod.SearchConfig.model_validate({
         "epochs": 10, "warmup_epochs": 0, "batch_size": batch, "lambda": H["lambda"], "tau": H["tau"],
@@ -41,6 +44,10 @@ def build(variant, kind, batch):
                                   groups=c.groups, bias=False)
                     d.weight = c.weight
                     setattr(m, name, d)
+    if net_v and net_v[0] == "oldnet":
+        net.forward = types.MethodType(old_supernet.SuperNet.forward, net)
+        for m in net.mixed_ops:
+            m.forward = types.MethodType(old_supernet.MixedOp.forward, m)
     s = mod.Searcher(net, cfg, steps_per_epoch=100, log=None)
     fn = s.weight_step if kind == "weight" else s.arch_step
     return lambda x, y: fn((x, y))
