@@ -198,7 +198,8 @@ class DepthwiseConv2d(nn.Conv2d):
         super().__init__(channels, channels, kernel, stride, kernel // 2, groups=channels, bias=False)
 
     def fast_weight_grad(self, x: torch.Tensor) -> bool:
-        return self.kernel_size[0] >= 5 and x.dim() == 4 and max(x.shape[-2:]) <= 32
+        # CPU only: the measurement behind it is oneDNN's kernel; cuDNN's depthwise kernels are its own.
+        return x.device.type == "cpu" and self.kernel_size[0] >= 5 and x.dim() == 4 and max(x.shape[-2:]) <= 32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (torch.is_grad_enabled() and self.weight.requires_grad and self.fast_weight_grad(x)
