@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         f"Machine: {raw['machine']['cpu']}, {os.cpu_count()} cores, {raw['machine']['os']}; torch {raw['torch']}, "
         f"ray {ray.__version__}; local Ray with 2 CPUs, {cfg.actors} actors x {cfg.threads_per_actor} thread.",
         "",
-        f"Command: `flock /tmp/heavy.lock {cmd.strip()}`; raw output: `docs/benchmarks/{Path(args.json).name}`.",
+        f"Command: `{cmd.strip()}`; raw output: `docs/benchmarks/{Path(args.json).name}`.",
         "",
         "Protocol: " + ", ".join(f"{k} {v}" for k, v in proto.items()) + f". {cfg.calibration_paths} calibration "
         f"nets fit the model; {cfg.report_paths} other (held-out) random nets score it.",
