@@ -86,8 +86,10 @@ def retrain(arch, data, num_classes, epochs, lr, batch, seed):
 
 
 @torch.no_grad()
+@torch.no_grad()
 def interleaved_latency_ms(models, input_size, in_channels, rounds):
-    """Median batch-1 forward time (ms) of each model, timed round-robin so that load changes hit all alike."""
+    """Median batch-1 inference time (ms, no autograd, as the profile and retrain stages time a net) of
+    each model, timed round-robin so that load changes hit all alike."""
     x = torch.randn(1, in_channels, input_size, input_size)
     models = [m.eval() for m in models]
     for m in models:
