@@ -115,6 +115,13 @@ def _bn(c: int, affine: bool) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(c, affine=affine)
 
 
+def _eager_autograd() -> bool:
+    """Recording a graph in plain eager mode: the custom autograd functions below apply. Tracing,
+    scripting, compiling and ONNX export see the stock ops instead."""
+    return (torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+            and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export())
+
+
 class _ReLU6InplaceFn(torch.autograd.Function):
     """In-place ReLU6 whose backward reads the output: ``0 < out < 6`` exactly when ``0 < x < 6``
     (NaN stays NaN and gets a zero gradient either way), so the gradient is aten's bit for bit."""
@@ -146,9 +153,7 @@ class ReLU6(nn.ReLU6):
         super().__init__(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing()
-                and not torch.jit.is_scripting() and not torch.compiler.is_compiling()
-                and not torch.onnx.is_in_onnx_export()):
+        if x.requires_grad and _eager_autograd():
             return _ReLU6InplaceFn.apply(x)
         return super().forward(x)
 
@@ -202,9 +207,7 @@ class DepthwiseConv2d(nn.Conv2d):
         return x.device.type == "cpu" and self.kernel_size[0] >= 5 and x.dim() == 4 and max(x.shape[-2:]) <= 32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.is_grad_enabled() and self.weight.requires_grad and self.fast_weight_grad(x)
-                and not torch.jit.is_tracing() and not torch.jit.is_scripting()
-                and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export()):
+        if self.weight.requires_grad and self.fast_weight_grad(x) and _eager_autograd():
             return _DepthwiseConvFn.apply(x, self.weight, self.stride[0], self.padding[0])
         return super().forward(x)
 
