@@ -28,6 +28,7 @@ from it (a new Train run).
 Warm-up cache: the weights-only warm-up does not depend on lambda / tau / the cost model, so its
 end state is published to ``inputs.warmup_store`` (``warmup_state.pt`` then ``_complete.json`` last); a
 later search with only lambda/tau changed starts from it instead of re-training the warm-up.
+``warm_up(cfg, inputs, ctx)`` trains only that part (the sweep's shared warm-up).
 
 Metrics: every epoch's record goes to ``ray.train.report`` (numbers only) and, from rank 0, to the
 stage's MLflow run through ``jobs.epochs.EpochCurves`` (cluster.tracking; step = epoch, each once).
@@ -39,6 +40,7 @@ node id and alpha/beta digest).
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -221,15 +223,35 @@ def run(cfg: SearchJobConfig, inputs: SearchInputs, ctx: StageContext) -> Search
 def warm_up(cfg: SearchJobConfig, inputs: SearchInputs, ctx: StageContext) -> Any:
     """Train only the weights-only warm-up, the first ``warmup_epochs`` epochs of ``run`` (same net,
     data order and cosine schedule), and publish it to ``inputs.warmup_store``, which a later ``run``
-    with any lambda / tau starts from; returns that store. Nothing to train when it is complete."""
+    with any lambda / tau starts from. A warm-up there of this job's shape is reused as is; one of
+    another shape (another worker count, e.g. the search stage's) is kept for its owner and this one
+    goes beside it, in ``workers-<n>``. Returns the store that holds it."""
     store = inputs.warmup_store
     if store is None or cfg.warmup_epochs == 0:
         raise ValueError("warm_up needs inputs.warmup_store and search.warmup_epochs > 0")
-    if not store.exists(CACHE_COMPLETE):
-        _fit(cfg, inputs, ctx, cfg.warmup_epochs)
-    if not store.exists(CACHE_COMPLETE):
+    steps = _steps(cfg, inputs.split)[1]
+    if store.exists(CACHE_COMPLETE) and not _warmup_fits(store, steps, cfg.warmup_epochs):
+        store = store.child(f"workers-{cfg.workers}")
+    if _warmup_fits(store, steps, cfg.warmup_epochs):
+        ctx.progress(f"warm-up: reusing the cached warm-up at {store.uri_for('')}")
+        return store
+    _fit(cfg, dataclasses.replace(inputs, warmup_store=store), ctx, cfg.warmup_epochs)
+    if not _warmup_fits(store, steps, cfg.warmup_epochs):
         raise RuntimeError(f"the warm-up finished but published nothing to {store.uri_for('')}; see the worker logs")
     return store
+
+
+def _steps(job: SearchJobConfig, split: SplitOutput) -> tuple[int, int]:
+    """(batch per worker, weight steps per epoch) of this job on this split."""
+    return steps_per_worker(int(split.counts["train"]), job.workers, job.batch_size)
+
+
+def _warmup_fits(store: Any, steps: int, warmup_epochs: int) -> bool:
+    """A complete warm-up in ``store`` made with these steps per epoch and warm-up epochs."""
+    if store is None or not store.exists(CACHE_COMPLETE):
+        return False
+    info = store.get_json(CACHE_COMPLETE)
+    return int(info.get("steps_per_epoch", steps)) == steps and int(info.get("epoch", -1)) == warmup_epochs
 
 
 def _fit(job: SearchJobConfig, inputs: SearchInputs, ctx: StageContext, until_epoch: int
@@ -244,7 +266,7 @@ def _fit(job: SearchJobConfig, inputs: SearchInputs, ctx: StageContext, until_ep
     ckpt_store, warm_store = ctx.checkpoint_store, inputs.warmup_store
     counts = split.counts
     num_classes = split.num_classes
-    batch, steps = steps_per_worker(int(counts["train"]), job.workers, search.batch_size)
+    batch, steps = _steps(job, split)
     val_batch, val_steps = steps_per_worker(int(counts["val"]), job.workers,
                                             search.arch_batch_size or search.batch_size)
     if steps < 1 or val_steps < 1:
@@ -254,14 +276,12 @@ def _fit(job: SearchJobConfig, inputs: SearchInputs, ctx: StageContext, until_ep
     check_resources(request, reserve=job.reserve(), what="search stage")
 
     pointer = latest_checkpoint(ckpt_store)
-    warm_ready = bool(warm_store is not None and search.warmup_epochs > 0 and warm_store.exists(CACHE_COMPLETE))
-    if warm_ready:
+    warm_ready = search.warmup_epochs > 0 and _warmup_fits(warm_store, steps, search.warmup_epochs)
+    if search.warmup_epochs > 0 and not warm_ready and warm_store is not None and warm_store.exists(CACHE_COMPLETE):
         info = warm_store.get_json(CACHE_COMPLETE)
-        if int(info.get("steps_per_epoch", steps)) != steps or int(info.get("epoch", -1)) != search.warmup_epochs:
-            say(f"search: warm-up cache at {warm_store.uri_for('')} was made with steps_per_epoch="
-                f"{info.get('steps_per_epoch')}, epoch {info.get('epoch')}; this search needs {steps}, "
-                f"{search.warmup_epochs}: not reused")
-            warm_ready = False
+        say(f"search: warm-up cache at {warm_store.uri_for('')} was made with steps_per_epoch="
+            f"{info.get('steps_per_epoch')}, epoch {info.get('epoch')}; this search needs {steps}, "
+            f"{search.warmup_epochs}: not reused")
     if pointer is not None:
         say(f"search: resuming from {ckpt_store.uri_for(pointer['dir'])} (epoch {pointer['epoch']})")
     else:

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from densenas.pareto import non_dominated_mask
 from densenas.search import SearchConfig
-from jobs.context import CACHE_COMPLETE, StageContext, StageOutput, resolve_space
+from jobs.context import StageContext, StageOutput, resolve_space
 from jobs.retrain import RetrainConfig
 from jobs.split import SplitOutput
 from jobs.train import numeric_metrics
@@ -285,34 +285,16 @@ def _finite(v: Any) -> bool:
 
 
 # --------------------------------------------------------------------------- warm-up
-def _warm_up(search_doc: dict, cfg: SweepConfig, inputs: "SweepInputs", warm_store: Any, work_store: Any,
-             say) -> Any:
-    """The shared warm-up (``jobs.search.warm_up``) in the trials' shape; returns the store holding it.
-    An entry made with another worker count (e.g. by the search stage) is kept for its owner and ours
-    goes beside it."""
+def _warm_up(search_doc: dict, cfg: SweepConfig, inputs: "SweepInputs", warm_store: Any, work_store: Any) -> Any:
+    """The shared warm-up in the trials' shape (``jobs.search.warm_up``); returns the store holding it."""
     from jobs import search
-    from jobs.train import steps_per_worker
 
     job = search.SearchJobConfig.model_validate({**search_doc, **_train_job_fields(cfg)})
     if job.warmup_epochs == 0:
         return warm_store
-    steps = steps_per_worker(int(inputs.split.counts["train"]), cfg.workers_per_trial, job.batch_size)[1]
-    if warm_store.exists(CACHE_COMPLETE) and not _fits(warm_store, steps, job.warmup_epochs):
-        warm_store = warm_store.child(f"sweep-workers-{cfg.workers_per_trial}")
-    if _fits(warm_store, steps, job.warmup_epochs):
-        say(f"warm-up: reusing the cached warm-up at {warm_store.uri_for('')}")
-        return warm_store
-    say(f"warm-up: {job.warmup_epochs} weights-only epochs once for every trial")
-    ctx = StageContext.standalone(work_store.child("warmup-run"), "sweep warm-up")
-    return search.warm_up(job, search.SearchInputs(inputs.space, inputs.split, inputs.split_store,
-                                                   inputs.cost_model, warm_store), ctx)
-
-
-def _fits(warm_store: Any, steps: int, warmup_epochs: int) -> bool:
-    if not warm_store.exists(CACHE_COMPLETE):
-        return False
-    info = warm_store.get_json(CACHE_COMPLETE)
-    return int(info.get("steps_per_epoch", -1)) == steps and int(info.get("epoch", -1)) == warmup_epochs
+    return search.warm_up(job, search.SearchInputs(inputs.space, inputs.split, inputs.split_store, inputs.cost_model,
+                                                   warm_store),
+                          StageContext.standalone(work_store.child("warmup-run"), "sweep warm-up"))
 
 
 # --------------------------------------------------------------------------- outputs
@@ -416,7 +398,7 @@ def run(cfg: SweepConfig, inputs: SweepInputs, ctx: StageContext) -> SweepOutput
         for prefix in ("trials", "tune", "warmup-run"):
             work_store.delete_prefix(prefix)
     search_doc = _search_doc(inputs.search, cfg)
-    warm_store = _warm_up(search_doc, cfg, inputs, inputs.warmup_store or work_store.child("warmup"), work_store, say)
+    warm_store = _warm_up(search_doc, cfg, inputs, inputs.warmup_store or work_store.child("warmup"), work_store)
     shared = _Shared(cfg, search_doc, inputs, warm_store, work_store, ctx.tracker.spec, ctx.run_id)
     trainable = tune.with_resources(tune.with_parameters(_sweep_trial, shared=shared), {"cpu": cfg.trial_driver_cpus})
     storage_path, storage_fs = ray_storage(work_store.child("tune"))
