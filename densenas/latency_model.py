@@ -282,12 +282,19 @@ def _wls(cols: list[np.ndarray], m: np.ndarray) -> np.ndarray:
 
 
 def _fit_shared(s: np.ndarray, n: np.ndarray, m: np.ndarray) -> tuple[float, float, float]:
+    """The richest shared form whose scale comes out > 0: (scale, layer_ms, fixed_ms), else
+    (scale, fixed_ms), else the scale alone. On nets whose measured spread is all noise (tiny spaces on a
+    busy machine) the fits with an intercept can tilt the scale negative; the scale alone is a weighted
+    mean of measured/raw ratios and so always > 0."""
     if len(m) >= 4 and np.ptp(n) > 0:
         a, c, b = _wls([s, n, np.ones_like(s)], m)
-        if a > 0:
+        if a > 0 and np.isfinite([a, c, b]).all():
             return float(a), float(c), float(b)
     a, b = _wls([s, np.ones_like(s)], m)
-    return float(a), 0.0, float(b)
+    if a > 0 and np.isfinite([a, b]).all():
+        return float(a), 0.0, float(b)
+    (a,) = _wls([s], m)
+    return float(a), 0.0, 0.0
 
 
 def _fit_per_op(kind_sums: Sequence[Mapping[str, float]], n: np.ndarray, m: np.ndarray,
