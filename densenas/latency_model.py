@@ -44,11 +44,14 @@ from densenas.latency import (LatencyStats, LatencyTable, LatencyTableError, OpS
 
 __all__ = [
     "MEMORY_FORMATS",
+    "ALLOCATORS",
+    "DEFAULT_REFERENCE",
     "MeasurementProtocol",
     "ProtocolMismatchError",
     "Calibration",
     "LatencyModel",
     "measure_net_latency",
+    "reference_latency_ms",
     "time_forward",
     "unit_features",
     "unit_kind_sums",
@@ -59,6 +62,10 @@ __all__ = [
 ]
 
 MEMORY_FORMATS = ("contiguous", "channels_last")
+ALLOCATORS = ("default", "steady")
+# The reference workload of the profile stage's CPU protocol: about 3 ms at batch 32 on a 2.6 GHz Xeon
+# core, between the space's small and large ops, so pairing it with each forward costs little.
+DEFAULT_REFERENCE = "mbconv_k3_e6:16:16:1:8"
 _STATISTICS = ("mean", "median", "p10", "p90")
 
 
@@ -72,6 +79,13 @@ class MeasurementProtocol:
 
     ``threads`` is the CPU intra-op thread count (None on CUDA, where CUDA events time the GPU).
     ``statistic`` is what is reported of the ``repeats`` timed forwards (after ``warmup`` discarded).
+    ``allocator`` ``steady`` keeps glibc from unmapping activation buffers between forwards
+    (``densenas.profiling.steady_allocator``); ``default`` leaves it as it is.
+    ``reference`` (CPU): ``none``, or an op signature without its batch (``mbconv_k3_e6:16:16:1:8``)
+    run at the protocol's batch right after each timed forward. Each sample is then the ratio of the
+    two times (which does not drift with a shared machine's speed) times ``reference_ms``, the
+    reference's own time fixed once for a table (``reference_latency_ms``) and carried in its protocol
+    record, so every number under the protocol is in the same ms.
     """
 
     device: str = "cpu"
@@ -83,6 +97,9 @@ class MeasurementProtocol:
     repeats: int = 30
     statistic: str = "median"
     timer: str = "wall"
+    allocator: str = "default"
+    reference: str = "none"
+    reference_ms: float | None = None
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -101,6 +118,18 @@ class MeasurementProtocol:
             object.__setattr__(self, "timer", "cuda_events")  # the only GPU timer
         if self.device == "cpu" and self.timer not in ("wall", "thread_cpu"):
             raise ValueError(f"a CPU protocol's timer is 'wall' or 'thread_cpu', got {self.timer!r}")
+        if self.allocator not in ALLOCATORS:
+            raise ValueError(f"protocol allocator must be one of {ALLOCATORS}, got {self.allocator!r}")
+        if self.reference != "none":
+            if self.device != "cpu":
+                raise ValueError("a reference workload normalises CPU timings; on CUDA use reference 'none'")
+            try:
+                OpSignature.parse(f"{self.reference}:{self.batch}")
+            except (ValueError, TypeError, KeyError) as e:
+                raise ValueError(f"protocol reference must be 'none' or an op signature without its batch, such "
+                                 f"as {DEFAULT_REFERENCE!r}; got {self.reference!r} ({e})") from None
+        if self.reference_ms is not None and not (self.reference_ms > 0 and math.isfinite(self.reference_ms)):
+            raise ValueError(f"protocol reference_ms must be a time > 0, got {self.reference_ms!r}")
         if self.timer == "thread_cpu" and self.threads != 1:
             raise ValueError(f"timer 'thread_cpu' counts one thread's CPU time; it needs threads 1, got "
                              f"{self.threads} (use timer 'wall' with more threads)")
@@ -111,15 +140,21 @@ class MeasurementProtocol:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MeasurementProtocol":
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        missing = [k for k in cls.__dataclass_fields__ if k not in d and k != "timer"]
+        # Records older than these fields were measured without them: their defaults say so.
+        missing = [k for k in cls.__dataclass_fields__
+                   if k not in d and k not in ("timer", "allocator", "reference", "reference_ms")]
         if missing:
             raise ProtocolMismatchError(f"protocol record {dict(d)} lacks {missing}")
         return cls(**known)
 
     def measurement_key(self) -> dict:
-        """The fields that decide whether a stored measurement can be reused (all but the statistic:
-        every statistic is stored)."""
-        return {k: v for k, v in self.to_dict().items() if k != "statistic"}
+        """The fields that decide whether a stored measurement can be reused: all but the statistic
+        (every statistic is stored) and ``reference_ms`` (a reuse adopts the stored one)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("statistic", "reference_ms")}
+
+    def reference_signature(self) -> OpSignature | None:
+        """The reference workload at this protocol's batch (None without one)."""
+        return None if self.reference == "none" else OpSignature.parse(f"{self.reference}:{self.batch}")
 
     def mismatch(self, other: "MeasurementProtocol") -> list[str]:
         a, b = self.to_dict(), other.to_dict()
@@ -167,21 +202,52 @@ def _prepare(module: nn.Module, x: torch.Tensor, protocol: MeasurementProtocol) 
 def time_forward(module: nn.Module, input_shape: Sequence[int], protocol: MeasurementProtocol) -> LatencyStats:
     """Time ``module`` on a random input of ``input_shape`` under ``protocol`` (eval, no_grad, threads,
     dtype, memory format, warm-up, repeats); all statistics of the timed runs, in ms."""
-    from densenas.profiling import set_cpu_threads, time_module
+    from densenas.profiling import set_cpu_threads, steady_allocator, time_module
 
+    ref_sig = protocol.reference_signature()
+    if ref_sig is not None and protocol.reference_ms is None:
+        raise ProtocolMismatchError(f"the protocol times against the reference {protocol.reference} but carries no "
+                                    "reference_ms; measure it once with reference_latency_ms(protocol) and use "
+                                    "protocol.with_(reference_ms=...)")
     if protocol.device == "cpu":
         previous = torch.get_num_threads()
         set_cpu_threads(int(protocol.threads))
+        if protocol.allocator == "steady":
+            steady_allocator()
     elif not torch.cuda.is_available():
         raise ProtocolMismatchError("the protocol's device is 'cuda' but torch sees no CUDA device here")
     try:
         module, x = _prepare(module, torch.randn(*input_shape), protocol)
+        reference = None
+        if ref_sig is not None:
+            from densenas.latency import build_signature_module
+
+            reference = _prepare(build_signature_module(ref_sig), torch.randn(*_sig_input_shape(ref_sig)), protocol)
         samples = time_module(module, x, x.device, protocol.warmup, protocol.repeats,
-                              "wall" if protocol.device == "cuda" else protocol.timer)
+                              "wall" if protocol.device == "cuda" else protocol.timer, reference=reference)
+        if reference is not None:
+            samples = [r * float(protocol.reference_ms) for r in samples]
     finally:
         if protocol.device == "cpu":
             torch.set_num_threads(previous)
     return LatencyStats.from_samples(samples)
+
+
+def _sig_input_shape(sig: OpSignature) -> tuple[int, int, int, int]:
+    return (sig.batch, sig.c_in, sig.resolution, sig.resolution)
+
+
+def reference_latency_ms(protocol: MeasurementProtocol) -> float:
+    """The reference workload's own time (median ms, timed alone under ``protocol``): the ``reference_ms``
+    that turns a table's ratios into ms. Fixed once per table; its own drift only rescales every number
+    under that table alike."""
+    ref_sig = protocol.reference_signature()
+    if ref_sig is None:
+        raise ProtocolMismatchError("the protocol has no reference workload (reference 'none')")
+    from densenas.latency import build_signature_module
+
+    plain = protocol.with_(reference="none", reference_ms=None)
+    return float(time_forward(build_signature_module(ref_sig), _sig_input_shape(ref_sig), plain).median)
 
 
 def measure_net_latency(net: nn.Module | Any, protocol: MeasurementProtocol | Mapping[str, Any],

@@ -36,6 +36,7 @@ __all__ = [
     "ProfilingError",
     "resolve_dtype",
     "set_cpu_threads",
+    "steady_allocator",
     "cpu_model_name",
     "device_fingerprint",
     "fingerprint_mismatch",
@@ -80,6 +81,38 @@ def set_cpu_threads(threads: int) -> int:
     except RuntimeError:
         pass
     return torch.get_num_threads()
+
+
+_STEADY_ALLOCATOR = False
+
+
+def steady_allocator() -> None:
+    """Keep glibc's allocator from handing activation buffers back to the kernel between forwards.
+
+    By default glibc serves large blocks with ``mmap`` and unmaps them on free, and trims the heap's top,
+    with thresholds that move as the process runs. A forward then pays page faults for its activations,
+    and how many depends on the allocator's history, so one net's time wanders by 20-30 % within a
+    process (docs/profiling.md). Raising the mmap threshold to glibc's maximum (32 MiB) and the trim
+    threshold to 1 GiB makes the freed buffers be reused: what the PyTorch CPU tuning guide gets from
+    jemalloc or tcmalloc. Process-wide and kept for the process's life; idempotent.
+    """
+    global _STEADY_ALLOCATOR
+    if _STEADY_ALLOCATOR:
+        return
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        raise ProfilingError("protocol allocator 'steady' needs glibc's mallopt, which this platform lacks; "
+                             "profile with allocator 'default'") from None
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (mallopt(m_mmap_threshold, 32 * 1024 * 1024) and mallopt(m_trim_threshold, 1 << 30)):
+        raise ProfilingError("glibc refused the 'steady' allocator settings (mallopt); profile with allocator "
+                             "'default'")
+    _STEADY_ALLOCATOR = True
 
 
 def cpu_model_name() -> str:
@@ -140,7 +173,8 @@ CPU_TIMERS = ("wall", "thread_cpu")
 
 @torch.no_grad()
 def time_module(module: nn.Module, x: torch.Tensor, device: str | torch.device = "cpu", warmup: int = 10,
-                repeats: int = 50, timer: str = "wall") -> list[float]:
+                repeats: int = 50, timer: str = "wall",
+                reference: tuple[nn.Module, torch.Tensor] | None = None) -> list[float]:
     """Forward times of ``module(x)`` in ms: ``warmup`` runs discarded, then ``repeats`` timed runs.
 
     The module is put in eval mode. On CUDA each run is bracketed by CUDA events and the device is
@@ -148,7 +182,14 @@ def time_module(module: nn.Module, x: torch.Tensor, device: str | torch.device =
     On CPU, ``timer`` ``wall`` is ``time.perf_counter``; ``thread_cpu`` is the calling thread's CPU
     time (``time.thread_time``): with one torch thread the whole forward runs in that thread, and the
     time other processes hold the core (a shared machine's preemption) is not charged to the net.
+
+    ``reference`` (CPU only): a fixed workload ``(module, input)`` run right after each timed forward;
+    each sample is then the ratio of the two times, not ms. A shared machine's speed drifts by tens of
+    percent over seconds (other tenants' cache and memory traffic, which the thread's CPU time does
+    charge); the two forwards of a pair see the same speed, so the ratio does not drift.
     """
+    if reference is not None and torch.device(device).type != "cpu":
+        raise ProfilingError("a reference workload normalises CPU timings only; CUDA events time the GPU")
     if timer not in CPU_TIMERS:
         raise ProfilingError(f"timer must be one of {CPU_TIMERS}, got {timer!r}")
     if repeats < 1:
@@ -169,9 +210,23 @@ def time_module(module: nn.Module, x: torch.Tensor, device: str | torch.device =
             end.synchronize()
             samples.append(float(start.elapsed_time(end)))
         return samples
+    clock = time.perf_counter if timer == "wall" else time.thread_time
+    if reference is not None:
+        ref, rx = reference
+        ref.eval()
+        for _ in range(warmup):
+            module(x)
+            ref(rx)
+        ratios = []
+        for _ in range(repeats):
+            t0 = clock()
+            module(x)
+            t1 = clock()
+            ref(rx)
+            ratios.append((t1 - t0) / max(clock() - t1, 1e-9))
+        return ratios
     for _ in range(warmup):
         module(x)
-    clock = time.perf_counter if timer == "wall" else time.thread_time
     samples = []
     for _ in range(repeats):
         t0 = clock()

@@ -52,8 +52,8 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from densenas.latency import LatencyStats, LatencyTable, OpSignature, load_cost_model, space_signatures
-from densenas.latency_model import (LatencyModel, MeasurementProtocol, fit_calibration, unit_features,
-                                    unit_kind_sums)
+from densenas.latency_model import (DEFAULT_REFERENCE, LatencyModel, MeasurementProtocol, fit_calibration,
+                                    unit_features, unit_kind_sums)
 from densenas.latency_report import accuracy_metrics, net_signatures, sample_random_nets
 from densenas.profiling import FINGERPRINT_KEYS, fingerprint_mismatch
 from densenas.space import SearchSpace, load_space
@@ -116,6 +116,14 @@ class ProfileConfig(BaseModel):
                             "machine's preemption is not charged; needs threads_per_actor 1). CUDA: CUDA events")
     warmup: int = Field(20, ge=0, description="discarded runs per signature")
     repeats: int = Field(2000, ge=1, description="timed runs per signature (paper: 2,000)")
+    allocator: Literal["default", "steady"] = Field(
+        "steady", description="CPU: 'steady' keeps glibc from unmapping activation buffers between forwards, so a "
+                              "net's time does not wander with the allocator's history; 'default' leaves it")
+    reference: str = Field(
+        DEFAULT_REFERENCE, description="CPU: an op signature without its batch, run right after each timed "
+                                       "forward; samples are the ratio of the two times (immune to a shared "
+                                       "machine's speed drift) times the reference's own time, fixed once per "
+                                       "table. 'none': plain times")
     statistic: Literal["median", "mean", "p10", "p90"] = Field(
         "median", description="what the table serves and the report compares (p10 resists a loaded machine)")
     calibration_paths: int = Field(20, ge=0, description="random nets timed end to end to fit the latency model's "
@@ -162,11 +170,14 @@ class ProfileConfig(BaseModel):
     def measurement_protocol(self) -> MeasurementProtocol:
         """How every number of the stage is measured (ops, report nets; the retrain stage reads it back
         from the table's device record)."""
+        cpu = self.device == "cpu"
         return MeasurementProtocol(device=self.device, batch=self.batch_size,
-                                   threads=self.threads_per_actor if self.device == "cpu" else None,
+                                   threads=self.threads_per_actor if cpu else None,
                                    dtype=self.dtype, memory_format=self.memory_format, warmup=self.warmup,
                                    repeats=self.repeats, statistic=self.statistic,
-                                   timer=self.timer if self.device == "cpu" else "cuda_events")
+                                   timer=self.timer if cpu else "cuda_events",
+                                   allocator=self.allocator if cpu else "default",
+                                   reference=self.reference if cpu else "none")
 
     def protocol(self) -> dict[str, Any]:
         """What decides whether a stored measurement can be reused: the protocol but its statistic
@@ -201,28 +212,41 @@ class ProfilerActor:
     def fingerprint(self) -> dict[str, Any]:
         return dict(self._fp)
 
-    def measure_signatures(self, keys: Sequence[str]) -> list[tuple[str, dict, float]]:
-        """(key, stats, seconds spent) per signature key."""
+    def _protocol(self, protocol: Mapping[str, Any] | None) -> MeasurementProtocol:
+        return self.protocol if protocol is None else MeasurementProtocol.from_dict(protocol)
+
+    def measure_reference(self, protocol: Mapping[str, Any] | None = None) -> float:
+        """The protocol's reference workload timed alone (ms): one actor's proposal for ``reference_ms``."""
+        from densenas.latency_model import reference_latency_ms
+
+        return reference_latency_ms(self._protocol(protocol))
+
+    def measure_signatures(self, keys: Sequence[str], protocol: Mapping[str, Any] | None = None
+                           ) -> list[tuple[str, dict, float]]:
+        """(key, stats, seconds spent) per signature key (``protocol``: the driver's, with its reference_ms)."""
         from densenas.latency import build_signature_module
         from densenas.latency_model import time_forward
 
+        proto = self._protocol(protocol)
         out = []
         for key in keys:
             t0 = time.perf_counter()
             sig = OpSignature.parse(key)
             stats = time_forward(build_signature_module(sig), (sig.batch, sig.c_in, sig.resolution, sig.resolution),
-                                 self.protocol)
+                                 proto)
             out.append((key, stats.to_dict(), time.perf_counter() - t0))
         return out
 
-    def measure_nets(self, items: Sequence[tuple[str, dict]], repeats: int | None = None
-                     ) -> list[tuple[str, dict, float]]:
+    def measure_nets(self, items: Sequence[tuple[str, dict]], repeats: int | None = None,
+                     protocol: Mapping[str, Any] | None = None) -> list[tuple[str, dict, float]]:
         """(key, stats, seconds) per (key, arch document): the whole network, end to end
         (``measure_net_latency``, the project's one whole-net measurement); ``repeats`` overrides the
         protocol's for one round of a multi-round report."""
         from densenas.latency_model import measure_net_latency
 
-        protocol = self.protocol if repeats is None else self.protocol.with_(repeats=int(repeats))
+        protocol = self._protocol(protocol)
+        if repeats is not None:
+            protocol = protocol.with_(repeats=int(repeats))
         out = []
         for key, doc in items:
             t0 = time.perf_counter()
@@ -307,8 +331,14 @@ class Profiler:
         self.fingerprint: dict | None = None
         self.sig_stats: dict[str, dict] = {}
         self.net_stats: dict[str, dict] = {}
+        self.reference_ms: float | None = None  # fixed once per table: measured, or adopted with reused numbers
         self._unsaved = 0
         self._next_index = 0
+
+    @property
+    def protocol(self) -> MeasurementProtocol:
+        """The config's protocol with this table's ``reference_ms``."""
+        return self.cfg.measurement_protocol().with_(reference_ms=self.reference_ms)
 
     # ------------------------------------------------------------------ actors
     def _actor_class(self):
@@ -483,6 +513,31 @@ class Profiler:
                     self._drop(slot, f"batch ran past task_timeout_s={self.cfg.task_timeout_s:.0f} s; re-queued")
                     self._replace("hung actor")
 
+    def _fix_reference_ms(self) -> None:
+        """Time the protocol's reference workload on every ready actor (median of their medians) unless
+        reused measurements already fixed ``reference_ms``."""
+        import ray
+
+        if self.cfg.measurement_protocol().reference == "none" or self.reference_ms is not None:
+            return
+        slots = [s for s in self.slots if s.ready]
+        proto = self.cfg.measurement_protocol().to_dict()
+        try:
+            times = ray.get([s.handle.measure_reference.remote(proto) for s in slots],
+                            timeout=self.cfg.task_timeout_s)
+        except Exception as e:  # an actor lost here is replaced by the queue; one that answered is enough
+            times = []
+            for s in slots:
+                try:
+                    times.append(ray.get(s.handle.measure_reference.remote(proto), timeout=self.cfg.task_timeout_s))
+                except Exception:
+                    continue
+            if not times:
+                raise ProfileError(f"no profiling actor could time the reference workload: {e}") from e
+        self.reference_ms = float(statistics.median(times))
+        self.log(f"reference {self.cfg.reference}: {self.reference_ms:.3f} ms (median of {len(times)} actor(s)); "
+                 "every number of this table is a ratio to it, in these ms")
+
     # ------------------------------------------------------------------ resumable measurements
     def _load_previous(self) -> None:
         """Measurements of an earlier (partial or finished) run with the same device and protocol."""
@@ -512,6 +567,12 @@ class Profiler:
                 self.log(f"not reusing {key}: measured on another device or protocol "
                          f"({'; '.join(diff) or f'protocol {doc_proto} vs {proto}'})")
                 continue
+            ref_ms = (device.get("protocol") or {}).get("reference_ms") if key == TABLE_KEY else doc.get("reference_ms")
+            if self.cfg.measurement_protocol().reference != "none":
+                if ref_ms is None or (self.reference_ms is not None and ref_ms != self.reference_ms):
+                    self.log(f"not reusing {key}: its numbers are in another reference_ms ({ref_ms})")
+                    continue
+                self.reference_ms = float(ref_ms)
             for k, v in sigs.items():
                 self.sig_stats.setdefault(k, v)
             for k, v in nets.items():
@@ -522,7 +583,7 @@ class Profiler:
             return
         self.ckpt_store.publish_json(MEASUREMENTS_KEY, {
             "format": MEASUREMENTS_FORMAT, "fingerprint": self.fingerprint, "protocol": self.cfg.protocol(),
-            "signatures": self.sig_stats, "nets": self.net_stats, "time": time.time()})
+            "reference_ms": self.reference_ms, "signatures": self.sig_stats, "nets": self.net_stats, "time": time.time()})
         self._unsaved = 0
 
     def _record(self, target: dict) -> Callable[[str, dict], None]:
@@ -566,12 +627,13 @@ class Profiler:
                     self.qstats.actor_deaths += 1
                     self._replace("actor failed to start")
             self._load_previous()
+            self._fix_reference_ms()
             todo = [s.key for s in sigs if s.key not in self.sig_stats]
             reused_sigs = len(sigs) - len(todo)
             if reused_sigs:
                 self.log(f"reusing {reused_sigs} signatures measured earlier on this device; {len(todo)} to measure")
             self._run_queue("signatures", todo, "measure_signatures", cfg.signatures_per_task,
-                            self._record(self.sig_stats))
+                            self._record(self.sig_stats), kwargs={"protocol": self.protocol.to_dict()})
             self._save(force=bool(todo))
             table = self._table({s: self.sig_stats[s.key] for s in sigs})
             self._publish_table(table)
@@ -639,7 +701,7 @@ class Profiler:
                 "input_size": self.space.input_size, "space_name": self.space.name, "actors": cfg.actors,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "fingerprint_keys": list(FINGERPRINT_KEYS)}
-        device = {**self.fingerprint, "protocol": cfg.measurement_protocol().to_dict()}
+        device = {**self.fingerprint, "protocol": self.protocol.to_dict()}
         return LatencyTable(dict(entries), self.space.space_hash(), device, units="ms",
                             statistic=cfg.statistic, meta=meta)
 
@@ -669,7 +731,8 @@ class Profiler:
             raise ProfileError("no live profiling actor is left to measure the report's networks; run again")
         self._run_queue("nets", todo, "measure_nets", 1, self._record(self.net_stats),
                         max_inflight=cfg.report_concurrency,
-                        kwargs={"repeats": max(1, math.ceil(cfg.repeats / rounds))} if rounds > 1 else None)
+                        kwargs={"protocol": self.protocol.to_dict(),
+                                **({"repeats": max(1, math.ceil(cfg.repeats / rounds))} if rounds > 1 else {})})
         if rounds > 1:  # each statistic: the median over the net's rounds
             for n in new:
                 parts = [self.net_stats.pop(f"{n.key}#{r}") for r in range(rounds)]
@@ -694,7 +757,7 @@ class Profiler:
             model = LatencyModel.from_table(table, calibration, space)
         extra = {"space_hash": space.space_hash(), "device": self.fingerprint, "batch_size": cfg.batch_size,
                  "statistic": table.statistic, "seed": cfg.seed,
-                 "protocol": cfg.measurement_protocol().to_dict(), "latency_table": self.store.uri_for(TABLE_KEY),
+                 "protocol": self.protocol.to_dict(), "latency_table": self.store.uri_for(TABLE_KEY),
                  "report_rounds": rounds, "report_concurrency": cfg.report_concurrency,
                  "calibration": None if calibration is None else calibration.to_dict()}
         report = latency_model_report(table, model, space, cal_nets, held, measured, self.num_classes, extra)

@@ -297,6 +297,37 @@ def test_protocol_round_trip_and_mismatch_is_refused():
     assert "statistic" not in p.measurement_key()
 
 
+def test_reference_protocol_times_in_the_reference_ms_and_refuses_what_it_cannot_do():
+    """A reference protocol turns each forward's ratio to the reference workload into the table's ms:
+    timing the reference itself against itself gives its reference_ms; a protocol without reference_ms,
+    a reference on CUDA or an unparseable reference is refused with the reason."""
+    from densenas.latency import build_signature_module
+    from densenas.latency_model import DEFAULT_REFERENCE, reference_latency_ms, time_forward
+
+    p = MeasurementProtocol(batch=2, threads=1, warmup=2, repeats=9, timer="thread_cpu", allocator="steady",
+                            reference=DEFAULT_REFERENCE)
+    ref_ms = reference_latency_ms(p)
+    assert ref_ms > 0
+    sig = p.reference_signature()
+    assert sig.batch == 2 and sig.key == f"{DEFAULT_REFERENCE}:2"
+    with pytest.raises(ProtocolMismatchError, match="reference_ms"):
+        time_forward(build_signature_module(sig), (2, sig.c_in, sig.resolution, sig.resolution), p)
+    p = p.with_(reference_ms=ref_ms)
+    own = time_forward(build_signature_module(sig), (2, sig.c_in, sig.resolution, sig.resolution), p)
+    assert own.median == pytest.approx(ref_ms, rel=0.35)  # a ratio near 1, in the reference's ms
+    assert "reference_ms" not in p.measurement_key() and p.measurement_key()["reference"] == DEFAULT_REFERENCE
+    # A record from before these fields: measured plainly, with glibc's default allocator.
+    old = {k: v for k, v in p.to_dict().items() if k not in ("allocator", "reference", "reference_ms")}
+    assert MeasurementProtocol.from_dict(old).reference == "none"
+    assert MeasurementProtocol.from_dict(old).allocator == "default"
+    with pytest.raises(ValueError, match="CUDA use reference 'none'"):
+        MeasurementProtocol(device="cuda", threads=None, reference=DEFAULT_REFERENCE)
+    with pytest.raises(ValueError, match="op signature without its batch"):
+        MeasurementProtocol(reference="mbconv_k3_e6")
+    with pytest.raises(ValueError, match="allocator"):
+        MeasurementProtocol(allocator="jemalloc")
+
+
 def test_calibration_recovers_known_coefficients():
     raw = [3.0, 5.0, 8.0, 4.0, 10.0, 6.5]
     units = [8, 11, 14, 9, 15, 12]

@@ -7,7 +7,7 @@ from densenas.profiling import device_fingerprint
 from densenas.space import load_space
 from jobs.context import StageContext
 from densenas.latency import predict_latency
-from densenas.latency_model import LatencyModel, table_protocol
+from densenas.latency_model import DEFAULT_REFERENCE, LatencyModel, table_protocol
 from densenas.latency_report import sample_random_nets
 from jobs.profile import (MEASUREMENTS_KEY, REPORT_KEY, SCATTER_KEY, TABLE_KEY, ProfileConfig, ProfileError,
                           ProfileInputs, Profiler, scaled_space)
@@ -65,7 +65,11 @@ def test_every_distinct_signature_measured_once(first_run, micro):
     assert all(st.count == 3 for st in table.entries.values())
     assert table.device["threads"] == 1 and table.device["batch"] == 1 and table.device["dtype"] == "float32"
     # The protocol every number of the stage was measured under is in the device record.
-    assert table_protocol(table) == ProfileConfig(**TINY).measurement_protocol()
+    proto = table_protocol(table)
+    # Every number is a ratio to the reference workload, in the reference's ms fixed once for the table.
+    assert proto.reference == DEFAULT_REFERENCE and proto.allocator == "steady" and proto.reference_ms > 0
+    assert proto == ProfileConfig(**TINY).measurement_protocol().with_(reference_ms=proto.reference_ms)
+    assert prof.reference_ms == proto.reference_ms
     table.check_compatible(micro, device=device_fingerprint("cpu", 1, "float32", 1), num_classes=10)
 
 
