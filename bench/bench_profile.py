@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -74,9 +75,11 @@ def _retrain_path_check(store, space, cfg: ProfileConfig, n: int) -> list[dict]:
             buf.getvalue(), net.arch.to_dict(), classes, protocol), timeout=600)
         pred = predict_latency(net.arch, table)
         out.append({"key": net.key, "predicted_ms": pred, "measured_ms": lat["value"],
+                    "plain_median_ms": lat.get("plain_median"),
                     "error_pct": 100 * (pred - lat["value"]) / lat["value"]})
+        plain = "" if lat.get("plain_median") is None else f"; the same forwards' own median {lat['plain_median']:.2f} ms"
         print(f"[bench_profile] retrain path: predicted {pred:.2f} ms, measured {lat['value']:.2f} ms "
-              f"({out[-1]['error_pct']:+.1f}%)", flush=True)
+              f"({out[-1]['error_pct']:+.1f}%){plain}", flush=True)
     return out
 
 
@@ -121,7 +124,8 @@ def main(argv=None) -> int:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(raw, indent=1))
 
-    proto = cfg.measurement_protocol().to_dict()
+    proto = {k: v for k, v in cfg.measurement_protocol().to_dict().items() if k != "reference_ms"}
+    ref_ms = [(r["report"].get("protocol") or {}).get("reference_ms") for r in runs]
     lines = [
         "## The profile stage on the demo config (jobs.profile)",
         "",
@@ -130,7 +134,11 @@ def main(argv=None) -> int:
         "",
         f"Command: `{cmd.strip()}`; raw output: `docs/benchmarks/{Path(args.json).name}`.",
         "",
-        "Protocol: " + ", ".join(f"{k} {v}" for k, v in proto.items()) + f". {cfg.calibration_paths} calibration "
+        "Protocol: " + ", ".join(f"{k} {v}" for k, v in proto.items())
+        + ("" if proto.get("reference", "none") == "none" else
+           "; reference_ms (the reference's own time, fixed per table) " + " / ".join(
+               f"{x:.3f}" if x else "-" for x in ref_ms) + " in run " + " / ".join(str(r["run"]) for r in runs))
+        + f". {cfg.calibration_paths} calibration "
         f"nets fit the model; {cfg.report_paths} other (held-out) random nets score it.",
         "",
         "| run | load before / after | stage wall (s) | model within +-10 % | +-5 % | MAPE % | Spearman | "
@@ -150,7 +158,12 @@ def main(argv=None) -> int:
             lines.append(f"\nRun {r['run']}, the retrain stage's latency path (`jobs.retrain.latency_setup` + "
                          f"`_measure_in_task`, a Ray task) on {len(errs)} fresh random nets: "
                          f"{sum(e <= 10 for e in errs)}/{len(errs)} within +-10 % of `predict_latency`, "
-                         f"median |error| {sorted(errs)[len(errs) // 2]:.1f} %, max {max(errs):.1f} %.")
+                         f"median |error| {sorted(errs)[len(errs) // 2]:.1f} %, max {max(errs):.1f} %."
+                         + ("" if r["retrain_path"][0].get("plain_median_ms") is None else
+                            " Measured / the same forwards' own (plain) median: median "
+                            + f"{statistics.median(x['measured_ms'] / x['plain_median_ms'] for x in r['retrain_path']):.2f}"
+                            + f" (range {min(x['measured_ms'] / x['plain_median_ms'] for x in r['retrain_path']):.2f}-"
+                            + f"{max(x['measured_ms'] / x['plain_median_ms'] for x in r['retrain_path']):.2f})."))
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

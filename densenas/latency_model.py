@@ -202,7 +202,15 @@ def _prepare(module: nn.Module, x: torch.Tensor, protocol: MeasurementProtocol) 
 def time_forward(module: nn.Module, input_shape: Sequence[int], protocol: MeasurementProtocol) -> LatencyStats:
     """Time ``module`` on a random input of ``input_shape`` under ``protocol`` (eval, no_grad, threads,
     dtype, memory format, warm-up, repeats); all statistics of the timed runs, in ms."""
-    from densenas.profiling import set_cpu_threads, steady_allocator, time_module
+    return _time(module, input_shape, protocol)[0]
+
+
+@torch.no_grad()
+def _time(module: nn.Module, input_shape: Sequence[int], protocol: MeasurementProtocol
+          ) -> tuple[LatencyStats, LatencyStats | None, LatencyStats | None]:
+    """(the protocol's statistics; with a reference also the plain times of the same forwards and the
+    reference's times as paired, for the reader)."""
+    from densenas.profiling import set_cpu_threads, steady_allocator, time_module, time_paired
 
     ref_sig = protocol.reference_signature()
     if ref_sig is not None and protocol.reference_ms is None:
@@ -218,36 +226,57 @@ def time_forward(module: nn.Module, input_shape: Sequence[int], protocol: Measur
         raise ProtocolMismatchError("the protocol's device is 'cuda' but torch sees no CUDA device here")
     try:
         module, x = _prepare(module, torch.randn(*input_shape), protocol)
-        reference = None
-        if ref_sig is not None:
-            from densenas.latency import build_signature_module
+        if ref_sig is None:
+            return LatencyStats.from_samples(time_module(module, x, x.device, protocol.warmup, protocol.repeats,
+                                                         "wall" if protocol.device == "cuda" else protocol.timer)
+                                             ), None, None
+        from densenas.latency import build_signature_module
 
-            reference = _prepare(build_signature_module(ref_sig), torch.randn(*_sig_input_shape(ref_sig)), protocol)
-        samples = time_module(module, x, x.device, protocol.warmup, protocol.repeats,
-                              "wall" if protocol.device == "cuda" else protocol.timer, reference=reference)
-        if reference is not None:
-            samples = [r * float(protocol.reference_ms) for r in samples]
+        ref, rx = _prepare(build_signature_module(ref_sig), torch.randn(*_sig_input_shape(ref_sig)), protocol)
+        own, paired = time_paired(module, x, ref, rx, protocol.warmup, protocol.repeats, protocol.timer)
+        scaled = [a / max(b, 1e-9) * float(protocol.reference_ms) for a, b in zip(own, paired)]
+        return LatencyStats.from_samples(scaled), LatencyStats.from_samples(own), LatencyStats.from_samples(paired)
     finally:
         if protocol.device == "cpu":
             torch.set_num_threads(previous)
-    return LatencyStats.from_samples(samples)
 
 
 def _sig_input_shape(sig: OpSignature) -> tuple[int, int, int, int]:
     return (sig.batch, sig.c_in, sig.resolution, sig.resolution)
 
 
-def reference_latency_ms(protocol: MeasurementProtocol) -> float:
-    """The reference workload's own time (median ms, timed alone under ``protocol``): the ``reference_ms``
-    that turns a table's ratios into ms. Fixed once per table; its own drift only rescales every number
-    under that table alike."""
+def _as_net(net: nn.Module | Any, num_classes: int | None) -> nn.Module:
+    if not isinstance(net, nn.Module):
+        from densenas.arch import build_model
+
+        net = build_model(net, num_classes=num_classes)
+    if getattr(net, "arch", None) is None:
+        raise ValueError("a whole-net measurement needs a network built from an architecture (with .arch) "
+                         "to know its input shape")
+    return net
+
+
+def _net_input_shape(net: nn.Module, protocol: MeasurementProtocol) -> tuple[int, int, int, int]:
+    return (protocol.batch, net.arch.in_channels, net.arch.input_size, net.arch.input_size)
+
+
+def reference_latency_ms(protocol: MeasurementProtocol, paired_with: nn.Module | Any = None,
+                         num_classes: int | None = None) -> float:
+    """The ``reference_ms`` that turns ratios to the reference workload into ms: the reference's median
+    time as it runs in the protocol, right after a forward of ``paired_with`` (a whole net of the space,
+    as a module or an architecture document; it runs colder there than in a loop of its own), or, with
+    no net, alone. Fixed once per table; its own drift only rescales every number under the table alike."""
     ref_sig = protocol.reference_signature()
     if ref_sig is None:
         raise ProtocolMismatchError("the protocol has no reference workload (reference 'none')")
     from densenas.latency import build_signature_module
 
-    plain = protocol.with_(reference="none", reference_ms=None)
-    return float(time_forward(build_signature_module(ref_sig), _sig_input_shape(ref_sig), plain).median)
+    if paired_with is None:
+        plain = protocol.with_(reference="none", reference_ms=None)
+        return float(time_forward(build_signature_module(ref_sig), _sig_input_shape(ref_sig), plain).median)
+    net = _as_net(paired_with, num_classes)
+    _, _, paired = _time(net, _net_input_shape(net, protocol), protocol.with_(reference_ms=1.0))
+    return float(paired.median)
 
 
 def measure_net_latency(net: nn.Module | Any, protocol: MeasurementProtocol | Mapping[str, Any],
@@ -257,21 +286,19 @@ def measure_net_latency(net: nn.Module | Any, protocol: MeasurementProtocol | Ma
 
     ``net`` is a module with ``.arch`` (a ``DenseNASNet``) or anything ``densenas.arch.load_arch`` takes
     (then built with random weights: latency does not depend on them). Returns the statistics (ms),
-    ``value`` (the protocol's statistic) and the protocol record.
+    ``value`` (the protocol's statistic) and the protocol record; under a reference protocol also
+    ``plain_median`` (the same forwards' own median ms, which drifts with the machine) and
+    ``reference_paired_median`` (the reference's, as paired).
     """
     if not isinstance(protocol, MeasurementProtocol):
         protocol = MeasurementProtocol.from_dict(protocol)
-    if not isinstance(net, nn.Module):
-        from densenas.arch import build_model
-
-        net = build_model(net, num_classes=num_classes)
-    arch = getattr(net, "arch", None)
-    if arch is None:
-        raise ValueError("measure_net_latency needs a network built from an architecture (with .arch) "
-                         "to know its input shape")
-    stats = time_forward(net, (protocol.batch, arch.in_channels, arch.input_size, arch.input_size), protocol)
-    return {**stats.to_dict(), "value": getattr(stats, protocol.statistic), "units": "ms",
-            "protocol": protocol.to_dict()}
+    net = _as_net(net, num_classes)
+    stats, plain, paired = _time(net, _net_input_shape(net, protocol), protocol)
+    out = {**stats.to_dict(), "value": getattr(stats, protocol.statistic), "units": "ms",
+           "protocol": protocol.to_dict()}
+    if plain is not None:
+        out.update(plain_median=plain.median, reference_paired_median=paired.median)
+    return out
 
 
 # --------------------------------------------------------------------------- the model

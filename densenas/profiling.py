@@ -41,6 +41,7 @@ __all__ = [
     "device_fingerprint",
     "fingerprint_mismatch",
     "time_module",
+    "time_paired",
     "CPU_TIMERS",
     "robust_stats",
     "measure_signature_stats",
@@ -173,8 +174,7 @@ CPU_TIMERS = ("wall", "thread_cpu")
 
 @torch.no_grad()
 def time_module(module: nn.Module, x: torch.Tensor, device: str | torch.device = "cpu", warmup: int = 10,
-                repeats: int = 50, timer: str = "wall",
-                reference: tuple[nn.Module, torch.Tensor] | None = None) -> list[float]:
+                repeats: int = 50, timer: str = "wall") -> list[float]:
     """Forward times of ``module(x)`` in ms: ``warmup`` runs discarded, then ``repeats`` timed runs.
 
     The module is put in eval mode. On CUDA each run is bracketed by CUDA events and the device is
@@ -182,14 +182,7 @@ def time_module(module: nn.Module, x: torch.Tensor, device: str | torch.device =
     On CPU, ``timer`` ``wall`` is ``time.perf_counter``; ``thread_cpu`` is the calling thread's CPU
     time (``time.thread_time``): with one torch thread the whole forward runs in that thread, and the
     time other processes hold the core (a shared machine's preemption) is not charged to the net.
-
-    ``reference`` (CPU only): a fixed workload ``(module, input)`` run right after each timed forward;
-    each sample is then the ratio of the two times, not ms. A shared machine's speed drifts by tens of
-    percent over seconds (other tenants' cache and memory traffic, which the thread's CPU time does
-    charge); the two forwards of a pair see the same speed, so the ratio does not drift.
     """
-    if reference is not None and torch.device(device).type != "cpu":
-        raise ProfilingError("a reference workload normalises CPU timings only; CUDA events time the GPU")
     if timer not in CPU_TIMERS:
         raise ProfilingError(f"timer must be one of {CPU_TIMERS}, got {timer!r}")
     if repeats < 1:
@@ -211,20 +204,6 @@ def time_module(module: nn.Module, x: torch.Tensor, device: str | torch.device =
             samples.append(float(start.elapsed_time(end)))
         return samples
     clock = time.perf_counter if timer == "wall" else time.thread_time
-    if reference is not None:
-        ref, rx = reference
-        ref.eval()
-        for _ in range(warmup):
-            module(x)
-            ref(rx)
-        ratios = []
-        for _ in range(repeats):
-            t0 = clock()
-            module(x)
-            t1 = clock()
-            ref(rx)
-            ratios.append((t1 - t0) / max(clock() - t1, 1e-9))
-        return ratios
     for _ in range(warmup):
         module(x)
     samples = []
@@ -233,6 +212,36 @@ def time_module(module: nn.Module, x: torch.Tensor, device: str | torch.device =
         module(x)
         samples.append((clock() - t0) * 1e3)
     return samples
+
+
+def time_paired(module: nn.Module, x: torch.Tensor, reference: nn.Module, rx: torch.Tensor, warmup: int = 10,
+                repeats: int = 50, timer: str = "wall") -> tuple[list[float], list[float]]:
+    """CPU forward times (ms) of ``module(x)``, each followed at once by a forward of the fixed workload
+    ``reference(rx)``: (module times, reference times), pair by pair.
+
+    A shared machine's speed drifts by tens of percent over seconds (other tenants' cache and memory
+    traffic, which a thread's CPU time does charge); the two forwards of a pair run at the same speed,
+    so their ratio does not drift (``densenas.latency_model``'s reference protocol)."""
+    if timer not in CPU_TIMERS:
+        raise ProfilingError(f"timer must be one of {CPU_TIMERS}, got {timer!r}")
+    if repeats < 1:
+        raise ProfilingError(f"repeats must be >= 1, got {repeats}")
+    module.eval()
+    reference.eval()
+    clock = time.perf_counter if timer == "wall" else time.thread_time
+    for _ in range(warmup):
+        module(x)
+        reference(rx)
+    own, ref = [], []
+    for _ in range(repeats):
+        t0 = clock()
+        module(x)
+        t1 = clock()
+        reference(rx)
+        t2 = clock()
+        own.append((t1 - t0) * 1e3)
+        ref.append((t2 - t1) * 1e3)
+    return own, ref
 
 
 def robust_stats(samples: Sequence[float]) -> LatencyStats:

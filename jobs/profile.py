@@ -215,11 +215,12 @@ class ProfilerActor:
     def _protocol(self, protocol: Mapping[str, Any] | None) -> MeasurementProtocol:
         return self.protocol if protocol is None else MeasurementProtocol.from_dict(protocol)
 
-    def measure_reference(self, protocol: Mapping[str, Any] | None = None) -> float:
-        """The protocol's reference workload timed alone (ms): one actor's proposal for ``reference_ms``."""
+    def measure_reference(self, protocol: Mapping[str, Any] | None = None, paired_with: dict | None = None) -> float:
+        """The protocol's reference workload timed right after forwards of ``paired_with`` (an architecture
+        document), median ms: one actor's proposal for ``reference_ms``."""
         from densenas.latency_model import reference_latency_ms
 
-        return reference_latency_ms(self._protocol(protocol))
+        return reference_latency_ms(self._protocol(protocol), paired_with)
 
     def measure_signatures(self, keys: Sequence[str], protocol: Mapping[str, Any] | None = None
                            ) -> list[tuple[str, dict, float]]:
@@ -515,28 +516,32 @@ class Profiler:
 
     def _fix_reference_ms(self) -> None:
         """Time the protocol's reference workload on every ready actor (median of their medians) unless
-        reused measurements already fixed ``reference_ms``."""
+        reused measurements already fixed ``reference_ms``. The reference runs right after forwards of one
+        fixed net of the space (the first calibration net), as it runs when a net is timed, so ratio x
+        reference_ms reads as that net's own ms at the machine's speed of that moment."""
         import ray
 
         if self.cfg.measurement_protocol().reference == "none" or self.reference_ms is not None:
             return
         slots = [s for s in self.slots if s.ready]
         proto = self.cfg.measurement_protocol().to_dict()
+        pair = sample_random_nets(self.space, 1, self.cfg.seed, self.num_classes)[0].arch.to_dict()
         try:
-            times = ray.get([s.handle.measure_reference.remote(proto) for s in slots],
+            times = ray.get([s.handle.measure_reference.remote(proto, pair) for s in slots],
                             timeout=self.cfg.task_timeout_s)
         except Exception as e:  # an actor lost here is replaced by the queue; one that answered is enough
             times = []
             for s in slots:
                 try:
-                    times.append(ray.get(s.handle.measure_reference.remote(proto), timeout=self.cfg.task_timeout_s))
+                    times.append(ray.get(s.handle.measure_reference.remote(proto, pair),
+                                         timeout=self.cfg.task_timeout_s))
                 except Exception:
                     continue
             if not times:
                 raise ProfileError(f"no profiling actor could time the reference workload: {e}") from e
         self.reference_ms = float(statistics.median(times))
-        self.log(f"reference {self.cfg.reference}: {self.reference_ms:.3f} ms (median of {len(times)} actor(s)); "
-                 "every number of this table is a ratio to it, in these ms")
+        self.log(f"reference {self.cfg.reference}: {self.reference_ms:.3f} ms as paired with a net (median of "
+                 f"{len(times)} actor(s)); every number of this table is a ratio to it, in these ms")
 
     # ------------------------------------------------------------------ resumable measurements
     def _load_previous(self) -> None:

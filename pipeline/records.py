@@ -454,6 +454,7 @@ def inspect_run(store: Any, run_id: str) -> dict:
     if r:
         out["retrained"] = {"metrics": r.metrics, "measured_latency_ms": r.measured_latency_ms,
                             "predicted_latency_ms": r.predicted_latency_ms,
+                            "plain_latency_ms": (r.measured_latency or {}).get("plain_median"),
                             "latency_protocol": (r.measured_latency or {}).get("protocol"), "uri": uri}
     s, uri = output("search", SearchOutput)
     if s:
@@ -501,7 +502,13 @@ def format_inspect(info: Mapping[str, Any]) -> str:
                 proto = r.get("latency_protocol") or {}
                 if proto:
                     lines.append("  latency protocol: " + ", ".join(f"{k} {proto[k]}" for k in (
-                        "device", "batch", "threads", "dtype", "memory_format", "timer", "statistic") if k in proto))
+                        "device", "batch", "threads", "dtype", "memory_format", "timer", "statistic", "allocator")
+                        if k in proto))
+                if proto.get("reference", "none") != "none" and proto.get("reference_ms"):
+                    plain = r.get("plain_latency_ms")
+                    lines.append(f"  measured = the median ratio to the reference {proto['reference']} x its "
+                                 f"{proto['reference_ms']:.4g} ms from the profile stage"
+                                 + ("" if plain is None else f"; the same forwards' own median now: {plain:.4g} ms"))
             else:   # a MACs proxy is not a latency: show both, compare nothing
                 lines.append(f"  predicted cost {d_pred:.4g} {units} (no latency table: search.cost was not "
                              f"'profile'); measured {ms:.4g} ms")

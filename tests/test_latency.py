@@ -316,6 +316,13 @@ def test_reference_protocol_times_in_the_reference_ms_and_refuses_what_it_cannot
     own = time_forward(build_signature_module(sig), (2, sig.c_in, sig.resolution, sig.resolution), p)
     assert own.median == pytest.approx(ref_ms, rel=0.35)  # a ratio near 1, in the reference's ms
     assert "reference_ms" not in p.measurement_key() and p.measurement_key()["reference"] == DEFAULT_REFERENCE
+    # Paired with a net, as the profile stage fixes it: the net's value then reads as its own ms.
+    arch = sample_random_nets(load_space("micro_mbconv"), 1, seed=0, num_classes=10)[0].arch.to_dict()
+    p = p.with_(reference_ms=reference_latency_ms(p, paired_with=arch, num_classes=10))
+    lat = measure_net_latency(arch, p, num_classes=10)
+    assert lat["value"] == lat["median"] and lat["plain_median"] > 0 and lat["reference_paired_median"] > 0
+    assert lat["value"] == pytest.approx(lat["plain_median"], rel=0.35)
+    assert lat["protocol"]["reference_ms"] == p.reference_ms
     # A record from before these fields: measured plainly, with glibc's default allocator.
     old = {k: v for k, v in p.to_dict().items() if k not in ("allocator", "reference", "reference_ms")}
     assert MeasurementProtocol.from_dict(old).reference == "none"

@@ -168,6 +168,14 @@ def test_status_and_inspect(tmp_path, capsys):
     shown = format_inspect(info)
     assert "derived architecture: k3e3 | k5e6" in shown and "test top-1 0.8750" in shown
     assert "predicted vs measured: 1.25 ms vs 1.5 ms (-16.7%)" in shown
+    # Under a reference protocol the measured number is a ratio in the table's ms: inspect says so and
+    # shows the same forwards' own median beside it.
+    info["retrained"]["latency_protocol"] = {"device": "cpu", "batch": 32, "reference": "mbconv_k3_e6:16:16:1:8",
+                                             "reference_ms": 2.5}
+    info["retrained"]["plain_latency_ms"] = 1.75
+    shown = format_inspect(info)
+    assert "ratio to the reference mbconv_k3_e6:16:16:1:8 x its 2.5 ms" in shown
+    assert "own median now: 1.75 ms" in shown
     assert cli_main(["status", "--store", str(tmp_path / "store")]) == 0
     assert "r1" in capsys.readouterr().out
     assert cli_main(["status", "r1", "--json", "--store", str(tmp_path / "store")]) == 0
