@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         "",
         "Protocol: " + ", ".join(f"{k} {v}" for k, v in proto.items())
         + ("" if proto.get("reference", "none") == "none" else
-           "; reference_ms (the reference's own time, fixed per table) " + " / ".join(
+           "; reference_ms (fixed per table) " + " / ".join(
                f"{x:.3f}" if x else "-" for x in ref_ms) + " in run " + " / ".join(str(r["run"]) for r in runs))
         + f". {cfg.calibration_paths} calibration "
         f"nets fit the model; {cfg.report_paths} other (held-out) random nets score it.",
