@@ -34,7 +34,7 @@ from densenas.arch import build_model  # noqa: E402
 from densenas.latency import LatencyTable, OpSignature, build_signature_module, space_signatures  # noqa: E402
 from densenas.latency_model import DEFAULT_REFERENCE, fit_calibration, unit_features, unit_kind_sums  # noqa: E402
 from densenas.latency_report import accuracy_metrics, net_signatures, sample_random_nets  # noqa: E402
-from densenas.profiling import steady_allocator  # noqa: E402
+from densenas.profiling import steady_allocator, time_paired  # noqa: E402
 from densenas.space import load_space  # noqa: E402
 
 BATCH, CLASSES = 32, 10
@@ -42,21 +42,9 @@ BATCH, CLASSES = 32, 10
 
 def paired(module, x, ref, rx, warmup: int, repeats: int) -> tuple[float, float]:
     """(plain median ms, median of ratios to the reference) over ``repeats`` forward pairs."""
-    clock = time.thread_time
     with torch.no_grad():
-        for _ in range(warmup):
-            module(x)
-            ref(rx)
-        plain, ratio = [], []
-        for _ in range(repeats):
-            t0 = clock()
-            module(x)
-            t1 = clock()
-            ref(rx)
-            t2 = clock()
-            plain.append((t1 - t0) * 1e3)
-            ratio.append((t1 - t0) / (t2 - t1))
-    return statistics.median(plain), statistics.median(ratio)
+        own, refs = time_paired(module, x, ref, rx, warmup, repeats, timer="thread_cpu")
+    return statistics.median(own), statistics.median(a / b for a, b in zip(own, refs))
 
 
 def main(argv=None) -> int:
