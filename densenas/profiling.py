@@ -173,6 +173,15 @@ CPU_TIMERS = ("wall", "thread_cpu")
 
 
 @torch.no_grad()
+def _cpu_clock(timer: str, repeats: int) -> Callable[[], float]:
+    """The CPU clock of ``timer``, after checking the timing arguments."""
+    if timer not in CPU_TIMERS:
+        raise ProfilingError(f"timer must be one of {CPU_TIMERS}, got {timer!r}")
+    if repeats < 1:
+        raise ProfilingError(f"repeats must be >= 1, got {repeats}")
+    return time.perf_counter if timer == "wall" else time.thread_time
+
+
 def time_module(module: nn.Module, x: torch.Tensor, device: str | torch.device = "cpu", warmup: int = 10,
                 repeats: int = 50, timer: str = "wall") -> list[float]:
     """Forward times of ``module(x)`` in ms: ``warmup`` runs discarded, then ``repeats`` timed runs.
@@ -183,10 +192,7 @@ def time_module(module: nn.Module, x: torch.Tensor, device: str | torch.device =
     time (``time.thread_time``): with one torch thread the whole forward runs in that thread, and the
     time other processes hold the core (a shared machine's preemption) is not charged to the net.
     """
-    if timer not in CPU_TIMERS:
-        raise ProfilingError(f"timer must be one of {CPU_TIMERS}, got {timer!r}")
-    if repeats < 1:
-        raise ProfilingError(f"repeats must be >= 1, got {repeats}")
+    clock = _cpu_clock(timer, repeats)
     device = torch.device(device)
     module.eval()
     if device.type == "cuda":
@@ -203,7 +209,6 @@ def time_module(module: nn.Module, x: torch.Tensor, device: str | torch.device =
             end.synchronize()
             samples.append(float(start.elapsed_time(end)))
         return samples
-    clock = time.perf_counter if timer == "wall" else time.thread_time
     for _ in range(warmup):
         module(x)
     samples = []
@@ -222,13 +227,9 @@ def time_paired(module: nn.Module, x: torch.Tensor, reference: nn.Module, rx: to
     A shared machine's speed drifts by tens of percent over seconds (other tenants' cache and memory
     traffic, which a thread's CPU time does charge); the two forwards of a pair run at the same speed,
     so their ratio does not drift (``densenas.latency_model``'s reference protocol)."""
-    if timer not in CPU_TIMERS:
-        raise ProfilingError(f"timer must be one of {CPU_TIMERS}, got {timer!r}")
-    if repeats < 1:
-        raise ProfilingError(f"repeats must be >= 1, got {repeats}")
+    clock = _cpu_clock(timer, repeats)
     module.eval()
     reference.eval()
-    clock = time.perf_counter if timer == "wall" else time.thread_time
     for _ in range(warmup):
         module(x)
         reference(rx)

@@ -526,19 +526,15 @@ class Profiler:
         slots = [s for s in self.slots if s.ready]
         proto = self.cfg.measurement_protocol().to_dict()
         pair = sample_random_nets(self.space, 1, self.cfg.seed, self.num_classes)[0].arch.to_dict()
-        try:
-            times = ray.get([s.handle.measure_reference.remote(proto, pair) for s in slots],
-                            timeout=self.cfg.task_timeout_s)
-        except Exception as e:  # an actor lost here is replaced by the queue; one that answered is enough
-            times = []
-            for s in slots:
-                try:
-                    times.append(ray.get(s.handle.measure_reference.remote(proto, pair),
-                                         timeout=self.cfg.task_timeout_s))
-                except Exception:
-                    continue
-            if not times:
-                raise ProfileError(f"no profiling actor could time the reference workload: {e}") from e
+        times, error = [], None
+        for ref in [s.handle.measure_reference.remote(proto, pair) for s in slots]:
+            try:  # an actor lost here is replaced by the queue later; one that answered is enough
+                times.append(ray.get(ref, timeout=self.cfg.task_timeout_s))
+            except Exception as e:
+                error = e
+        if not times:
+            raise ProfileError(f"no profiling actor could time the reference workload ({error}); check the Ray "
+                               "worker logs and run again")
         self.reference_ms = float(statistics.median(times))
         self.log(f"reference {self.cfg.reference}: {self.reference_ms:.3f} ms as paired with a net (median of "
                  f"{len(times)} actor(s)); every number of this table is a ratio to it, in these ms")
