@@ -7,13 +7,14 @@
 
 A stage's checkpoint store holds Ray Train's checkpoints (``storage_path``) and ``latest.json``, a
 pointer {run, dir, epoch} to the newest one: a restarted worker group resumes from
-``ray.train.get_checkpoint()``; a new Train run resumes from that pointer after the whole job died, or
+``ray.train.get_checkpoint()``, or from the pointer when that is ahead of it; a new Train run resumes from that pointer after the whole job died, or
 after Ray Train's controller failed (``fit_resuming``). The workers' data (``jobs.data``) and rank 0's
 MLflow curves (``jobs.epochs.EpochCurves``) are the two other pieces every worker loop uses.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import itertools
 import math
 import tempfile
@@ -207,17 +208,49 @@ def report_checkpoint(metrics: dict, files: Mapping[str, bytes], dir_name: str) 
 
 
 def load_checkpoint_file(name: str, ckpt_store, pointer: dict | None) -> tuple[bytes | None, str]:
-    """The bytes of ``name`` from Ray Train's checkpoint (a restarted worker group), else from the
-    ``latest.json`` pointer (a new run after the whole job died). (None, "") when neither exists."""
+    """The bytes of ``name`` from the newest complete checkpoint: Ray Train's (a restarted worker group)
+    or the ``latest.json`` pointer (a new run after the whole job died, or a pointer ahead of Ray Train's).
+    (None, "") when neither exists.
+
+    Ray Train registers a checkpoint only when every rank's report for it has reached its controller.
+    A rank that dies right after rank 0 uploaded and published epoch e leaves Ray Train at epoch e - 1,
+    while the pointer (published only after the upload) already names epoch e: the pointer, read again
+    here, wins, so the restart does not train and log epoch e twice."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            return Path(d, name).read_bytes(), f"Ray Train checkpoint {ckpt.path}"
+            ray_epoch = _checkpoint_epoch(Path(d))
+            ahead = _pointer_ahead_of(ckpt_store, ray_epoch)
+            if ahead is None:
+                return Path(d, name).read_bytes(), f"Ray Train checkpoint {ckpt.path}"
+        return (ckpt_store.get_bytes(f"{ahead['dir']}/{name}", verify=False),
+                f"{ckpt_store.uri_for(ahead['dir'])} (epoch {ahead['epoch']}; Ray Train's checkpoint was epoch "
+                f"{ray_epoch})")
     if pointer is not None:
         return ckpt_store.get_bytes(f"{pointer['dir']}/{name}", verify=False), f"{ckpt_store.uri_for(pointer['dir'])}"
     return None, ""
+
+
+def _checkpoint_epoch(directory: Path) -> int | None:
+    try:
+        return int(json.loads((directory / META_FILE).read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _pointer_ahead_of(ckpt_store, epoch: int | None) -> dict | None:
+    """The store's pointer when it names a later epoch than ``epoch`` (None: not ahead, or unreadable)."""
+    if epoch is None:
+        return None
+    try:
+        pointer = latest_checkpoint(ckpt_store)
+    except Exception:  # noqa: BLE001 -- the store unreachable: Ray Train's checkpoint is still good
+        return None
+    if pointer is None or int(pointer.get("epoch", -1)) <= epoch:
+        return None
+    return pointer
 
 
 def numeric_metrics(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

@@ -121,3 +121,48 @@ def test_a_real_controller_failure_mid_search_continues_in_a_new_train_run(tmp_p
     records = [json.loads(x) for x in (tmp_path / "stage" / "search_record.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     shutil.rmtree(ckpt_dir / broken[0], ignore_errors=True)
+
+
+def _ray_checkpoint(tmp_path, epoch: int, state: bytes):
+    import json
+
+    import ray.train
+
+    d = tmp_path / f"ray-epoch-{epoch}"
+    d.mkdir()
+    (d / "state.pt").write_bytes(state)
+    (d / "meta.json").write_text(json.dumps({"epoch": epoch}))
+    return ray.train.Checkpoint.from_directory(str(d))
+
+
+@pytest.mark.parametrize("pointer_epoch, expected", [(3, b"epoch 3"), (2, b"ray epoch 2"), (None, b"ray epoch 2")])
+def test_a_restarted_group_resumes_from_the_pointer_when_it_is_ahead_of_ray_trains_checkpoint(
+        tmp_path, monkeypatch, pointer_epoch, expected):
+    """A rank killed after rank 0 uploaded and published epoch 3 but before its own report reached the
+    controller: Ray Train restores epoch 2, the pointer names epoch 3 (seen in the fault drill: epoch 3
+    trained and logged twice). The newer complete checkpoint wins; a pointer not ahead changes nothing."""
+    import ray.train
+
+    from jobs.train import load_checkpoint_file
+
+    store = open_store(str(tmp_path / "store"))
+    if pointer_epoch is not None:
+        store.put_bytes(f"search-x/epoch-{pointer_epoch:04d}/state.pt", f"epoch {pointer_epoch}".encode())
+        publish_latest(store, "search-x", f"epoch-{pointer_epoch:04d}", pointer_epoch, ["state.pt"])
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: _ray_checkpoint(tmp_path, 2, b"ray epoch 2"))
+    data, source = load_checkpoint_file("state.pt", store, pointer=None)
+    assert data == expected
+    assert ("Ray Train's checkpoint was epoch 2" in source) == (expected == b"epoch 3"), source
+
+
+def test_an_unreachable_store_keeps_ray_trains_checkpoint(tmp_path, monkeypatch):
+    import ray.train
+
+    from jobs.train import load_checkpoint_file
+
+    class DeadStore:
+        def exists(self, key):
+            raise OSError("connection refused")
+
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: _ray_checkpoint(tmp_path, 2, b"ray epoch 2"))
+    assert load_checkpoint_file("state.pt", DeadStore(), pointer=None)[0] == b"ray epoch 2"
