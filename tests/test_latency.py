@@ -321,7 +321,10 @@ def test_reference_protocol_times_in_the_reference_ms_and_refuses_what_it_cannot
     p = p.with_(reference_ms=reference_latency_ms(p, paired_with=arch, num_classes=10))
     lat = measure_net_latency(arch, p, num_classes=10)
     assert lat["value"] == lat["median"] and lat["plain_median"] > 0 and lat["reference_paired_median"] > 0
-    assert lat["value"] == pytest.approx(lat["plain_median"], rel=0.35)
+    # The value is the net's time in reference units x reference_ms. Compared with the plain times of the
+    # same forwards, not across calls: the machine's speed may drift between fixing reference_ms and this.
+    assert lat["value"] / p.reference_ms == pytest.approx(lat["plain_median"] / lat["reference_paired_median"],
+                                                          rel=0.35)
     assert lat["protocol"]["reference_ms"] == p.reference_ms
     # A record from before these fields: measured plainly, with glibc's default allocator.
     old = {k: v for k, v in p.to_dict().items() if k not in ("allocator", "reference", "reference_ms")}
