@@ -172,7 +172,6 @@ def fingerprint_mismatch(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str
 CPU_TIMERS = ("wall", "thread_cpu")
 
 
-@torch.no_grad()
 def _cpu_clock(timer: str, repeats: int) -> Callable[[], float]:
     """The CPU clock of ``timer``, after checking the timing arguments."""
     if timer not in CPU_TIMERS:
@@ -182,6 +181,7 @@ def _cpu_clock(timer: str, repeats: int) -> Callable[[], float]:
     return time.perf_counter if timer == "wall" else time.thread_time
 
 
+@torch.no_grad()
 def time_module(module: nn.Module, x: torch.Tensor, device: str | torch.device = "cpu", warmup: int = 10,
                 repeats: int = 50, timer: str = "wall") -> list[float]:
     """Forward times of ``module(x)`` in ms: ``warmup`` runs discarded, then ``repeats`` timed runs.
@@ -219,6 +219,7 @@ def time_module(module: nn.Module, x: torch.Tensor, device: str | torch.device =
     return samples
 
 
+@torch.no_grad()
 def time_paired(module: nn.Module, x: torch.Tensor, reference: nn.Module, rx: torch.Tensor, warmup: int = 10,
                 repeats: int = 50, timer: str = "wall") -> tuple[list[float], list[float]]:
     """CPU forward times (ms) of ``module(x)``, each followed at once by a forward of the fixed workload

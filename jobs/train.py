@@ -7,15 +7,16 @@
 
 A stage's checkpoint store holds Ray Train's checkpoints (``storage_path``) and ``latest.json``, a
 pointer {run, dir, epoch} to the newest one: a restarted worker group resumes from
-``ray.train.get_checkpoint()``, or from the pointer when that is ahead of it; a new Train run resumes from that pointer after the whole job died, or
-after Ray Train's controller failed (``fit_resuming``). The workers' data (``jobs.data``) and rank 0's
-MLflow curves (``jobs.epochs.EpochCurves``) are the two other pieces every worker loop uses.
+``ray.train.get_checkpoint()``, or from the pointer when that is ahead of it; a new Train run resumes
+from that pointer after the whole job died, or after Ray Train's controller failed (``fit_resuming``).
+The workers' data (``jobs.data``) and rank 0's MLflow curves (``jobs.epochs.EpochCurves``) are the two
+other pieces every worker loop uses.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import itertools
+import json
 import math
 import tempfile
 import time
