@@ -414,7 +414,8 @@ def main(argv=None) -> int:
                     "total": total_s, "total_without_matched": issue_s},
         "recipe": recipe.model_dump(mode="json"), "counts": manifest["counts"], "derived": derived,
         "random": randoms, "random_spread": spread, "spearman_retimed": rho, "spearman_predicted": rho_pred,
-        "tradeoff_spearman": tradeoff, "wins": wins, "matched": matched, "matched_draws": matched_draws, "wins_with_matched": wins_matched,
+        "tradeoff_spearman": tradeoff, "wins": wins, "matched": matched, "matched_draws": matched_draws,
+        "wins_with_matched": wins_matched,
         "sweep_trials": trials, "work_dir": str(work), "pid": os.getpid()}, indent=1, default=str))
     print("\n".join(lines))
     return 0

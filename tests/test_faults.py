@@ -4,10 +4,10 @@ a killed Train worker, a SeaweedFS restart, MLflow stopped for 30 s and a ``kill
 benchmark that writes the counts to docs/benchmarks/faults.md: bench/bench_faults.py (or this test, with
 ``DENSENAS_FAULTS_REPORT=docs/benchmarks/faults``: the same scenario, the same report).
 
-Two ways it used to fail are fixed: a SeaweedFS restart that hits Ray Train's controller
-(``ControllerError``: the stage goes on in a new Train run, ``jobs.train.fit_resuming``; seen in this
-drill), and a killed worker dying after rank 0 published the next epoch (Ray Train restored the epoch
-before; the restarted group now resumes from the ``latest.json`` pointer; tests/test_fit_resuming.py).
+Two timings matter and both may occur here: a SeaweedFS restart that hits Ray Train's controller
+(``ControllerError``; the stage goes on in a new Train run, ``jobs.train.fit_resuming``), and a killed
+worker that dies after rank 0 published the next epoch (Ray Train would restore the epoch before; the
+restarted group resumes from the ``latest.json`` pointer, unit-tested in tests/test_fit_resuming.py).
 docs/benchmarks/faults.md has the runs.
 
 Its own stack (SeaweedFS, MLflow, Ray head on free loopback ports under tmp_path), since it restarts
