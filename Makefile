@@ -13,6 +13,7 @@ $(STAMP): setup.py
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/python -m densenas.native
 	@touch $(STAMP)
 
 setup: $(STAMP) data

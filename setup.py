@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "onnx==1.23.2",
     "onnxscript==0.7.2",
     "tqdm==4.70.1",           # Ray Data and Tune draw their progress bars with it (--verbose)
+    "ninja==1.13.2",          # torch.utils.cpp_extension builds densenas/native with it
 ]
 
 DEV_REQUIRES = [
@@ -40,7 +41,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["densenas*", "imagedata*", "jobs*", "cluster*", "pipeline*"]),
     include_package_data=True,
-    package_data={"densenas": ["presets/*.json"], "cluster": ["launcher/*.yaml", "kuberay/*.yaml"]},
+    package_data={"densenas": ["presets/*.json", "native/*.cpp"], "cluster": ["launcher/*.yaml", "kuberay/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": DEV_REQUIRES},
     entry_points={"console_scripts": ["densenas-pipeline=pipeline.__main__:main"]},
