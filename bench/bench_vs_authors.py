@@ -296,8 +296,11 @@ def build_ours(kind: str, batch: int):
     def step(x, y):
         fn((x, y))
 
+    from densenas import native
+
     counts = {"weights": sum(p.numel() for p in net.weight_parameters()),
-              "arch_scalars": sum(p.numel() for p in net.arch_parameters())}
+              "arch_scalars": sum(p.numel() for p in net.arch_parameters()),
+              "native_bn": native.bn_act() is not None}
     return step, build, counts
 
 
@@ -443,7 +446,9 @@ def report(result: dict) -> str:
         "`Network` (models/search_space_mbv2.py) from their configs/imagenet_search_cfg_mbv2.yaml in "
         "`nn.DataParallel`, stepped by their `run_apis/optimizer.Optimizer` (`weight_step` after their scheduler's "
         "step / `arch_step`, search stage 1, the other parameter group frozen as their search loop does) with "
-        "their latency list. Ours: `densenas.search.Searcher` on `SuperNet('imagenet_mbconv', 100)` (channels_last).",
+        "their latency list. Ours: `densenas.search.Searcher` on `SuperNet('imagenet_mbconv', 100)` (channels_last"
+        + ("; training BatchNorm(+ReLU6) by the `densenas.native` kernel" if counts["ours"].get("native_bn")
+           else "; aten's BatchNorm: the `densenas.native` kernel was not available") + ").",
         f"Super networks: ours {counts['ours']['weights']:,} weights + {counts['ours']['arch_scalars']} architecture "
         f"parameters, theirs {counts['theirs']['weights']:,} + {counts['theirs']['arch_scalars']}"
         f"{' (the same space)' if same_space else ' (**the counts differ**)'}. Same hyper-parameters: SGD lr "
