@@ -149,9 +149,11 @@ class _BatchNormActFn(torch.autograd.Function):
         return gi, gw, gb, None, None, None, None, None
 
 
-def batch_norm_act(x: torch.Tensor, bn: nn.BatchNorm2d, relu6: bool) -> torch.Tensor | None:
-    """``bn(x)`` (then an in-place ReLU6 when ``relu6``) by the fused native kernel, or None where it does
-    not apply; the caller then runs the modules as usual.
+def batch_norm_act(x: torch.Tensor, bn: nn.BatchNorm2d, relu6: bool,
+                   scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``bn(x)`` (then an in-place ReLU6 when ``relu6``; or ``scale * bn(x)`` with a scalar tensor ``scale``,
+    which then is part of the graph) by the fused native kernel, or None where it does not apply; the
+    caller then runs the modules as usual.
 
     Applies to batch statistics (training, or no running statistics) of a 4-d float32 CPU tensor in
     channels_last, in eager mode, with the native kernel available. Why: aten runs BatchNorm and the
@@ -170,6 +172,12 @@ def batch_norm_act(x: torch.Tensor, bn: nn.BatchNorm2d, relu6: bool) -> torch.Te
         bn.num_batches_tracked.add_(1)
     rm, rv = (bn.running_mean, bn.running_var) if track and bn.training else (None, None)
     w, b = bn.weight, bn.bias
+    if scale is not None:
+        if relu6:
+            raise ValueError("batch_norm_act: a scale folds into BatchNorm only without the ReLU6 after it")
+        # scale * (w * xhat + b) = (scale * w) * xhat + scale * b: the per-channel weight carries it.
+        w = scale.expand(x.shape[1]).contiguous() if w is None else w * scale
+        b = None if b is None else b * scale
     if torch.is_grad_enabled() and (x.requires_grad or (w is not None and w.requires_grad)
                                     or (b is not None and b.requires_grad)):
         return _BatchNormActFn.apply(x, w, b, rm, rv, float(bn.momentum), float(bn.eps), relu6)
@@ -306,9 +314,19 @@ class MBConv(_OpBase):
         self.body = nn.Sequential(*layers)
         self.use_residual = stride == 1 and c_in == c_out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _run_layers(tuple(self.body), x)
-        return out + x if self.use_residual else out
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None, residual: bool = True) -> torch.Tensor:
+        """``body(x) (+ x)``; with a scalar tensor ``scale``, ``scale * body(x) (+ x unscaled)``, the scale
+        folded into the last BatchNorm's weight: a super network's mixed op weights each op's output,
+        and folded that costs no pass over the feature map forward or backward (its gradient comes from
+        BatchNorm's). ``residual=False`` leaves the residual to the caller (``MixedOp`` adds it once)."""
+        layers = tuple(self.body)
+        if scale is None:
+            out = _run_layers(layers, x)
+        else:
+            y = _run_layers(layers[:-1], x)
+            out = batch_norm_act(y, layers[-1], False, scale)
+            out = layers[-1](y) * scale if out is None else out
+        return out + x if residual and self.use_residual else out
 
 
 class Skip(_OpBase):

@@ -16,7 +16,9 @@ Forward: block j's input is ``sum over in-edges (i, j) of p(i->j) * head_ij(x_i)
 ``p(i->j) = softmax(betas[i])[position of (i, j) in out_edges(i)]``; then its stacking layers;
 the final blocks' branches are summed the same way (weighted by p(b->end)) before pooling.
 A mixed op runs only the ops in its choice; with several chosen ops their outputs are mixed by
-softmax over those ops' alphas (with one op, the op's output as is).
+softmax over those ops' alphas (with one op, the op's output as is). The weights (and a head's
+p(i->j)) are folded into each op's last BatchNorm rather than multiplied onto its output
+(``MixedOp.forward``): the same function, without a pass over the feature map per weight.
 
 ``channels_last=True`` (default) keeps weights and activations in NHWC: oneDNN's depthwise convs
 are several times faster that way on CPU. Parameter names and values are unaffected.
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densenas.ops import build_op
+from densenas.ops import MBConv, Skip, build_op
 from densenas.space import SearchSpace, load_space
 
 __all__ = ["MixedOp", "SuperBlock", "SuperNet", "Choices", "SAMPLE_MODES"]
@@ -65,21 +67,52 @@ class MixedOp(nn.Module):
         self.skip_index = self.op_names.index("skip") if "skip" in self.op_names else None
         self._all = tuple(range(len(self.op_names)))
 
-    def forward(self, x: torch.Tensor, choice: Sequence[int], arch_grad: bool = True) -> torch.Tensor:
-        if len(choice) == 1:
+    def forward(self, x: torch.Tensor, choice: Sequence[int], arch_grad: bool = True,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``scale * sum_k softmax(alpha[choice])_k * op_k(x)`` (no scale: 1; one chosen op: its output).
+
+        Each op's weight is folded into its last BatchNorm (``MBConv.forward``'s ``scale``) and the residual
+        ``x`` is added once: its coefficient, the sum of the residual ops' weights, is ``scale`` itself
+        when every chosen op is residual or skip (their softmax weights sum to 1), so no pass over the
+        feature map multiplies by a weight. The same function as weighting each op's output.
+        """
+        if len(choice) == 1 and scale is None:
             return self.ops[choice[0]](x)
-        if len(choice) == len(self.op_names) and tuple(choice) == self._all:
-            logits = self.alpha
+        if len(choice) == 1:
+            w: Sequence[torch.Tensor] = (scale,)
         else:
-            logits = self.alpha[list(choice)]
-        if arch_grad:
-            w = F.softmax(logits, dim=0)
-        else:
-            with torch.no_grad():
+            if len(choice) == len(self.op_names) and tuple(choice) == self._all:
+                logits = self.alpha
+            else:
+                logits = self.alpha[list(choice)]
+            if arch_grad:
                 w = F.softmax(logits, dim=0)
-        out = w[0] * self.ops[choice[0]](x)
-        for k in range(1, len(choice)):
-            out = out + w[k] * self.ops[choice[k]](x)
+            else:
+                with torch.no_grad():
+                    w = F.softmax(logits, dim=0)
+            if scale is not None:
+                w = w * scale
+        out = None
+        residual: list[torch.Tensor] = []
+        for k, i in enumerate(choice):
+            op = self.ops[i]
+            if isinstance(op, Skip):
+                op(x)  # the identity: called so that the module's hooks see it run
+                residual.append(w[k])
+                continue
+            if isinstance(op, MBConv):
+                y = op(x, scale=w[k], residual=False)
+                if op.use_residual:
+                    residual.append(w[k])
+            else:
+                y = w[k] * op(x)
+            out = y if out is None else out + y
+        if residual:
+            if len(residual) == len(choice):
+                r = x if scale is None else scale * x
+            else:
+                r = torch.stack(list(residual)).sum() * x
+            out = r if out is None else out + r
         return out
 
     def extra_repr(self) -> str:
@@ -263,7 +296,7 @@ class SuperNet(nn.Module):
             k = start
             h = None
             for (i, pos, head) in self._routes[j]:
-                y = probs[i][pos] * head(outs[i], choices[k], arch_grad)
+                y = head(outs[i], choices[k], arch_grad, scale=probs[i][pos])
                 h = y if h is None else h + y
                 k += 1
             for layer in self.blocks[j].stack:

@@ -200,3 +200,41 @@ def test_memory_format_does_not_change_the_computation():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-4, rtol=1e-3), n
+
+
+@pytest.mark.parametrize("native_flag", ["0", "1"])
+@pytest.mark.parametrize("c_in,c_out,stride,choice,scaled", [
+    (8, 8, 1, (0, 3), True),     # residual MBConvs (stacking layer) under a head-like scale
+    (8, 8, 1, (2, 6), False),    # a residual MBConv and skip, no scale
+    (8, 8, 1, (6,), True),       # skip alone, scaled
+    (8, 16, 2, (1, 5), True),    # non-residual (a head: width and stride change)
+    (8, 16, 2, (4,), True),      # one op, scaled
+])
+def test_mixed_op_folded_weights_equal_weighting_the_outputs(monkeypatch, native_flag, c_in, c_out, stride,
+                                                             choice, scaled):
+    from densenas.space import load_space
+
+    monkeypatch.setenv("DENSENAS_NATIVE", native_flag)
+    names = load_space("imagenet_mbconv").stacking_ops if stride == 1 else load_space("imagenet_mbconv").head_ops
+    torch.manual_seed(3)
+    m = MixedOp(names, c_in, c_out, stride, False, "stack", 1, layer=0).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        m.alpha.normal_()
+    x = torch.randn(4, c_in, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    scale = torch.tensor(0.37, requires_grad=True) if scaled else None
+    g = torch.randn(4, c_out, 8 // stride, 8 // stride)
+
+    out = m(x, choice, True, scale=scale)
+    grads = torch.autograd.grad((out * g).sum(), [x, m.alpha] + ([scale] if scaled else []), allow_unused=True)
+
+    # The plain definition: softmax weights times each op's full output (residual included), times scale.
+    w = F.softmax(m.alpha[list(choice)], 0) if len(choice) > 1 else torch.ones(1)
+    ref = sum(w[k] * m.ops[i](x) for k, i in enumerate(choice))
+    ref = ref * scale if scaled else ref
+    ref_grads = torch.autograd.grad((ref * g).sum(), [x, m.alpha] + ([scale] if scaled else []), allow_unused=True)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        if a is None or b is None:  # alpha with one chosen op: unused on both sides
+            assert a is None and b is None
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
