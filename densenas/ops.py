@@ -131,21 +131,24 @@ def _eager_autograd() -> bool:
 
 
 class _BatchNormActFn(torch.autograd.Function):
-    """Training BatchNorm2d (+ ReLU6) by ``densenas.native``'s kernel; the ReLU6 mask is read from the
-    output, as ``ReLU6`` below does."""
+    """Training BatchNorm2d (+ ReLU6) by ``densenas.native``'s kernel. The backward recomputes the ReLU6
+    mask from the input and the per-channel affine (bit for bit the forward's pre-activation), so it
+    reads neither the output nor a saved mask."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, relu6):  # type: ignore[override]
-        out, mean, invstd = _native.bn_act().forward(x, weight, bias, running_mean, running_var, momentum, eps, relu6)
+        out, mean, invstd, affine = _native.bn_act().forward(x, weight, bias, running_mean, running_var, momentum,
+                                                             eps, relu6)
         ctx.relu6 = relu6
-        ctx.save_for_backward(x, out if relu6 else None, mean, invstd, weight)
+        ctx.save_for_backward(x, affine if relu6 else None, mean, invstd, weight)
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, out, mean, invstd, weight = ctx.saved_tensors
+        x, affine, mean, invstd, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        gi, gw, gb = _native.bn_act().backward(grad, x, out, mean, invstd, weight, ctx.relu6, need[0], need[1], need[2])
+        gi, gw, gb = _native.bn_act().backward(grad, x, affine, mean, invstd, weight, ctx.relu6,
+                                               need[0], need[1], need[2])
         return gi, gw, gb, None, None, None, None, None
 
 

@@ -31,9 +31,12 @@ void sums_fwd(const float* __restrict__ xp, const float* __restrict__ kp, int64_
   }
 }
 
-// Backward sums: sg = sum(gm), sx = sum(gm * (x - mean)), gm = g masked by 0 < y < 6 when relu6.
-void sums_bwd(const float* __restrict__ gp, const float* __restrict__ xp, const float* __restrict__ yp,
-              const float* __restrict__ mp, int64_t M, int64_t C, double* __restrict__ sg, double* __restrict__ sx) {
+// Backward sums: sg = sum(gm), sx = sum(gm * (x - mean)), gm = g masked by 0 < x * a + b < 6 when relu6
+// (ap / bp given): the forward's pre-activation, recomputed bit for bit (the same fmaf), so the output
+// need not be read.
+void sums_bwd(const float* __restrict__ gp, const float* __restrict__ xp, const float* __restrict__ ap,
+              const float* __restrict__ bp, const float* __restrict__ mp, int64_t M, int64_t C,
+              double* __restrict__ sg, double* __restrict__ sx) {
   std::vector<float> fa(C), fb(C);
   float* __restrict__ a = fa.data();
   float* __restrict__ b = fb.data();
@@ -44,11 +47,11 @@ void sums_bwd(const float* __restrict__ gp, const float* __restrict__ xp, const 
     for (int64_t m = m0; m < m1; ++m) {
       const float* __restrict__ gr = gp + m * C;
       const float* __restrict__ xr = xp + m * C;
-      if (yp) {
-        const float* __restrict__ yr = yp + m * C;
+      if (ap) {
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          const float gm = (yr[c] > 0.f && yr[c] < 6.f) ? gr[c] : 0.f;
+          const float v = std::fmaf(xr[c], ap[c], bp[c]);
+          const float gm = (v > 0.f && v < 6.f) ? gr[c] : 0.f;
           a[c] += gm; b[c] += gm * (xr[c] - mp[c]);
         }
       } else {
@@ -72,7 +75,8 @@ void check_channels(const std::optional<at::Tensor>& t, int64_t C, const char* w
                      what, " must be a contiguous float32 vector of ", C, " channels");
 }
 
-// Returns (out, mean, invstd); updates running_mean / running_var in place when given (unbiased variance).
+// Returns (out, mean, invstd, affine) with affine = [a; b] (2 x C: out = x * a + b before the ReLU6,
+// for the backward's mask); updates running_mean / running_var in place when given (unbiased variance).
 std::vector<at::Tensor> forward(const at::Tensor& x, const std::optional<at::Tensor>& weight_o,
                                 const std::optional<at::Tensor>& bias_o, const std::optional<at::Tensor>& rm_o,
                                 const std::optional<at::Tensor>& rv_o, double momentum, double eps, bool relu6) {
@@ -99,7 +103,9 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const std::optional<at::Ten
   auto invstd = at::empty({C}, x.options());
   float* mp = mean.data_ptr<float>();
   float* ip = invstd.data_ptr<float>();
-  std::vector<float> a(C), bb(C);
+  auto affine = at::empty({2, C}, x.options());
+  float* a = affine.data_ptr<float>();
+  float* bb = a + C;
   const float* wp = weight_o ? weight_o->data_ptr<float>() : nullptr;
   const float* bp = bias_o ? bias_o->data_ptr<float>() : nullptr;
   float* rmp = rm_o ? rm_o->data_ptr<float>() : nullptr;
@@ -119,27 +125,27 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const std::optional<at::Ten
     if (rmp) rmp[c] = (float)((1 - momentum) * rmp[c] + momentum * mu);
     if (rvp) rvp[c] = (float)((1 - momentum) * rvp[c] + momentum * var * M / std::max<int64_t>(M - 1, 1));
   }
-  const float* __restrict__ ap = a.data();
-  const float* __restrict__ cp = bb.data();
+  const float* __restrict__ ap = a;
+  const float* __restrict__ cp = bb;
   at::parallel_for(0, M, grain_rows(C), [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
       const float* __restrict__ r = xp + m * C;
       float* __restrict__ o = op + m * C;
       if (relu6) {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) o[c] = std::min(std::max(r[c] * ap[c] + cp[c], 0.0f), 6.0f);
+        for (int64_t c = 0; c < C; ++c) o[c] = std::min(std::max(std::fmaf(r[c], ap[c], cp[c]), 0.0f), 6.0f);
       } else {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) o[c] = r[c] * ap[c] + cp[c];
+        for (int64_t c = 0; c < C; ++c) o[c] = std::fmaf(r[c], ap[c], cp[c]);
       }
     }
   });
-  return {out, mean, invstd};
+  return {out, mean, invstd, affine};
 }
 
-// Returns (grad_input, grad_weight, grad_bias), each undefined unless asked for. With relu6 the
-// gradient passes where 0 < out < 6, as aten's hardtanh_backward on the output.
-std::vector<at::Tensor> backward(const at::Tensor& g_in, const at::Tensor& x, const std::optional<at::Tensor>& out,
+// Returns (grad_input, grad_weight, grad_bias), each undefined unless asked for. With relu6 (``affine``
+// from the forward) the gradient passes where 0 < out < 6, as aten's hardtanh_backward on the output.
+std::vector<at::Tensor> backward(const at::Tensor& g_in, const at::Tensor& x, const std::optional<at::Tensor>& affine,
                                  const at::Tensor& mean, const at::Tensor& invstd,
                                  const std::optional<at::Tensor>& weight_o, bool relu6, bool need_input,
                                  bool need_weight, bool need_bias) {
@@ -150,16 +156,18 @@ std::vector<at::Tensor> backward(const at::Tensor& g_in, const at::Tensor& x, co
   TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == at::kFloat, "grad_output must match the input");
   const float* gp = g.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
-  TORCH_CHECK(!relu6 || (out && out->sizes() == x.sizes() && out->is_contiguous(at::MemoryFormat::ChannelsLast)),
-              "relu6 needs the forward's output");
-  const float* yp = relu6 ? out->data_ptr<float>() : nullptr;
+  TORCH_CHECK(!relu6 || (affine && affine->dim() == 2 && affine->size(0) == 2 && affine->size(1) == C &&
+                          affine->is_contiguous()),
+              "relu6 needs the forward's affine (2 x channels)");
+  const float* ap = relu6 ? affine->data_ptr<float>() : nullptr;
+  const float* bq = relu6 ? ap + C : nullptr;
   const float* mp = mean.data_ptr<float>();
   const float* ip = invstd.data_ptr<float>();
   const int nt = at::get_num_threads();
   std::vector<double> part(2 * (size_t)nt * C, 0.0);
   at::parallel_for(0, M, grain_rows(C), [&](int64_t b, int64_t e) {
     double* s = part.data() + (size_t)2 * at::get_thread_num() * C;
-    sums_bwd(gp + b * C, xp + b * C, yp ? yp + b * C : nullptr, mp, e - b, C, s, s + C);
+    sums_bwd(gp + b * C, xp + b * C, ap, bq, mp, e - b, C, s, s + C);
   });
   std::vector<double> sum_g(C, 0.0), sum_gx(C, 0.0);
   for (int t = 0; t < nt; ++t)
@@ -195,11 +203,11 @@ std::vector<at::Tensor> backward(const at::Tensor& g_in, const at::Tensor& x, co
         const float* __restrict__ gr = gp + m * C;
         const float* __restrict__ xr = xp + m * C;
         float* __restrict__ o = gip + m * C;
-        if (yp) {
-          const float* __restrict__ yr = yp + m * C;
+        if (ap) {
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            const float gm = (yr[c] > 0.f && yr[c] < 6.f) ? gr[c] : 0.f;
+            const float v = std::fmaf(xr[c], ap[c], bq[c]);
+            const float gm = (v > 0.f && v < 6.f) ? gr[c] : 0.f;
             o[c] = Ap[c] * gm + Bp[c] * (xr[c] - mp[c]) + Dp[c];
           }
         } else {

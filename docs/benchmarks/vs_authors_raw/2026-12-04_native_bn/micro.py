@@ -31,7 +31,7 @@ for shape in [(8, 576, 14, 14), (8, 1152, 7, 7), (8, 144, 56, 56), (8, 240, 28, 
     g = torch.randn(shape).contiguous(memory_format=torch.channels_last)
     rm, rv = torch.zeros(C), torch.ones(C)
     rm2, rv2 = rm.clone(), rv.clone()
-    out, mean, invstd = mod.forward(x, None, None, rm2, rv2, 0.1, 1e-5, True)
+    out, mean, invstd, affine = mod.forward(x, None, None, rm2, rv2, 0.1, 1e-5, True)
     ref, sm, si = torch.native_batch_norm(x, None, None, rm, rv, True, 0.1, 1e-5)
     ref.clamp_(0, 6)
 
@@ -45,6 +45,6 @@ for shape in [(8, 576, 14, 14), (8, 1152, 7, 7), (8, 144, 56, 56), (8, 240, 28, 
 
     fa, ba = median_ms(aten_fwd), median_ms(aten_bwd)
     fm = median_ms(lambda: mod.forward(x, None, None, rm2, rv2, 0.1, 1e-5, True))
-    bm = median_ms(lambda: mod.backward(g, x, out, mean, invstd, None, True, True, False, False))
+    bm = median_ms(lambda: mod.backward(g, x, affine, mean, invstd, None, True, True, False, False))
     print(f"{shape} aten fwd {fa:.3f} bwd {ba:.3f} ms | native fwd {fm:.3f} bwd {bm:.3f} ms | "
           f"{(fa + ba) / (fm + bm):.2f}x | max |out diff| {(out - ref).abs().max().item():.1e}", flush=True)
