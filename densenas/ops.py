@@ -161,7 +161,7 @@ def batch_norm_act(x: torch.Tensor, bn: nn.BatchNorm2d, relu6: bool,
     Applies to batch statistics (training, or no running statistics) of a 4-d float32 CPU tensor in
     channels_last, in eager mode, with the native kernel available. Why: aten runs BatchNorm and the
     ReLU6 after it as four memory passes forward and three backward, each its own op; the kernel makes
-    them two each way (measured 1.7-2.3x faster on the super network's shapes, 2 threads, including the
+    them two each way (measured 1.6-3.8x faster on the super network's shapes, 2 threads, including the
     ReLU6: docs/benchmarks/vs_authors_raw/2026-12-04_native_bn/). Same results up to float rounding.
     """
     if not (bn.training or not bn.track_running_stats) or bn.momentum is None:

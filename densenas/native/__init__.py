@@ -11,6 +11,7 @@ The build is keyed by the source, the flags and the CPU's instruction set, since
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -48,7 +49,14 @@ def _cpu_key() -> str:
 
 
 def _build(verbose: bool = False) -> ModuleType:
-    from torch.utils.cpp_extension import load
+    # Importing cpp_extension logs "No CUDA runtime is found" on every CPU machine: not news here.
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        log.setLevel(level)
 
     # setup.py installs ninja into the environment; its bin folder is not on PATH unless activated.
     bin_dir = str(Path(sys.executable).parent)
