@@ -278,6 +278,7 @@ def build_ours(kind: str, batch: int):
     import torch
 
     sys.path.insert(0, str(REPO))
+    from densenas import native
     from densenas.search import SearchConfig, Searcher
     from densenas.supernet import SuperNet
 
@@ -295,8 +296,6 @@ def build_ours(kind: str, batch: int):
 
     def step(x, y):
         fn((x, y))
-
-    from densenas import native
 
     counts = {"weights": sum(p.numel() for p in net.weight_parameters()),
               "arch_scalars": sum(p.numel() for p in net.arch_parameters()),

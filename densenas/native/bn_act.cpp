@@ -12,23 +12,30 @@ constexpr int64_t kBlock = 32;  // rows summed in float before they are added in
 
 int64_t grain_rows(int64_t C) { return std::max<int64_t>(kBlock, (65536 / std::max<int64_t>(C, 1)) / kBlock * kBlock); }
 
-// Per-channel sums over rows of x[M, C] (minus `shift`): s = sum(x - k), q = sum((x - k)^2), in double.
-void sums_fwd(const float* __restrict__ xp, const float* __restrict__ kp, int64_t M, int64_t C,
-              double* __restrict__ s, double* __restrict__ q) {
-  std::vector<float> fs(C), fq(C);
-  float* __restrict__ a = fs.data();
-  float* __restrict__ b = fq.data();
+// Two per-channel sums over rows [0, M) into double totals s1, s2: each block of kBlock rows is first summed
+// in float (vectorised over channels), then added in. add_row(m, a, b) adds row m's terms into a and b.
+template <typename AddRow>
+void block_sums(int64_t M, int64_t C, double* __restrict__ s1, double* __restrict__ s2, const AddRow& add_row) {
+  std::vector<float> fa(C), fb(C);
+  float* __restrict__ a = fa.data();
+  float* __restrict__ b = fb.data();
   for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
     const int64_t m1 = std::min(M, m0 + kBlock);
     std::fill(a, a + C, 0.f);
     std::fill(b, b + C, 0.f);
-    for (int64_t m = m0; m < m1; ++m) {
-      const float* __restrict__ r = xp + m * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) { const float d = r[c] - kp[c]; a[c] += d; b[c] += d * d; }
-    }
-    for (int64_t c = 0; c < C; ++c) { s[c] += a[c]; q[c] += b[c]; }
+    for (int64_t m = m0; m < m1; ++m) add_row(m, a, b);
+    for (int64_t c = 0; c < C; ++c) { s1[c] += a[c]; s2[c] += b[c]; }
   }
+}
+
+// Forward sums over x[M, C] minus the shift k: s = sum(x - k), q = sum((x - k)^2).
+void sums_fwd(const float* __restrict__ xp, const float* __restrict__ kp, int64_t M, int64_t C,
+              double* __restrict__ s, double* __restrict__ q) {
+  block_sums(M, C, s, q, [&](int64_t m, float* __restrict__ a, float* __restrict__ b) {
+    const float* __restrict__ r = xp + m * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) { const float d = r[c] - kp[c]; a[c] += d; b[c] += d * d; }
+  });
 }
 
 // Backward sums: sg = sum(gm), sx = sum(gm * (x - mean)), gm = g masked by 0 < x * a + b < 6 when relu6
@@ -37,30 +44,21 @@ void sums_fwd(const float* __restrict__ xp, const float* __restrict__ kp, int64_
 void sums_bwd(const float* __restrict__ gp, const float* __restrict__ xp, const float* __restrict__ ap,
               const float* __restrict__ bp, const float* __restrict__ mp, int64_t M, int64_t C,
               double* __restrict__ sg, double* __restrict__ sx) {
-  std::vector<float> fa(C), fb(C);
-  float* __restrict__ a = fa.data();
-  float* __restrict__ b = fb.data();
-  for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
-    const int64_t m1 = std::min(M, m0 + kBlock);
-    std::fill(a, a + C, 0.f);
-    std::fill(b, b + C, 0.f);
-    for (int64_t m = m0; m < m1; ++m) {
-      const float* __restrict__ gr = gp + m * C;
-      const float* __restrict__ xr = xp + m * C;
-      if (ap) {
+  block_sums(M, C, sg, sx, [&](int64_t m, float* __restrict__ a, float* __restrict__ b) {
+    const float* __restrict__ gr = gp + m * C;
+    const float* __restrict__ xr = xp + m * C;
+    if (ap) {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const float v = std::fmaf(xr[c], ap[c], bp[c]);
-          const float gm = (v > 0.f && v < 6.f) ? gr[c] : 0.f;
-          a[c] += gm; b[c] += gm * (xr[c] - mp[c]);
-        }
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) { a[c] += gr[c]; b[c] += gr[c] * (xr[c] - mp[c]); }
+      for (int64_t c = 0; c < C; ++c) {
+        const float v = std::fmaf(xr[c], ap[c], bp[c]);
+        const float gm = (v > 0.f && v < 6.f) ? gr[c] : 0.f;
+        a[c] += gm; b[c] += gm * (xr[c] - mp[c]);
       }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) { a[c] += gr[c]; b[c] += gr[c] * (xr[c] - mp[c]); }
     }
-    for (int64_t c = 0; c < C; ++c) { sg[c] += a[c]; sx[c] += b[c]; }
-  }
+  });
 }
 }  // namespace
 
