@@ -270,7 +270,8 @@ def run(cfg: RetrainConfig, inputs: RetrainInputs, ctx: StageContext) -> Retrain
     def trainer(pointer, name):
         return torch_trainer(_retrain_worker, loop_config | {"pointer": pointer, "run_name": name}, request,
                              use_gpu=cfg.use_gpu, run_name=name, storage=(storage_path, storage_fs),
-                             max_failures=cfg.max_failures, datasets=datasets)
+                             max_failures=cfg.max_failures, datasets=datasets,
+                             report_poll_s=cfg.report_poll_s)
 
     say(f"retrain: {arch.one_line()} | {cfg.workers} worker(s) x {request.per_worker()}, {cfg.epochs} epochs, "
         f"{steps} steps/epoch at {batch}/worker, lr {cfg.lr}")

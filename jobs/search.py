@@ -311,7 +311,8 @@ def _fit(job: SearchJobConfig, inputs: SearchInputs, ctx: StageContext, until_ep
     def trainer(pointer, name):
         return torch_trainer(_search_worker, loop_config | {"pointer": pointer, "run_name": name}, request,
                              use_gpu=job.use_gpu, run_name=name, storage=(storage_path, storage_fs),
-                             max_failures=job.max_failures, datasets=datasets)
+                             max_failures=job.max_failures, datasets=datasets,
+                             report_poll_s=job.report_poll_s)
 
     what = "search" if until_epoch == search.epochs else f"search warm-up (epochs 1-{until_epoch})"
     say(f"{what}: {job.workers} worker(s) x {request.per_worker()}, {search.epochs} epochs "

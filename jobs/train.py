@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = ["TrainJobResources", "torch_trainer", "fit_resuming", "threads_for_cp
 
 LATEST = "latest.json"
 META_FILE = "meta.json"
+REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 class TrainJobResources(BaseModel):
@@ -54,6 +56,11 @@ class TrainJobResources(BaseModel):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="where the workers go: PACK fills a node first; SPREAD puts them on different nodes "
                             "while it can (a lost node's workers restart on the others); STRICT_* never bend")
+    report_poll_s: float = Field(
+        0.5, gt=0, le=60, description="how often Ray Train's controller collects the workers' reports "
+                                      "(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, Ray's default 2 s). A worker's per-epoch "
+                                      "report waits until the controller has taken the previous one, so epochs "
+                                      "shorter than this wait for it")
 
     def request(self) -> WorkerResources:
         return WorkerResources(self.workers, self.cpus_per_worker, 1.0 if self.use_gpu else 0.0,
@@ -70,16 +77,21 @@ def threads_for_cpus(cpus: float) -> int:
 
 
 def torch_trainer(worker_fn, loop_config: dict, request: WorkerResources, *, use_gpu: bool, run_name: str,
-                  storage, max_failures: int, datasets: dict | None):
+                  storage, max_failures: int, datasets: dict | None, report_poll_s: float = 0.5):
     """The TorchTrainer both Train stages (search, retrain) run: gloo on CPU / NCCL on GPU, the
     validated worker request, checkpoints in the artifact store (``storage`` = ray_storage(store)),
     FailureConfig restarts from the latest checkpoint, the last two checkpoints kept. ``datasets``:
-    Ray Datasets for ``ray.train.get_dataset_shard`` (None when the workers load their own data)."""
+    Ray Datasets for ``ray.train.get_dataset_shard`` (None when the workers load their own data).
+    ``report_poll_s``: the controller's poll interval (``TrainJobResources.report_poll_s``)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.console import train_log_level
 
+    # Ray Train reads its controller's poll interval only from the driver's environment, at fit().
+    # Each worker's report queue holds one result, so with Ray's 2 s default a 1 s epoch waits ~1 s
+    # for the controller (bench/bench_overhead.py, retrain with 2 workers).
+    os.environ[REPORT_POLL_ENV] = f"{report_poll_s:g}"
     storage_path, storage_fs = storage
     return TorchTrainer(
         worker_fn, train_loop_config=loop_config,

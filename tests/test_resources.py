@@ -71,3 +71,21 @@ def test_live_cluster_refuses_an_impossible_request_fast():
         check_resources(WorkerResources(2, 0.5), reserve={"CPU": 1})
     finally:
         ray.shutdown()
+
+
+def test_torch_trainer_passes_the_report_poll_interval_to_ray_trains_controller(monkeypatch, tmp_path):
+    import os
+
+    from pydantic import ValidationError
+
+    from jobs.train import REPORT_POLL_ENV, TrainJobResources, torch_trainer
+
+    monkeypatch.delenv(REPORT_POLL_ENV, raising=False)
+    assert TrainJobResources().report_poll_s == 0.5
+    job = TrainJobResources(workers=1, report_poll_s=0.25)
+    torch_trainer(lambda config: None, {}, job.request(), use_gpu=False, run_name="poll", storage=(str(tmp_path), None),
+                  max_failures=0, datasets=None, report_poll_s=job.report_poll_s)
+    # Ray Train copies this variable from the driver's environment into its controller at fit()
+    assert os.environ[REPORT_POLL_ENV] == "0.25"
+    with pytest.raises(ValidationError, match="report_poll_s"):
+        TrainJobResources(report_poll_s=0)
