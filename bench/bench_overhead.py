@@ -1,7 +1,8 @@
 """Benchmark: the Train stages' epoch time against the same steps in one plain process.
 
     python bench/bench_overhead.py [--workers 1,2] [--stages search,retrain] [--modes memory]
-                                   [--search-epochs 6] [--retrain-epochs 5] [--json docs/benchmarks/overhead.json]
+                                   [--search-epochs 6] [--retrain-epochs 5] [--baseline-runs 2]
+                                   [--json docs/benchmarks/overhead.json]
 
 The demo's data (configs/tiny.yaml: Fashion-MNIST, 10 classes, 200 per class split 80/20, 100 per
 class held out) is split into a temporary local store. For each stage and worker count:
@@ -14,9 +15,17 @@ class held out) is split into a temporary local store. For each stage and worker
   left out.
 - in process: the same per-rank work (one rank's rows, its per-worker batch, its step count, the
   same thread count) with ``densenas.search.Searcher.run_epoch`` / ``densenas.retrain.train_epoch``
-  in this process, no Ray, batches already in memory as tensors: pure compute.
+  in one plain Python process, no Ray, batches already in memory as tensors: pure compute. It runs
+  in a fresh child process with ``OMP_NUM_THREADS`` set as Ray sets it for a 1-CPU worker, once
+  before the stage and once after it (``--baseline-runs``), and its epoch time is the median over
+  the epochs of all those runs: a single run's epochs swung by 2x on an idle machine, and running it
+  inside the benchmark's own process (the Ray driver) gave it a different environment from the stage's.
 
-Prints ratio = stage epoch time / in-process epoch time (goal <= 1.3). The search stage uses
+Prints ratio = stage epoch time / in-process epoch time (goal <= 1.3). For 2+ workers it also runs the
+per-rank work in one plain process per rank joined by ``torch.distributed`` (gloo), no Ray, with the
+stage's gradient synchronisation (retrain: DDP without buffer broadcast; search: one flat all-reduce per
+step), after the stage, and prints the stage's ratio to that too ("plain DDP"): the part of the gap that
+data-parallel training costs without Ray. The search stage uses
 tiny.yaml's search settings with the MACs cost model (no profile stage) and ``--search-epochs``
 epochs (1 weights-only warm-up, the rest search epochs; the search epochs are compared); the retrain
 stage a network derived from the seeded super network with tiny.yaml's retrain settings. Records
@@ -28,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -155,8 +165,23 @@ def _search_settings(tiny: dict, epochs: int) -> dict:
     return s | {"epochs": epochs, "warmup_epochs": 1, "cost": "macs"}
 
 
-def in_process_search(manifest, split_store, space, settings: dict, workers: int, threads: int) -> dict:
-    """Per-epoch seconds of one rank's search epochs in this process (pure compute)."""
+def _allreduce_mean():
+    from jobs.train import allreduce_mean
+
+    return allreduce_mean
+
+
+def _barrier(distributed: bool) -> None:
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def in_process_search(manifest, split_store, space, settings: dict, workers: int, threads: int, rank: int = 0,
+                      distributed: bool = False) -> dict:
+    """Per-epoch seconds of one rank's search epochs in this process (pure compute; with ``distributed``,
+    in a gloo process group with the stage's gradient all-reduce)."""
     import torch
 
     from densenas.latency import load_cost_model
@@ -171,26 +196,32 @@ def in_process_search(manifest, split_store, space, settings: dict, workers: int
     batch, steps = steps_per_worker(int(counts["train"]), workers, cfg.batch_size)
     # as the stage (jobs.search.run): architecture batches of arch_batch_size when the config sets it
     val_batch, val_steps = steps_per_worker(int(counts["val"]), workers, cfg.arch_batch_size or cfg.batch_size)
-    train = load_worker_split(manifest, ["train"], split_store, rank=0, world=workers, augment=True,
+    train = load_worker_split(manifest, ["train"], split_store, rank=rank, world=workers, augment=True,
                               input_size=space.input_size, channels=space.in_channels)
-    val = load_worker_split(manifest, ["val"], split_store, rank=0, world=workers, augment=False,
+    val = load_worker_split(manifest, ["val"], split_store, rank=rank, world=workers, augment=False,
                             input_size=space.input_size, channels=space.in_channels)
     torch.manual_seed(cfg.seed)
     net = SuperNet(space, num_classes=int(manifest["num_classes"]))
     cost = load_cost_model(cfg.cost, space, skip_fraction=cfg.macs_skip_fraction)
-    searcher = Searcher(net, cfg, cost, steps_per_epoch=steps, device="cpu", log=None)
+    searcher = Searcher(net, cfg, cost, steps_per_epoch=steps, device="cpu", log=None,
+                        grad_sync=_allreduce_mean() if distributed else None)
     out = {}
     while searcher.epoch < cfg.epochs:
         e = searcher.epoch
-        tb = list(train.batches(batch, stream_seed(cfg.seed, e, 0, "train"), shuffle=True, drop_last=True))[:steps]
-        vb = list(val.batches(val_batch, stream_seed(cfg.seed, e, 0, "val"), shuffle=True, drop_last=True))[:val_steps]
+        tb = list(train.batches(batch, stream_seed(cfg.seed, e, rank, "train"), shuffle=True, drop_last=True))[:steps]
+        vb = list(val.batches(val_batch, stream_seed(cfg.seed, e, rank, "val"), shuffle=True,
+                              drop_last=True))[:val_steps]
+        _barrier(distributed)
         t0 = time.perf_counter()
         rec = searcher.run_epoch(tb, vb)
         out[searcher.epoch] = {"seconds": time.perf_counter() - t0, "phase": rec["phase"]}
     return {"epochs": out, "batch": batch, "steps": steps, "val_batch": val_batch, "val_steps": val_steps}
 
 
-def in_process_retrain(manifest, split_store, arch, rcfg, workers: int, threads: int) -> dict:
+def in_process_retrain(manifest, split_store, arch, rcfg, workers: int, threads: int, rank: int = 0,
+                       distributed: bool = False) -> dict:
+    """Per-epoch seconds of one rank's retrain epochs in this process (pure compute; with ``distributed``,
+    in a gloo process group under DDP as the stage wraps it)."""
     import torch
 
     from densenas.arch import build_model
@@ -201,19 +232,71 @@ def in_process_retrain(manifest, split_store, arch, rcfg, workers: int, threads:
     torch.set_num_threads(threads)
     counts = manifest["counts"]
     batch, steps = steps_per_worker(int(counts["train"]) + int(counts["val"]), workers, rcfg.batch_size)
-    data = load_worker_split(manifest, ["train", "val"], split_store, rank=0, world=workers, augment=True,
+    data = load_worker_split(manifest, ["train", "val"], split_store, rank=rank, world=workers, augment=True,
                              input_size=arch.input_size, channels=arch.in_channels)
     torch.manual_seed(rcfg.seed)
     model = build_model(arch, num_classes=int(manifest["num_classes"]), dropout=rcfg.dropout)
     opt = build_optimizer(model, rcfg)
     sched = build_scheduler(opt, rcfg, steps)
+    net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if distributed else model
     out = {}
     for e in range(rcfg.epochs):
-        b = list(data.batches(batch, stream_seed(rcfg.seed, e, 0, "train"), shuffle=True, drop_last=True))[:steps]
+        b = list(data.batches(batch, stream_seed(rcfg.seed, e, rank, "train"), shuffle=True, drop_last=True))[:steps]
+        _barrier(distributed)
         t0 = time.perf_counter()
-        train_epoch(model, b, opt, sched, rcfg, "cpu")
+        train_epoch(net, b, opt, sched, rcfg, "cpu")
         out[e + 1] = {"seconds": time.perf_counter() - t0}
     return {"epochs": out, "batch": batch, "steps": steps}
+
+
+def _baseline_child(spec_path: str, out_path: str) -> int:
+    """Run one in-process baseline from a JSON spec (see ``in_process``) and write its result as JSON."""
+    from cluster.storage import open_store
+    from densenas.arch import load_arch
+    from densenas.space import load_space
+    from jobs.retrain import RetrainConfig
+
+    spec = json.loads(Path(spec_path).read_text())
+    split_store = open_store(spec["split_root"])
+    rank, distributed = int(os.environ.get("RANK", "0")), "MASTER_PORT" in os.environ
+    if distributed:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", rank=rank, world_size=spec["workers"])
+    if spec["stage"] == "search":
+        out = in_process_search(spec["manifest"], split_store, load_space(spec["space"]), spec["settings"],
+                                spec["workers"], spec["threads"], rank, distributed)
+    else:
+        out = in_process_retrain(spec["manifest"], split_store, load_arch(spec["arch"]),
+                                 RetrainConfig.model_validate(spec["retrain"]), spec["workers"], spec["threads"],
+                                 rank, distributed)
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(out))
+    return 0
+
+
+def in_process(spec: dict, tmp: Path, tag: str, distributed: bool = False) -> dict:
+    """One baseline run in a fresh Python process with the thread settings of a 1-CPU Ray worker; with
+    ``distributed``, one such process per rank in a plain torch.distributed (gloo) group, no Ray:
+    rank 0's epochs."""
+    spec_path, out_path = tmp / f"{tag}-spec.json", tmp / f"{tag}-out.json"
+    spec_path.write_text(json.dumps(spec))
+    threads = str(spec["threads"])
+    env = os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--baseline-child", str(spec_path), str(out_path)]
+    if not distributed:
+        subprocess.run(cmd, env=env, check=True, cwd=str(REPO))
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(spec["workers"])}
+        procs = [subprocess.Popen(cmd, env=env | {"RANK": str(r)}, cwd=str(REPO)) for r in range(spec["workers"])]
+        if any(p.wait() != 0 for p in procs):
+            raise RuntimeError(f"the distributed in-process baseline {tag} failed")
+    out = json.loads(out_path.read_text())
+    out["epochs"] = {int(k): v for k, v in out["epochs"].items()}
+    return out
 
 
 def main(argv=None) -> int:
@@ -226,7 +309,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the results here (e.g. docs/benchmarks/overhead.json)")
     ap.add_argument("--profile", default=None, help="py-spy + /proc CPU time of each stage run into this folder")
     ap.add_argument("--profile-seconds", type=float, default=8.0, help="recorded from the end of the first epoch")
+    ap.add_argument("--baseline-runs", type=int, default=2,
+                    help="in-process runs per row, alternating before and after the stage (default: 2)")
+    ap.add_argument("--ddp-baseline", action=argparse.BooleanOptionalAction, default=True,
+                    help="for 2+ workers also run the per-rank work in plain torch.distributed processes (default: on)")
+    ap.add_argument("--baseline-child", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.baseline_child:
+        return _baseline_child(*args.baseline_child)
 
     import ray
     import torch
@@ -281,17 +371,30 @@ def main(argv=None) -> int:
         for stage in stages:
             for w in workers_list:
                 threads = 1
-                if stage == "search":
-                    base = in_process_search(manifest, split_store, space, settings, w, threads)
-                    base_t = statistics.median(v["seconds"] for e, v in base["epochs"].items()
-                                               if v["phase"] == "search" and e > 2)
-                else:
-                    rcfg = RetrainConfig(epochs=args.retrain_epochs, batch_size=r["batch_size"], lr=r["lr"],
-                                         workers=w, cpus_per_worker=1, max_failures=0, measure_latency=False,
-                                         export=False)
-                    base = in_process_retrain(manifest, split_store, arch, rcfg, w, threads)
-                    base_t = statistics.median(v["seconds"] for e, v in base["epochs"].items() if e > 1)
+                spec = {"stage": stage, "split_root": str(tmp / "split"), "manifest": split_out.model_dump(mode="json"),
+                        "workers": w, "threads": threads, "space": tiny["space"], "settings": settings,
+                        "arch": arch.to_json(),
+                        "retrain": RetrainConfig(epochs=args.retrain_epochs, batch_size=r["batch_size"], lr=r["lr"],
+                                                 workers=w, cpus_per_worker=1, max_failures=0, measure_latency=False,
+                                                 export=False).model_dump(mode="json")}
+                baselines: list[dict] = []
+
+                def baseline_epochs(run: dict) -> list[float]:
+                    # the same epochs as the stage's: search epochs after the first, retrain epochs after the first
+                    if stage == "search":
+                        return [v["seconds"] for e, v in run["epochs"].items() if v["phase"] == "search" and e > 2]
+                    return [v["seconds"] for e, v in run["epochs"].items() if e > 1]
+
+                def run_baseline() -> None:
+                    run = in_process(spec, tmp, f"{stage}-{w}-base{len(baselines)}")
+                    baselines.append(run)
+                    print(f"{stage:8s} {w} worker(s) in process, run {len(baselines)}: epochs "
+                          f"{ {k: round(v['seconds'], 2) for k, v in run['epochs'].items()} }", flush=True)
+
                 for mode in modes:
+                    # baseline runs alternate with the stage: half before it (at least one), the rest after
+                    while len(baselines) < max(1, (args.baseline_runs + 1) // 2):
+                        run_baseline()
                     store = open_store(str(tmp / f"{stage}-{w}-{mode}"))
                     # ray_data keeps a CPU free for its decode tasks: the workers share the other one
                     cpus = 1 if mode == "memory" else 1 / w
@@ -313,6 +416,14 @@ def main(argv=None) -> int:
                               flush=True)
                         continue
                     wall = time.time() - t0
+                    while len(baselines) < args.baseline_runs:
+                        run_baseline()
+                    base = baselines[0]
+                    base_t = statistics.median(t for run in baselines for t in baseline_epochs(run))
+                    ddp = None
+                    if w > 1 and args.ddp_baseline:
+                        ddp = in_process(spec, tmp, f"{stage}-{w}-ddp-{mode}", distributed=True)
+                        ddp_t = statistics.median(baseline_epochs(ddp))
                     rank0 = store.get_json("workers/rank-0.json")
                     iv = _intervals(rank0["epoch_ends"])
                     if stage == "search":
@@ -329,15 +440,23 @@ def main(argv=None) -> int:
                            "stage_epoch_s": round(stage_t, 3), "in_process_epoch_s": round(base_t, 3),
                            "ratio": round(stage_t / base_t, 3),
                            "stage_epoch_intervals_s": {str(k): round(v, 3) for k, v in sorted(iv.items())},
-                           "in_process_epochs_s": {str(k): round(v["seconds"], 3) for k, v in base["epochs"].items()},
+                           "in_process_epochs_s": [{str(k): round(v["seconds"], 3) for k, v in run["epochs"].items()}
+                                                   for run in baselines],
+                           "in_process_run_medians_s": [round(statistics.median(baseline_epochs(run)), 3)
+                                                        for run in baselines],
                            "stage_wall_s": round(wall, 1), "start_to_first_epoch_end_s": round(first_end - t0, 1)}
+                    if ddp is not None:
+                        row |= {"ddp_epoch_s": round(ddp_t, 3), "ratio_vs_ddp": round(stage_t / ddp_t, 3),
+                                "ddp_epochs_s": {str(k): round(v["seconds"], 3) for k, v in ddp["epochs"].items()}}
                     if prof is not None:
                         prof.join(timeout=args.profile_seconds + 120)
                         row["profile"] = prof.result
                         print(f"  profile: {json.dumps(prof.result)}", flush=True)
                     rows.append(row)
                     print(f"{stage:8s} {w} worker(s) {mode:8s}: stage epoch {stage_t:6.2f}s | in process "
-                          f"{base_t:6.2f}s | ratio {stage_t / base_t:5.2f} | intervals {row['stage_epoch_intervals_s']}"
+                          f"{base_t:6.2f}s | ratio {stage_t / base_t:5.2f}"
+                          + (f" | plain DDP {ddp_t:6.2f}s, ratio {stage_t / ddp_t:5.2f}" if ddp is not None else "")
+                          + f" | intervals {row['stage_epoch_intervals_s']}"
                           f" | in-process {row['in_process_epochs_s']} | wall {wall:.1f}s", flush=True)
     finally:
         ray.shutdown()
