@@ -130,17 +130,18 @@ def test_supernet_architecture_gradients_same_as_aten(monkeypatch):
     x = torch.randn(8, net.space.in_channels, 32, 32)
     choices = net.sample_choices("alpha2", torch.Generator().manual_seed(0))
     grads = {}
-    for flag in ("0", "1"):
+    for flag, dtype in (("0", torch.float64), ("1", torch.float32)):
         monkeypatch.setenv("DENSENAS_NATIVE", flag)
-        n = copy.deepcopy(net)
+        n = copy.deepcopy(net).to(dtype)
         for p in n.weight_parameters():
             p.requires_grad_(False)
-        loss = F.cross_entropy(n(x, choices), torch.arange(8) % 10)
+        loss = F.cross_entropy(n(x.to(dtype), choices), torch.arange(8) % 10)
         grads[flag] = torch.autograd.grad(loss, n.arch_parameters(), allow_unused=True)
-    # Float rounding only: each alpha's gradient is a sum over whole feature maps (cancelling terms).
+    # The reference is aten in float64: each alpha's gradient is a sum over whole feature maps with cancelling
+    # terms, and aten's own float32 BatchNorm moved it by 2e-3 (relative) on an AMD EPYC, the kernel by 1e-6.
     scale = max(float(g.abs().max()) for g in grads["0"] if g is not None)
     for ga, gb in zip(grads["0"], grads["1"]):
         if ga is None:
             assert gb is None
         else:
-            torch.testing.assert_close(gb, ga, rtol=1e-3, atol=1e-3 * scale)
+            torch.testing.assert_close(gb.double(), ga, rtol=1e-4, atol=1e-4 * scale)
