@@ -165,12 +165,6 @@ def _search_settings(tiny: dict, epochs: int) -> dict:
     return s | {"epochs": epochs, "warmup_epochs": 1, "cost": "macs"}
 
 
-def _allreduce_mean():
-    from jobs.train import allreduce_mean
-
-    return allreduce_mean
-
-
 def _barrier(distributed: bool) -> None:
     if distributed:
         import torch.distributed as dist
@@ -188,7 +182,7 @@ def in_process_search(manifest, split_store, space, settings: dict, workers: int
     from densenas.search import SearchConfig, Searcher
     from densenas.supernet import SuperNet
     from jobs.data import load_worker_split, stream_seed
-    from jobs.train import steps_per_worker
+    from jobs.train import allreduce_mean, steps_per_worker
 
     torch.set_num_threads(threads)
     cfg = SearchConfig.model_validate(settings)
@@ -204,7 +198,7 @@ def in_process_search(manifest, split_store, space, settings: dict, workers: int
     net = SuperNet(space, num_classes=int(manifest["num_classes"]))
     cost = load_cost_model(cfg.cost, space, skip_fraction=cfg.macs_skip_fraction)
     searcher = Searcher(net, cfg, cost, steps_per_epoch=steps, device="cpu", log=None,
-                        grad_sync=_allreduce_mean() if distributed else None)
+                        grad_sync=allreduce_mean if distributed else None)
     out = {}
     while searcher.epoch < cfg.epochs:
         e = searcher.epoch
@@ -258,7 +252,7 @@ def _baseline_child(spec_path: str, out_path: str) -> int:
 
     spec = json.loads(Path(spec_path).read_text())
     split_store = open_store(spec["split_root"])
-    rank, distributed = int(os.environ.get("RANK", "0")), "MASTER_PORT" in os.environ
+    rank, distributed = int(os.environ.get("RANK", "0")), spec["distributed"]
     if distributed:
         import torch.distributed as dist
 
@@ -280,7 +274,7 @@ def in_process(spec: dict, tmp: Path, tag: str, distributed: bool = False) -> di
     ``distributed``, one such process per rank in a plain torch.distributed (gloo) group, no Ray:
     rank 0's epochs."""
     spec_path, out_path = tmp / f"{tag}-spec.json", tmp / f"{tag}-out.json"
-    spec_path.write_text(json.dumps(spec))
+    spec_path.write_text(json.dumps(spec | {"distributed": distributed}))
     threads = str(spec["threads"])
     env = os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--baseline-child", str(spec_path), str(out_path)]

@@ -77,7 +77,7 @@ def threads_for_cpus(cpus: float) -> int:
 
 
 def torch_trainer(worker_fn, loop_config: dict, request: WorkerResources, *, use_gpu: bool, run_name: str,
-                  storage, max_failures: int, datasets: dict | None, report_poll_s: float = 0.5):
+                  storage, max_failures: int, datasets: dict | None, report_poll_s: float):
     """The TorchTrainer both Train stages (search, retrain) run: gloo on CPU / NCCL on GPU, the
     validated worker request, checkpoints in the artifact store (``storage`` = ray_storage(store)),
     FailureConfig restarts from the latest checkpoint, the last two checkpoints kept. ``datasets``:

@@ -14,7 +14,6 @@ PYVER=${1:-3.12}
 TRAIN_IMAGES=${TRAIN_IMAGES:-12000}
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-TAG=cp${PYVER/./}
 mkdir -p .whl .gpudata
 for d in .whl .gpudata; do grep -qx "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >> .git/info/exclude; done
 
