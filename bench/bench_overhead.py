@@ -287,7 +287,8 @@ def in_process(spec: dict, tmp: Path, tag: str, distributed: bool = False) -> di
         env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(spec["workers"])}
         procs = [subprocess.Popen(cmd, env=env | {"RANK": str(r)}, cwd=str(REPO)) for r in range(spec["workers"])]
         if any(p.wait() != 0 for p in procs):
-            raise RuntimeError(f"the distributed in-process baseline {tag} failed")
+            raise RuntimeError(f"the distributed in-process baseline {tag} failed (its ranks' output is above); "
+                               "--no-ddp-baseline skips it")
     out = json.loads(out_path.read_text())
     out["epochs"] = {int(k): v for k, v in out["epochs"].items()}
     return out
@@ -414,10 +415,14 @@ def main(argv=None) -> int:
                         run_baseline()
                     base = baselines[0]
                     base_t = statistics.median(t for run in baselines for t in baseline_epochs(run))
-                    ddp = None
+                    ddp, ddp_error = None, None
                     if w > 1 and args.ddp_baseline:
-                        ddp = in_process(spec, tmp, f"{stage}-{w}-ddp-{mode}", distributed=True)
-                        ddp_t = statistics.median(baseline_epochs(ddp))
+                        try:
+                            ddp = in_process(spec, tmp, f"{stage}-{w}-ddp-{mode}", distributed=True)
+                            ddp_t = statistics.median(baseline_epochs(ddp))
+                        except Exception as e:  # noqa: BLE001 -- the row's own figures still count
+                            ddp_error = f"{type(e).__name__}: {str(e)[:300]}"
+                            print(f"{stage:8s} {w} worker(s) plain DDP baseline FAILED: {ddp_error}", flush=True)
                     rank0 = store.get_json("workers/rank-0.json")
                     iv = _intervals(rank0["epoch_ends"])
                     if stage == "search":
@@ -439,6 +444,8 @@ def main(argv=None) -> int:
                            "in_process_run_medians_s": [round(statistics.median(baseline_epochs(run)), 3)
                                                         for run in baselines],
                            "stage_wall_s": round(wall, 1), "start_to_first_epoch_end_s": round(first_end - t0, 1)}
+                    if ddp_error is not None:
+                        row["ddp_error"] = ddp_error
                     if ddp is not None:
                         row |= {"ddp_epoch_s": round(ddp_t, 3), "ratio_vs_ddp": round(stage_t / ddp_t, 3),
                                 "ddp_epochs_s": {str(k): round(v["seconds"], 3) for k, v in ddp["epochs"].items()}}

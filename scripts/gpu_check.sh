@@ -12,7 +12,8 @@ PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 if ! "$PY" -c "import ray, pydantic" 2>/dev/null && [ -d .whl ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu-site .whl/*.whl \
-    || { echo "installing .whl/ failed"; exit 1; }
+    || { echo "installing .whl/ failed: run scripts/gpu_carry.sh again with this machine's Python version" \
+              "(its first argument, e.g. 3.12) and copy the new .whl/"; exit 1; }
   export PYTHONPATH=/tmp/gpu-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 [ -d .gpudata ] && export DENSENAS_FASHION_MNIST_DIR=${DENSENAS_FASHION_MNIST_DIR:-$PWD/.gpudata}
