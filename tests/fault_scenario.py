@@ -66,9 +66,10 @@ OVERRIDES = [
     "search.arch_steps_per_epoch=4",
     f"retrain.epochs={RETRAIN_EPOCHS}", "retrain.batch_size=32", "retrain.workers=2", "retrain.cpus_per_worker=1",
     "retrain.max_failures=3", "retrain.latency_warmup=1", "retrain.latency_repeats=3",
-    # This retrain's epochs take well under a second. Ray's default 2 s report poll paces them so that the S3 and
-    # driver faults land between checkpoints; at the stages' default 0.5 s all 8 epochs end before the first fault.
-    "retrain.report_poll_s=2.0",
+    # These epochs take well under a second. Ray's default 2 s report poll paces them so that the faults land
+    # between checkpoints; at the stages' default 0.5 s all 8 retrain epochs ended before the first fault, and a
+    # driver killed at the 7th left no resume to check (suite_raw/2026-12-04_1757_make_drills.log).
+    "search.report_poll_s=2.0", "retrain.report_poll_s=2.0",
 ]
 
 
