@@ -4,7 +4,7 @@
     result = FaultScenario(stack, workdir).run()        # stack: a LocalStack (started here as needed)
 
 The run is ``pipeline/run.py --config configs/tiny.yaml`` shrunk by ``--set`` overrides to seconds per
-stage (3 classes, a 6-epoch search on 2 DDP ranks, an 8-epoch retrain on 2 DDP ranks), submitted with
+stage (3 classes, a 6-epoch search on 2 DDP ranks, a 16-epoch retrain on 2 DDP ranks), submitted with
 ``ray job submit`` to the stack's Ray head. A watcher thread polls the store every ``POLL_S`` for each
 Train stage's epoch checkpoints (``latest.json``) and per-epoch records (``workers/rank-0.json``:
 ``epoch_ends`` holds the wall-clock end of every epoch the current attempt trained). Each fault is
@@ -54,7 +54,10 @@ CONFIG = "configs/tiny.yaml"
 POLL_S = 0.5
 MLFLOW_OUTAGE_S = 30.0
 SEARCH_EPOCHS = 6
-RETRAIN_EPOCHS = 8
+# The MLflow restart blocks until the server answers (20-30 s on a loaded 2-core machine) while the retrain
+# runs on: CI saw the S3 fault land at retrain epoch 6 and the driver kill at epoch 8 of 8, which left nothing
+# to resume. 16 epochs keep several after the driver fault; kill_driver refuses to fire at the last one.
+RETRAIN_EPOCHS = 16
 TRAIN_STAGES = ("search", "retrain")
 ALL_STAGES = ("split", "profile", "search", "derive", "retrain")
 
@@ -67,8 +70,8 @@ OVERRIDES = [
     f"retrain.epochs={RETRAIN_EPOCHS}", "retrain.batch_size=32", "retrain.workers=2", "retrain.cpus_per_worker=1",
     "retrain.max_failures=3", "retrain.latency_warmup=1", "retrain.latency_repeats=3",
     # These epochs take well under a second. Ray's default 2 s report poll paces them so that the faults land
-    # between checkpoints; at the stages' default 0.5 s all 8 retrain epochs ended before the first fault, and a
-    # driver killed at the 7th left no resume to check (suite_raw/2026-12-04_1757_make_drills.log).
+    # between checkpoints; at the stages' default 0.5 s the retrain outran the faults
+    # (suite_raw/2026-12-04_1757_make_drills.log).
     "search.report_poll_s=2.0", "retrain.report_poll_s=2.0",
 ]
 
@@ -319,6 +322,9 @@ class FaultScenario:
         with self.watcher.lock:
             now = self.watcher.ckpt.get("retrain", 0)
         epoch = self.watcher.wait_ckpt("retrain", now + 1, 600, self._alive)
+        if epoch >= RETRAIN_EPOCHS:
+            raise AssertionError(f"the retrain checkpointed its last epoch ({epoch}) before the driver fault could land: "
+                                 f"nothing would be resumed; raise RETRAIN_EPOCHS ({RETRAIN_EPOCHS})")
         pids = driver_pids(self._ray_leader(), self.run_id)
         assert len(pids) == 1, f"expected one driver process, found {pids}"
         fault = self._begin("driver", "retrain", f"retrain checkpoint of epoch {epoch}")

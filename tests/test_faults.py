@@ -51,6 +51,7 @@ def test_pipeline_survives_worker_s3_mlflow_and_driver_faults(tmp_path):
     # the killed worker and the killed driver each cost the interrupted epoch, never a finished one
     for name in ("worker", "driver"):
         f = faults[name]
+        assert f["resumed_from_epoch"] is not None, f"no epoch was trained after the {name} fault: {f}"
         assert f["epochs_redone"] == 0 and f["resumed_from_epoch"] >= f["epochs_done_before"], f
     assert faults["mlflow"]["epochs_repeated"] == 0, faults["mlflow"]
     assert result["stages"]["retrain"]["attempts"] == 2 and result["stages"]["retrain"]["resumed"] is True
