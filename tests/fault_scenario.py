@@ -70,8 +70,8 @@ OVERRIDES = [
     f"retrain.epochs={RETRAIN_EPOCHS}", "retrain.batch_size=32", "retrain.workers=2", "retrain.cpus_per_worker=1",
     "retrain.max_failures=3", "retrain.latency_warmup=1", "retrain.latency_repeats=3",
     # These epochs take well under a second. Ray's default 2 s report poll paces them so that the faults land
-    # between checkpoints; at the stages' default 0.5 s the retrain outran the faults
-    # (suite_raw/2026-12-04_1757_make_drills.log).
+    # between checkpoints; at the stages' default 0.5 s the retrain finished before the S3 fault
+    # (suite_raw/2026-12-04_1645_make_drills.log).
     "search.report_poll_s=2.0", "retrain.report_poll_s=2.0",
 ]
 
