@@ -54,9 +54,9 @@ CONFIG = "configs/tiny.yaml"
 POLL_S = 0.5
 MLFLOW_OUTAGE_S = 30.0
 SEARCH_EPOCHS = 6
-# The MLflow restart blocks until the server answers (20-30 s on a loaded 2-core machine) while the retrain
-# runs on: CI saw the S3 fault land at retrain epoch 6 and the driver kill at epoch 8 of 8, which left nothing
-# to resume. 16 epochs keep several after the driver fault; kill_driver refuses to fire at the last one.
+# The MLflow fault holds the scenario until the server answers again (an outage of 43 s in
+# suite_raw/2026-12-04_1757_make_drills.log) while the retrain runs on: CI saw the S3 fault land at retrain
+# epoch 6 and the driver kill at epoch 8 of 8, which left nothing to resume. 16 epochs keep several after the driver fault; kill_driver refuses to fire at the last one.
 RETRAIN_EPOCHS = 16
 TRAIN_STAGES = ("search", "retrain")
 ALL_STAGES = ("split", "profile", "search", "derive", "retrain")
