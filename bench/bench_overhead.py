@@ -24,8 +24,10 @@ class held out) is split into a temporary local store. For each stage and worker
 Prints ratio = stage epoch time / in-process epoch time (goal <= 1.3). For 2+ workers it also runs the
 per-rank work in one plain process per rank joined by ``torch.distributed`` (gloo), no Ray, with the
 stage's gradient synchronisation (retrain: DDP without buffer broadcast; search: one flat all-reduce per
-step), after the stage, and prints the stage's ratio to that too ("plain DDP"): the part of the gap that
-data-parallel training costs without Ray. The search stage uses
+step; both through shared memory unless ``--no-shared-memory-allreduce``), after the stage, and prints the
+stage's ratio to that too ("plain DDP"): the part of the gap that data-parallel training costs without Ray.
+Retrain rows also give each rank's median training-loop wall and CPU seconds (``train_loop_median``):
+wall minus CPU is time the rank waited. The search stage uses
 tiny.yaml's search settings with the MACs cost model (no profile stage) and ``--search-epochs``
 epochs (1 weights-only warm-up, the rest search epochs; the search epochs are compared); the retrain
 stage a network derived from the seeded super network with tiny.yaml's retrain settings. Records
@@ -64,7 +66,8 @@ def _intervals(ends: list[dict]) -> dict[int, float]:
 CATEGORIES = (
     ("report + checkpoint", ("report_checkpoint", "publish_latest", "report (", "put_json", "put_bytes")),
     ("waiting for Ray Data batches", ("iter_torch_batches", "iter_batches", "_iter_batches", "get_next")),
-    ("gradient all-reduce", ("allreduce_mean", "all_reduce", "_sync_buffers", "reducer")),
+    ("gradient all-reduce", ("allreduce_mean", "all_reduce", "_sync_buffers", "reducer", "mean_ (jobs/shm",
+                             "shared_memory_mean")),
     ("augmentation + batching", ("augment_batch", "roi_align", "WorkerSplit.batches", "batches (jobs/data.py")),
     ("loading the worker's rows", ("load_worker_split", "read_worker_rows", "_decode_rows")),
     ("derive + epoch record", ("derive", "epoch_record", "collapse_warnings")),
@@ -107,12 +110,37 @@ def _ray_processes() -> dict[int, str]:
     return out
 
 
-def _cpu_seconds(pid: int) -> float | None:
+def _cpu_seconds(pid: int, tid: int | None = None) -> float | None:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        path = f"/proc/{pid}/task/{tid}/stat" if tid is not None else f"/proc/{pid}/stat"
+        fields = Path(path).read_text().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """{thread name: CPU seconds} over the process's threads (threads of one name summed)."""
+    out: dict[str, float] = {}
+    try:
+        tids = [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+        except OSError:
+            continue
+        cpu = _cpu_seconds(pid, tid)
+        if cpu is not None:
+            out[name] = out.get(name, 0.0) + cpu
+    return out
+
+
+def _machine_cpu() -> dict[str, int]:
+    """Machine-wide jiffies from /proc/stat: user+nice, system, idle+iowait, steal."""
+    f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return {"user": f[0] + f[1], "system": f[2] + f[5] + f[6], "idle": f[3] + f[4], "steal": f[7] if len(f) > 7 else 0}
 
 
 class StageProfiler(threading.Thread):
@@ -132,6 +160,9 @@ class StageProfiler(threading.Thread):
         time.sleep(self.delay)
         procs = _ray_processes()
         before = {p: _cpu_seconds(p) for p in procs}
+        workers = [p for p, name in procs.items() if "TrainWorker" in name]
+        threads_before = {p: _thread_cpu(p) for p in workers}
+        machine_before = _machine_cpu()
         spies = []
         for pid, name in procs.items():
             if "RayTrainWorker" in name or "TrainWorker" in name:
@@ -148,9 +179,17 @@ class StageProfiler(threading.Thread):
             b, a = before.get(pid), _cpu_seconds(pid)
             if b is not None and a is not None:
                 cpu[name] = round(cpu.get(name, 0.0) + a - b, 2)
+        threads = {}
+        for p in workers:
+            after_t = _thread_cpu(p)
+            used = {n: round(c - threads_before[p].get(n, 0.0), 2) for n, c in after_t.items()}
+            threads[str(p)] = {n: c for n, c in sorted(used.items(), key=lambda kv: -kv[1]) if c > 0}
+        machine_after = _machine_cpu()
+        machine = {k: round((machine_after[k] - machine_before[k]) / os.sysconf("SC_CLK_TCK"), 2) for k in machine_after}
         for pid, out, proc in spies:
             proc.wait(timeout=self.duration + 60)
         self.result = {"window_s": round(wall, 1), "cpu_seconds_by_process": dict(sorted(cpu.items(), key=lambda kv: -kv[1])),
+                       "train_worker_cpu_seconds_by_thread": threads, "machine_cpu_seconds": machine,
                        "train_thread_share": {str(pid): summarise_stacks(out) for pid, out, _ in spies if out.exists()}}
 
 
@@ -173,16 +212,16 @@ def _barrier(distributed: bool) -> None:
 
 
 def in_process_search(manifest, split_store, space, settings: dict, workers: int, threads: int, rank: int = 0,
-                      distributed: bool = False) -> dict:
+                      distributed: bool = False, shared_memory: bool = True) -> dict:
     """Per-epoch seconds of one rank's search epochs in this process (pure compute; with ``distributed``,
-    in a gloo process group with the stage's gradient all-reduce)."""
+    in a gloo process group with the stage's gradient all-reduce: through shared memory with ``shared_memory``)."""
     import torch
 
     from densenas.latency import load_cost_model
     from densenas.search import SearchConfig, Searcher
     from densenas.supernet import SuperNet
     from jobs.data import load_worker_split, stream_seed
-    from jobs.train import allreduce_mean, steps_per_worker
+    from jobs.train import gradient_mean, steps_per_worker
 
     torch.set_num_threads(threads)
     cfg = SearchConfig.model_validate(settings)
@@ -198,7 +237,8 @@ def in_process_search(manifest, split_store, space, settings: dict, workers: int
     net = SuperNet(space, num_classes=int(manifest["num_classes"]))
     cost = load_cost_model(cfg.cost, space, skip_fraction=cfg.macs_skip_fraction)
     searcher = Searcher(net, cfg, cost, steps_per_epoch=steps, device="cpu", log=None,
-                        grad_sync=allreduce_mean if distributed else None)
+                        grad_sync=gradient_mean(list(net.parameters()), shared_memory, torch.device("cpu"))
+                        if distributed else None)
     out = {}
     while searcher.epoch < cfg.epochs:
         e = searcher.epoch
@@ -213,9 +253,10 @@ def in_process_search(manifest, split_store, space, settings: dict, workers: int
 
 
 def in_process_retrain(manifest, split_store, arch, rcfg, workers: int, threads: int, rank: int = 0,
-                       distributed: bool = False) -> dict:
+                       distributed: bool = False, shared_memory: bool = True) -> dict:
     """Per-epoch seconds of one rank's retrain epochs in this process (pure compute; with ``distributed``,
-    in a gloo process group under DDP as the stage wraps it)."""
+    in a gloo process group under DDP as the stage wraps it, its buckets through shared memory with
+    ``shared_memory``)."""
     import torch
 
     from densenas.arch import build_model
@@ -233,13 +274,20 @@ def in_process_retrain(manifest, split_store, arch, rcfg, workers: int, threads:
     opt = build_optimizer(model, rcfg)
     sched = build_scheduler(opt, rcfg, steps)
     net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if distributed else model
+    if distributed and shared_memory:
+        from jobs.shm_allreduce import SharedMemoryAllReduce, shared_memory_mean_hook
+
+        shm = SharedMemoryAllReduce.for_group(sum(p.numel() for p in model.parameters()))
+        if shm is not None:
+            net.register_comm_hook(shm, shared_memory_mean_hook)
     out = {}
     for e in range(rcfg.epochs):
         b = list(data.batches(batch, stream_seed(rcfg.seed, e, rank, "train"), shuffle=True, drop_last=True))[:steps]
         _barrier(distributed)
         t0 = time.perf_counter()
-        train_epoch(net, b, opt, sched, rcfg, "cpu")
-        out[e + 1] = {"seconds": time.perf_counter() - t0}
+        r = train_epoch(net, b, opt, sched, rcfg, "cpu")
+        out[e + 1] = {"seconds": time.perf_counter() - t0, "train_seconds": r["seconds"],
+                      "train_cpu_seconds": r["cpu_seconds"], "train_page_faults": r["page_faults"]}
     return {"epochs": out, "batch": batch, "steps": steps}
 
 
@@ -259,11 +307,11 @@ def _baseline_child(spec_path: str, out_path: str) -> int:
         dist.init_process_group("gloo", rank=rank, world_size=spec["workers"])
     if spec["stage"] == "search":
         out = in_process_search(spec["manifest"], split_store, load_space(spec["space"]), spec["settings"],
-                                spec["workers"], spec["threads"], rank, distributed)
+                                spec["workers"], spec["threads"], rank, distributed, spec["shared_memory"])
     else:
         out = in_process_retrain(spec["manifest"], split_store, load_arch(spec["arch"]),
                                  RetrainConfig.model_validate(spec["retrain"]), spec["workers"], spec["threads"],
-                                 rank, distributed)
+                                 rank, distributed, spec["shared_memory"])
     if rank == 0:
         Path(out_path).write_text(json.dumps(out))
     return 0
@@ -308,6 +356,9 @@ def main(argv=None) -> int:
                     help="in-process runs per row, alternating before and after the stage (default: 2)")
     ap.add_argument("--ddp-baseline", action=argparse.BooleanOptionalAction, default=True,
                     help="for 2+ workers also run the per-rank work in plain torch.distributed processes (default: on)")
+    ap.add_argument("--shared-memory-allreduce", action=argparse.BooleanOptionalAction, default=True,
+                    help="the stage's (and the plain DDP baseline's) per-step gradient mean through /dev/shm "
+                         "(TrainJobResources.shared_memory_allreduce); --no-shared-memory-allreduce: gloo")
     ap.add_argument("--baseline-child", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.baseline_child:
@@ -368,6 +419,7 @@ def main(argv=None) -> int:
                 threads = 1
                 spec = {"stage": stage, "split_root": str(tmp / "split"), "manifest": split_out.model_dump(mode="json"),
                         "workers": w, "threads": threads, "space": tiny["space"], "settings": settings,
+                        "shared_memory": args.shared_memory_allreduce,
                         "arch": arch.to_json(),
                         "retrain": RetrainConfig(epochs=args.retrain_epochs, batch_size=r["batch_size"], lr=r["lr"],
                                                  workers=w, cpus_per_worker=1, max_failures=0, measure_latency=False,
@@ -394,7 +446,7 @@ def main(argv=None) -> int:
                     # ray_data keeps a CPU free for its decode tasks: the workers share the other one
                     cpus = 1 if mode == "memory" else 1 / w
                     job = {"workers": w, "cpus_per_worker": cpus, "max_failures": 0, "data_loading": mode,
-                           "data_cpus": 1}
+                           "data_cpus": 1, "shared_memory_allreduce": args.shared_memory_allreduce}
                     prof = None
                     if args.profile:
                         Path(args.profile).mkdir(parents=True, exist_ok=True)
@@ -434,6 +486,7 @@ def main(argv=None) -> int:
                     stage_t = statistics.median(used.values())
                     first_end = min(x["time"] for x in rank0["epoch_ends"])
                     row = {"stage": stage, "workers": w, "data_loading": mode, "cpus_per_worker": cpus,
+                           "shared_memory_allreduce": args.shared_memory_allreduce,
                            "threads_per_worker": threads, "per_worker_batch": base["batch"],
                            "steps_per_epoch": base["steps"], "arch_steps_per_epoch": base.get("val_steps"),
                            "stage_epoch_s": round(stage_t, 3), "in_process_epoch_s": round(base_t, 3),
@@ -449,6 +502,22 @@ def main(argv=None) -> int:
                     if ddp is not None:
                         row |= {"ddp_epoch_s": round(ddp_t, 3), "ratio_vs_ddp": round(stage_t / ddp_t, 3),
                                 "ddp_epochs_s": {str(k): round(v["seconds"], 3) for k, v in ddp["epochs"].items()}}
+                    if stage == "retrain":
+                        # the training thread's CPU time against its wall time per epoch (the rest is waiting), its page faults
+                        def split_of(epochs) -> dict:
+                            used_e = [v for v in epochs if v.get("train_cpu_seconds") is not None]
+                            faults = [v["train_page_faults"] for v in used_e if v.get("train_page_faults") is not None]
+                            return {"train_s": round(statistics.median(v["train_seconds"] for v in used_e), 3),
+                                    "train_cpu_s": round(statistics.median(v["train_cpu_seconds"] for v in used_e), 3),
+                                    "page_faults": statistics.median(faults) if faults else None} if used_e else {}
+
+                        row["train_loop_median"] = {
+                            **{f"stage_rank{k}": split_of([x for x in store.get_json(f"workers/rank-{k}.json")["epoch_ends"]
+                                                           if 1 < x["epoch"] < args.retrain_epochs]) for k in range(w)},
+                            "in_process": split_of([v for run in baselines for e, v in run["epochs"].items() if e > 1]),
+                            **({"plain_ddp_rank0": split_of([v for e, v in ddp["epochs"].items() if e > 1])}
+                               if ddp is not None else {})}
+                        print(f"  train loop (median wall / CPU s): {json.dumps(row['train_loop_median'])}", flush=True)
                     if prof is not None:
                         prof.join(timeout=args.profile_seconds + 120)
                         row["profile"] = prof.result

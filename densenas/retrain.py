@@ -143,6 +143,15 @@ def topk_correct(logits: Tensor, target: Tensor, ks: Sequence[int] = (1, 5)) -> 
 
 
 # --------------------------------------------------------------------------- train / evaluate
+def _thread_page_faults() -> int | None:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    except (ImportError, AttributeError, OSError):
+        return None
+
+
 def train_epoch(model: nn.Module, batches: Iterable[Sequence[Tensor]], optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, recipe: TrainRecipe,
                 device: str | torch.device = "cpu", grad_sync: GradSync | None = None,
@@ -151,11 +160,13 @@ def train_epoch(model: nn.Module, batches: Iterable[Sequence[Tensor]], optimizer
     """One pass of SGD over ``batches``; ``grad_sync`` averages gradients across ranks (data parallel).
 
     ``max_steps`` caps the steps (the remaining batches are still consumed: data-parallel ranks must
-    take the same number of steps, and a streaming split must be drained). Returns loss/acc/n/seconds.
+    take the same number of steps, and a streaming split must be drained). Returns loss/acc/n/steps/seconds/lr,
+    cpu_seconds (CPU time of the calling thread: seconds minus it is time spent waiting) and page_faults
+    (the thread's minor page faults: memory the allocator gave back and took again; None off Linux).
     """
     device = torch.device(device)
     model.train()
-    t0 = time.perf_counter()
+    t0, cpu0, faults0 = time.perf_counter(), time.thread_time(), _thread_page_faults()
     loss_sum, correct, n, steps = 0.0, 0, 0, 0
     params = [p for p in model.parameters() if p.requires_grad]
     for batch in batches:
@@ -180,7 +191,9 @@ def train_epoch(model: nn.Module, batches: Iterable[Sequence[Tensor]], optimizer
         if log is not None and log_every and steps % log_every == 0:
             log(f"  step {steps}: loss {loss_sum / n:.4f} acc {correct / n:.3f}")
     return {"loss": loss_sum / n if n else None, "acc": correct / n if n else None, "n": n, "steps": steps,
-            "seconds": time.perf_counter() - t0, "lr": optimizer.param_groups[0]["lr"]}
+            "seconds": time.perf_counter() - t0, "cpu_seconds": time.thread_time() - cpu0,
+            "page_faults": None if faults0 is None else _thread_page_faults() - faults0,
+            "lr": optimizer.param_groups[0]["lr"]}
 
 
 @torch.no_grad()

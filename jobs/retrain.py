@@ -41,6 +41,7 @@ from densenas.retrain import TrainRecipe
 from jobs.context import StageContext, StageOutput
 from jobs.resources import check_resources
 from jobs.split import SplitOutput
+from jobs.shm_allreduce import SharedMemoryAllReduce, shared_memory_mean_hook
 from jobs.train import (META_FILE, TrainJobResources, allreduce_mean, allreduce_sum, broadcast_module,
                         capped_batches, latest_checkpoint, load_checkpoint_file, node_id, numeric_metrics,
                         publish_latest, report_checkpoint, steps_per_worker, tensors_digest, threads_for_cpus,
@@ -148,6 +149,11 @@ def _retrain_worker(config: dict) -> None:
     ddp = ray.train.torch.prepare_model(model, move_to_device=False,
                                         parallel_strategy_kwargs={"broadcast_buffers": False})
     broadcast_module(model)
+    if cfg.shared_memory_allreduce and device.type == "cpu":   # DDP's buckets through /dev/shm, not gloo
+        shm = SharedMemoryAllReduce.for_group(sum(p.numel() for p in model.parameters() if p.requires_grad),
+                                              log=lambda m: print(f"[retrain] {m}", flush=True))
+        if shm is not None:
+            ddp.register_comm_hook(shm, shared_memory_mean_hook)
     curves = EpochCurves(config.get("tracking"), retrain_epoch_metrics, rank, stage="retrain", total=cfg.epochs,
                          start=epoch, describe=describe_retrain)
     curves.catch_up(history)
@@ -159,7 +165,8 @@ def _retrain_worker(config: dict) -> None:
         sync_bn_statistics(model)
         epoch, step = epoch + 1, step + r["steps"]
         weights_sha.append({"epoch": epoch, "weights_sha256": weights_digest(model)})
-        epoch_ends.append({"epoch": epoch, "time": time.time()})
+        epoch_ends.append({"epoch": epoch, "time": time.time(), "train_seconds": r["seconds"],
+                           "train_cpu_seconds": r["cpu_seconds"], "train_page_faults": r["page_faults"]})
         stats = allreduce_sum(torch.tensor([r["loss"] * r["n"], r["acc"] * r["n"], r["n"]], dtype=torch.float64))
         record = {"epoch": epoch, "step": step, "lr": r["lr"], "train_loss": float(stats[0] / stats[2]),
                   "train_acc": float(stats[1] / stats[2]), "seconds": r["seconds"],

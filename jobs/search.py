@@ -60,7 +60,7 @@ from jobs.epochs import (EVOLUTION, EpochCurves, describe_search, finish_search_
                          search_epoch_metrics, stage_tracking_or_unrouted, log_curves_from_driver)
 from jobs.resources import check_resources
 from jobs.split import SplitOutput
-from jobs.train import (META_FILE, TrainJobResources, allreduce_mean, broadcast_module, capped_batches,
+from jobs.train import (META_FILE, TrainJobResources, gradient_mean, broadcast_module, capped_batches,
                         latest_checkpoint, load_checkpoint_file, node_id, numeric_metrics, publish_latest,
                         report_checkpoint, steps_per_worker, tensors_digest, threads_for_cpus, torch_trainer,
                         fit_resuming)
@@ -116,8 +116,10 @@ def _search_worker(config: dict) -> None:
     torch.manual_seed(search.seed)
     net = SuperNet(config["space"], num_classes=config["num_classes"])
     log = (lambda m: print(f"[search rank 0] {m}", flush=True)) if rank == 0 and verbose() else None
+    grad_sync = gradient_mean(list(net.parameters()), job.shared_memory_allreduce, device,
+                              log=lambda m: print(f"[search] {m}", flush=True))
     searcher = Searcher(net, search, config["cost_model"], steps_per_epoch=config["steps"], device=device,
-                        grad_sync=allreduce_mean if world > 1 else None, log=log)
+                        grad_sync=grad_sync, log=log)
     ckpt_store, stage_store, warm_store = config["ckpt_store"], config["stage_store"], config["warmup_store"]
     data, source = load_checkpoint_file(STATE_FILE, ckpt_store, config["pointer"])
     if data is None and config["warmup_ready"]:

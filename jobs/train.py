@@ -2,7 +2,8 @@
 
     driver:   cfg.request() -> check_resources -> fit_resuming(lambda pointer, name: torch_trainer(...), ...)
     worker:   threads_for_cpus, broadcast_module (identical start), capped_batches (equal step counts),
-              allreduce_mean / allreduce_sum (gradients, statistics, counts), numeric_metrics,
+              gradient_mean (per step: shared memory or gloo), allreduce_mean / allreduce_sum
+              (statistics, counts), numeric_metrics,
               report_checkpoint + publish_latest (rank 0, every epoch), load_checkpoint_file (resume)
 
 A stage's checkpoint store holds Ray Train's checkpoints (``storage_path``) and ``latest.json``, a
@@ -29,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.resources import WorkerResources
 
-__all__ = ["TrainJobResources", "torch_trainer", "fit_resuming", "threads_for_cpus", "allreduce_mean",
+__all__ = ["TrainJobResources", "torch_trainer", "fit_resuming", "threads_for_cpus", "allreduce_mean", "gradient_mean",
            "allreduce_sum", "broadcast_module", "capped_batches", "steps_per_worker", "latest_checkpoint",
            "publish_latest", "report_checkpoint", "load_checkpoint_file", "numeric_metrics", "node_id", "tensors_digest",
            "LATEST", "META_FILE"]
@@ -56,6 +57,10 @@ class TrainJobResources(BaseModel):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="where the workers go: PACK fills a node first; SPREAD puts them on different nodes "
                             "while it can (a lost node's workers restart on the others); STRICT_* never bend")
+    shared_memory_allreduce: bool = Field(
+        True, description="CPU ranks on one node average gradients through a /dev/shm segment instead of gloo "
+                          "(gloo when they span nodes, on a CPU other than x86-64, or when the segment would "
+                          "exceed 256 MiB or not fit in /dev/shm)")
     report_poll_s: float = Field(
         0.5, gt=0, le=60, description="how often Ray Train's controller collects the workers' reports "
                                       "(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, Ray's default 2 s). A worker's per-epoch "
@@ -156,6 +161,35 @@ def allreduce_mean(tensors: list[torch.Tensor]) -> None:
         n = t.numel()
         t.copy_(flat[offset:offset + n].view_as(t))
         offset += n
+
+
+def gradient_mean(params: list[torch.Tensor], shared_memory: bool, device: torch.device,
+                  log: Callable[[str], None] | None = None) -> Callable[[list[torch.Tensor]], None] | None:
+    """The ``grad_sync`` of a worker loop: the in-place mean of a list of gradients across the ranks, one
+    collective per call; through shared memory (``jobs.shm_allreduce``) when ``shared_memory`` and the
+    ranks can, else ``allreduce_mean`` (gloo / NCCL). None for a single rank. Collective: every rank calls it."""
+    import torch.distributed as dist
+
+    from jobs.shm_allreduce import SharedMemoryAllReduce
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    shm = (SharedMemoryAllReduce.for_group(sum(p.numel() for p in params), log=log)
+           if shared_memory and device.type == "cpu" else None)
+    if shm is None:
+        return allreduce_mean
+
+    def shared_memory_mean(tensors: list[torch.Tensor]) -> None:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        if flat.dtype != torch.float32:   # the segment holds float32 (every rank takes the same branch)
+            return allreduce_mean(tensors)
+        shm.mean_(flat)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    return shared_memory_mean
 
 
 def allreduce_sum(t: torch.Tensor) -> torch.Tensor:
