@@ -43,9 +43,9 @@ from jobs.resources import check_resources
 from jobs.split import SplitOutput
 from jobs.shm_allreduce import SharedMemoryAllReduce, shared_memory_mean_hook
 from jobs.train import (META_FILE, TrainJobResources, allreduce_mean, allreduce_sum, broadcast_module,
-                        capped_batches, latest_checkpoint, load_checkpoint_file, node_id, numeric_metrics,
-                        publish_latest, report_checkpoint, steps_per_worker, tensors_digest, threads_for_cpus,
-                        torch_trainer, fit_resuming)
+                        capped_batches, keep_freed_memory, latest_checkpoint, load_checkpoint_file, node_id,
+                        numeric_metrics, publish_latest, report_checkpoint, steps_per_worker, tensors_digest,
+                        threads_for_cpus, torch_trainer, fit_resuming)
 from jobs.epochs import (EpochCurves, describe_retrain, log_curves_from_driver, retrain_epoch_metrics,
                          stage_tracking_or_unrouted)
 from jobs.registry import log_retrained_model
@@ -129,6 +129,7 @@ def _retrain_worker(config: dict) -> None:
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     torch.set_num_threads(config["threads"])
+    keep_freed_memory()
     streams = open_worker_streams(config["data"], rank, world)
     cfg = RetrainConfig.model_validate(config["cfg"])
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")

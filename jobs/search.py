@@ -60,10 +60,10 @@ from jobs.epochs import (EVOLUTION, EpochCurves, describe_search, finish_search_
                          search_epoch_metrics, stage_tracking_or_unrouted, log_curves_from_driver)
 from jobs.resources import check_resources
 from jobs.split import SplitOutput
-from jobs.train import (META_FILE, TrainJobResources, gradient_mean, broadcast_module, capped_batches,
-                        latest_checkpoint, load_checkpoint_file, node_id, numeric_metrics, publish_latest,
-                        report_checkpoint, steps_per_worker, tensors_digest, threads_for_cpus, torch_trainer,
-                        fit_resuming)
+from jobs.train import (META_FILE, TrainJobResources, broadcast_module, capped_batches, gradient_mean,
+                        keep_freed_memory, latest_checkpoint, load_checkpoint_file, node_id, numeric_metrics,
+                        publish_latest, report_checkpoint, steps_per_worker, tensors_digest, threads_for_cpus,
+                        torch_trainer, fit_resuming)
 
 __all__ = [
     "SearchJobConfig",
@@ -109,6 +109,7 @@ def _search_worker(config: dict) -> None:
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     torch.set_num_threads(config["threads"])
+    keep_freed_memory()
     streams = open_worker_streams(config["data"], rank, world)
     job = SearchJobConfig.model_validate(config["job"])
     search = job

@@ -1,9 +1,9 @@
 """The Ray Train toolkit of the training stages (search, retrain, the sweep's trials).
 
     driver:   cfg.request() -> check_resources -> fit_resuming(lambda pointer, name: torch_trainer(...), ...)
-    worker:   threads_for_cpus, broadcast_module (identical start), capped_batches (equal step counts),
-              gradient_mean (per step: shared memory or gloo), allreduce_mean / allreduce_sum
-              (statistics, counts), numeric_metrics,
+    worker:   threads_for_cpus, keep_freed_memory, broadcast_module (identical start),
+              capped_batches (equal step counts), gradient_mean (per step: shared memory or gloo),
+              allreduce_mean / allreduce_sum (statistics, counts), numeric_metrics,
               report_checkpoint + publish_latest (rank 0, every epoch), load_checkpoint_file (resume)
 
 A stage's checkpoint store holds Ray Train's checkpoints (``storage_path``) and ``latest.json``, a
@@ -30,8 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.resources import WorkerResources
 
-__all__ = ["TrainJobResources", "torch_trainer", "fit_resuming", "threads_for_cpus", "allreduce_mean", "gradient_mean",
-           "allreduce_sum", "broadcast_module", "capped_batches", "steps_per_worker", "latest_checkpoint",
+__all__ = ["TrainJobResources", "torch_trainer", "fit_resuming", "threads_for_cpus", "keep_freed_memory",
+           "allreduce_mean", "gradient_mean", "allreduce_sum", "broadcast_module", "capped_batches",
+           "steps_per_worker", "latest_checkpoint",
            "publish_latest", "report_checkpoint", "load_checkpoint_file", "numeric_metrics", "node_id", "tensors_digest",
            "LATEST", "META_FILE"]
 
@@ -147,6 +148,27 @@ def fit_resuming(build: Callable[[dict | None, str], Any], ckpt_store, run_name:
 
 
 # --------------------------------------------------------------------------- inside a worker
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_freed_memory() -> bool:
+    """glibc's malloc keeps what a training step frees for the next step: no trimming below 1 GiB free,
+    no mmap per allocation under 32 MiB, the heap grown 64 MiB at a time. True when it took (False off glibc).
+
+    Otherwise a step's freed activations can go back to the kernel and the next step faults them in
+    again, zeroed: up to 28,000 page faults per epoch in a 2-worker retrain rank, none with this
+    (docs/benchmarks/overhead.md). The cost: a worker's resident memory stays near its peak."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return all([mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1, mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1,
+                mallopt(_M_TOP_PAD, 64 << 20) == 1])
+
+
 def allreduce_mean(tensors: list[torch.Tensor]) -> None:
     """In-place mean of ``tensors`` across the process group, as one flat buffer (one collective)."""
     import torch.distributed as dist
