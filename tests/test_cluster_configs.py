@@ -188,6 +188,15 @@ print(json.dumps({"dead": dead["NodeID"], "alive": alive}), flush=True)
 """
 
 
+def _next_json(stream) -> dict:
+    """The driver's next JSON line. Ray also prints to the driver's stdout when a node dies ("(raylet)
+    Raylet is terminated ...", whatever ``log_to_driver`` says): those lines are skipped."""
+    for line in iter(stream.readline, ""):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {}
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(90)
@@ -198,7 +207,6 @@ def test_two_node_local_cluster_smoke():
     The driver runs in a subprocess: Ray's C++ core caches the auth token per process, so a driver
     connected to this token-authenticated cluster would break later local ``ray.init()`` calls of
     the pytest process (they start clusters with another token)."""
-    import json
     import subprocess
     import sys
 
@@ -211,14 +219,14 @@ def test_two_node_local_cluster_smoke():
         driver = subprocess.Popen([sys.executable, "-c", _TWO_NODE_DRIVER, cluster.address], cwd=REPO, env=env,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
-            first = json.loads(driver.stdout.readline() or "{}")
+            first = _next_json(driver.stdout)
             id_a, id_b = first["ids"]
             assert id_a != id_b
             cluster.stop_node_b()
             assert not cluster.node_b.alive()
             driver.stdin.write("go\n")
             driver.stdin.flush()
-            second = json.loads(driver.stdout.readline() or "{}")
+            second = _next_json(driver.stdout)
             assert second["dead"] == id_b
             assert second["alive"] == [id_a]
             assert driver.wait(timeout=60) == 0
