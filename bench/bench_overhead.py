@@ -27,7 +27,8 @@ stage's gradient synchronisation (retrain: DDP without buffer broadcast; search:
 step; both through shared memory unless ``--no-shared-memory-allreduce``), after the stage, and prints the
 stage's ratio to that too ("plain DDP"): the part of the gap that data-parallel training costs without Ray.
 Retrain rows also give each rank's median training-loop wall and CPU seconds (``train_loop_median``):
-wall minus CPU is time the rank waited. The search stage uses
+wall minus CPU is time the rank waited. The Train workers call ``jobs.train.keep_freed_memory()``; the
+baselines run with glibc's defaults unless ``--baseline-keep-freed-memory``. The search stage uses
 tiny.yaml's search settings with the MACs cost model (no profile stage) and ``--search-epochs``
 epochs (1 weights-only warm-up, the rest search epochs; the search epochs are compared); the retrain
 stage a network derived from the seeded super network with tiny.yaml's retrain settings. Records
@@ -299,6 +300,10 @@ def _baseline_child(spec_path: str, out_path: str) -> int:
     from jobs.retrain import RetrainConfig
 
     spec = json.loads(Path(spec_path).read_text())
+    if spec.get("keep_freed_memory"):
+        from jobs.train import keep_freed_memory
+
+        keep_freed_memory()
     split_store = open_store(spec["split_root"])
     rank, distributed = int(os.environ.get("RANK", "0")), spec["distributed"]
     if distributed:
@@ -359,6 +364,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shared-memory-allreduce", action=argparse.BooleanOptionalAction, default=True,
                     help="the stage's (and the plain DDP baseline's) per-step gradient mean through /dev/shm "
                          "(TrainJobResources.shared_memory_allreduce); --no-shared-memory-allreduce: gloo")
+    ap.add_argument("--baseline-keep-freed-memory", action="store_true",
+                    help="the in-process baselines (and plain DDP) call jobs.train.keep_freed_memory() as the "
+                         "Train workers do (default: glibc's defaults, a plain process)")
     ap.add_argument("--baseline-child", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.baseline_child:
@@ -420,6 +428,7 @@ def main(argv=None) -> int:
                 spec = {"stage": stage, "split_root": str(tmp / "split"), "manifest": split_out.model_dump(mode="json"),
                         "workers": w, "threads": threads, "space": tiny["space"], "settings": settings,
                         "shared_memory": args.shared_memory_allreduce,
+                        "keep_freed_memory": args.baseline_keep_freed_memory,
                         "arch": arch.to_json(),
                         "retrain": RetrainConfig(epochs=args.retrain_epochs, batch_size=r["batch_size"], lr=r["lr"],
                                                  workers=w, cpus_per_worker=1, max_failures=0, measure_latency=False,
@@ -487,6 +496,7 @@ def main(argv=None) -> int:
                     first_end = min(x["time"] for x in rank0["epoch_ends"])
                     row = {"stage": stage, "workers": w, "data_loading": mode, "cpus_per_worker": cpus,
                            "shared_memory_allreduce": args.shared_memory_allreduce,
+                           "baseline_keep_freed_memory": args.baseline_keep_freed_memory,
                            "threads_per_worker": threads, "per_worker_batch": base["batch"],
                            "steps_per_epoch": base["steps"], "arch_steps_per_epoch": base.get("val_steps"),
                            "stage_epoch_s": round(stage_t, 3), "in_process_epoch_s": round(base_t, 3),
