@@ -102,6 +102,25 @@ def test_ddp_comm_hook_trains_like_gloo(tmp_path):
         torch.testing.assert_close(a, b)               # the same training as DDP's gloo all-reduce
 
 
+def _a_rank_that_never_comes(rank: int, world: int) -> dict:
+    from jobs.shm_allreduce import SharedMemoryAllReduce
+
+    sync = SharedMemoryAllReduce.for_group(4, timeout_s=0.5)
+    error = None
+    if rank == 0:   # rank 1 never calls: as if it had died
+        try:
+            sync.mean_(torch.ones(4))
+        except TimeoutError as e:
+            error = str(e)
+    dist.barrier()
+    return {"error": error}
+
+
+def test_a_missing_rank_times_out_with_its_number(tmp_path):
+    outs = _run(_a_rank_that_never_comes, 2, tmp_path)
+    assert outs[0]["error"] and "rank 1 did not reach gradient all-reduce call 1 within 0.5s" in outs[0]["error"]
+
+
 def _refusals(rank: int, world: int) -> dict:
     from jobs.shm_allreduce import SharedMemoryAllReduce
     from jobs.train import allreduce_mean, gradient_mean
