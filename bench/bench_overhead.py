@@ -275,10 +275,10 @@ def in_process_retrain(manifest, split_store, arch, rcfg, workers: int, threads:
     opt = build_optimizer(model, rcfg)
     sched = build_scheduler(opt, rcfg, steps)
     net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if distributed else model
-    if distributed and shared_memory:
+    if distributed and shared_memory:   # as jobs.retrain wraps it
         from jobs.shm_allreduce import SharedMemoryAllReduce, shared_memory_mean_hook
 
-        shm = SharedMemoryAllReduce.for_group(sum(p.numel() for p in model.parameters()))
+        shm = SharedMemoryAllReduce.for_params(model.parameters(), torch.device("cpu"))
         if shm is not None:
             net.register_comm_hook(shm, shared_memory_mean_hook)
     out = {}

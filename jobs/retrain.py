@@ -150,11 +150,10 @@ def _retrain_worker(config: dict) -> None:
     ddp = ray.train.torch.prepare_model(model, move_to_device=False,
                                         parallel_strategy_kwargs={"broadcast_buffers": False})
     broadcast_module(model)
-    if cfg.shared_memory_allreduce and device.type == "cpu":   # DDP's buckets through /dev/shm, not gloo
-        shm = SharedMemoryAllReduce.for_group(sum(p.numel() for p in model.parameters() if p.requires_grad),
-                                              log=lambda m: print(f"[retrain] {m}", flush=True))
-        if shm is not None:
-            ddp.register_comm_hook(shm, shared_memory_mean_hook)
+    shm = (SharedMemoryAllReduce.for_params(model.parameters(), device, lambda m: print(f"[retrain] {m}", flush=True))
+           if cfg.shared_memory_allreduce else None)
+    if shm is not None:   # DDP's buckets through /dev/shm, not gloo
+        ddp.register_comm_hook(shm, shared_memory_mean_hook)
     curves = EpochCurves(config.get("tracking"), retrain_epoch_metrics, rank, stage="retrain", total=cfg.epochs,
                          start=epoch, describe=describe_retrain)
     curves.catch_up(history)

@@ -1,13 +1,13 @@
 """Gradient averaging through shared memory for the data-parallel ranks of one node (CPU training).
 
 On a few CPU cores gloo's all-reduce costs more than the arithmetic: every call passes through two
-helper threads and the loopback TCP stack, 2.3 ms on average after both ranks were ready in the 2-worker
-retrain of docs/benchmarks/overhead.md, whose steps take about 30 ms. Here each rank writes its tensor into its own slot of a
-``/dev/shm`` segment, publishes a call counter, spins (yielding the core) until every rank has
-published, and adds the slots up itself, in rank order: every rank computes the same sum with the
-same additions, so the result is identical bit for bit on all of them.
+helper threads and the loopback TCP stack, 2.3 ms on average after both ranks were ready in the
+2-worker retrain of docs/benchmarks/overhead.md, whose steps take about 30 ms. Here each rank writes
+its tensor into its own slot of a ``/dev/shm`` segment, publishes a call counter, spins (yielding the
+core) until every rank has published, and adds the slots up itself, in rank order: every rank computes
+the same sum with the same additions, so the result is identical bit for bit on all of them.
 
-    sync = SharedMemoryAllReduce.for_group(capacity=numel)   # collective; None -> keep gloo
+    sync = SharedMemoryAllReduce.for_params(params, device)   # collective; None -> keep gloo
     sync.mean_(flat)                                          # every rank, same order of calls
     ddp.register_comm_hook(sync, shared_memory_mean_hook)     # DDP's buckets through it
 
@@ -51,7 +51,7 @@ def _remove_stale_segments() -> None:
             os.kill(pid, 0)
         except ProcessLookupError:
             path.unlink(missing_ok=True)
-        except (ValueError, PermissionError, OSError):
+        except (ValueError, OSError):   # not ours, or a live process we may not signal
             continue
 
 
@@ -83,6 +83,13 @@ class SharedMemoryAllReduce:
     @staticmethod
     def segment_bytes(world: int, capacity: int) -> int:
         return world * _COUNTER_STRIDE * 8 + 2 * world * capacity * 4
+
+    @classmethod
+    def for_params(cls, params, device: torch.device, log=None) -> "SharedMemoryAllReduce | None":
+        """``for_group`` sized to hold the gradients of all of ``params``; None off CPU."""
+        if device.type != "cpu":
+            return None
+        return cls.for_group(sum(p.numel() for p in params), log=log)
 
     @classmethod
     def for_group(cls, capacity: int, timeout_s: float = 1800.0, log=None,

@@ -32,9 +32,8 @@ from jobs.resources import WorkerResources
 
 __all__ = ["TrainJobResources", "torch_trainer", "fit_resuming", "threads_for_cpus", "keep_freed_memory",
            "allreduce_mean", "gradient_mean", "allreduce_sum", "broadcast_module", "capped_batches",
-           "steps_per_worker", "latest_checkpoint",
-           "publish_latest", "report_checkpoint", "load_checkpoint_file", "numeric_metrics", "node_id", "tensors_digest",
-           "LATEST", "META_FILE"]
+           "steps_per_worker", "latest_checkpoint", "publish_latest", "report_checkpoint", "load_checkpoint_file",
+           "numeric_metrics", "node_id", "tensors_digest", "LATEST", "META_FILE"]
 
 LATEST = "latest.json"
 META_FILE = "meta.json"
@@ -169,20 +168,29 @@ def keep_freed_memory() -> bool:
                 mallopt(_M_TOP_PAD, 64 << 20) == 1])
 
 
+def _mean_as_one_buffer(tensors: list[torch.Tensor], mean_: Callable[[torch.Tensor], Any]) -> None:
+    """``tensors`` flattened into one buffer, averaged in place by ``mean_``, copied back."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    mean_(flat)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
+        offset += n
+
+
 def allreduce_mean(tensors: list[torch.Tensor]) -> None:
     """In-place mean of ``tensors`` across the process group, as one flat buffer (one collective)."""
     import torch.distributed as dist
 
     if not tensors or not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset:offset + n].view_as(t))
-        offset += n
+
+    def mean_(flat: torch.Tensor) -> None:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= dist.get_world_size()
+
+    _mean_as_one_buffer(tensors, mean_)
 
 
 def gradient_mean(params: list[torch.Tensor], shared_memory: bool, device: torch.device,
@@ -196,20 +204,14 @@ def gradient_mean(params: list[torch.Tensor], shared_memory: bool, device: torch
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return None
-    shm = (SharedMemoryAllReduce.for_group(sum(p.numel() for p in params), log=log)
-           if shared_memory and device.type == "cpu" else None)
+    shm = SharedMemoryAllReduce.for_params(params, device, log) if shared_memory else None
     if shm is None:
         return allreduce_mean
 
     def shared_memory_mean(tensors: list[torch.Tensor]) -> None:
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        if flat.dtype != torch.float32:   # the segment holds float32 (every rank takes the same branch)
+        if any(t.dtype != torch.float32 for t in tensors):   # the segment holds float32 (same branch on every rank)
             return allreduce_mean(tensors)
-        shm.mean_(flat)
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
+        _mean_as_one_buffer(tensors, shm.mean_)
 
     return shared_memory_mean
 
