@@ -268,26 +268,41 @@ class _DepthwiseConvFn(torch.autograd.Function):
             gi = torch.ops.aten.convolution_backward(grad, x, weight, None, [s, s], [p, p], [1, 1], False, [0, 0],
                                                      weight.shape[0], [True, False, False])[0]
         if ctx.needs_input_grad[1]:
-            gw = _dw_weight_grad(x, grad, k, s, p).to(weight.dtype)
+            kernel = _native.dw_conv() if _native_dw_applies(x) else None
+            if kernel is not None:
+                gw = kernel.weight_grad(x, grad.contiguous(memory_format=torch.channels_last), k, s, p)
+            else:
+                gw = _dw_weight_grad(x, grad, k, s, p).to(weight.dtype)
         return gi, gw, None, None
+
+
+def _native_dw_applies(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last))
 
 
 class DepthwiseConv2d(nn.Conv2d):
     """``nn.Conv2d(c, c, k, stride, k // 2, groups=c, bias=False)`` (same parameters, same forward) whose
-    weight gradient, for k >= 5 on small maps, is computed as a grouped forward conv.
+    weight gradient, for k >= 5 on CPU, comes from ``densenas.native``'s kernel (channels_last float32
+    input) or else, on maps up to 32x32, from a grouped forward conv.
 
     oneDNN's depthwise weight-gradient kernel is 10-15x slower than its input-gradient kernel of the
-    same FLOPs on CPU (measured, torch 2.14: 8x768x14x14, 7x7: 54 ms vs 3.9 ms); the grouped-conv form
-    ran 1.5-8x faster for 5x5 and 7x7 kernels on maps up to 32x32 and slower for 3x3 kernels and
-    large maps, hence ``fast_weight_grad`` only there. Same gradient up to float rounding.
+    same FLOPs for 5x5 and 7x7 kernels on CPU (measured, torch 2.14: 8x768x14x14, 7x7: 54 ms vs 3.9 ms;
+    32x1152x2x2, 5x5: 12.9 ms). The native kernel, row dot products per kernel tap with the sums in
+    registers, ran 3.3-81x faster than it on 5x5 / 7x7 and 1.4-42x faster than the grouped-conv form
+    (docs/benchmarks/vs_authors_raw/2026-12-05_native_dw/); for 3x3 kernels oneDNN's is about as fast,
+    so it keeps them. Without the kernel, the grouped-conv form (1.5-8x faster than oneDNN for 5x5 /
+    7x7 on maps up to 32x32, slower elsewhere) serves those maps. Same gradient up to float rounding.
     """
 
     def __init__(self, channels: int, kernel: int, stride: int):
         super().__init__(channels, channels, kernel, stride, kernel // 2, groups=channels, bias=False)
 
     def fast_weight_grad(self, x: torch.Tensor) -> bool:
-        # CPU only: the measurement behind it is oneDNN's kernel; cuDNN's depthwise kernels are its own.
-        return x.device.type == "cpu" and self.kernel_size[0] >= 5 and x.dim() == 4 and max(x.shape[-2:]) <= 32
+        # CPU only: the measurements behind it are oneDNN's kernels; cuDNN's depthwise kernels are its own.
+        if x.device.type != "cpu" or self.kernel_size[0] < 5 or x.dim() != 4:
+            return False
+        return max(x.shape[-2:]) <= 32 or (_native_dw_applies(x) and _native.dw_conv() is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.requires_grad and self.fast_weight_grad(x) and _eager_autograd():

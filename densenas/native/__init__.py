@@ -1,9 +1,10 @@
 """Native CPU kernels, compiled on the machine that runs them (``torch.utils.cpp_extension``).
 
-``bn_act()`` returns the fused training BatchNorm2d(+ReLU6) module built from ``bn_act.cpp``, or
-``None`` when it cannot be used here (no C++ compiler or ninja, a failed build, or ``DENSENAS_NATIVE=0``);
+``bn_act()`` returns the fused training BatchNorm2d(+ReLU6) module built from ``bn_act.cpp``;
+``dw_conv()`` the depthwise-convolution weight gradient built from ``dw_conv.cpp``. Each is ``None``
+when it cannot be used here (no C++ compiler or ninja, a failed build, or ``DENSENAS_NATIVE=0``);
 callers then use aten's ops, which give the same results up to float rounding. The first call on a
-machine compiles (about a minute; ``make`` does it once at set-up: ``python -m densenas.native``);
+machine compiles (about a minute each; ``make`` does it once at set-up: ``python -m densenas.native``);
 later calls load the cached build from ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``).
 The build is keyed by the source, the flags and the CPU's instruction set, since it is compiled with
 ``-march=native``.
@@ -21,9 +22,9 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["bn_act", "native_enabled", "build_all"]
+__all__ = ["bn_act", "dw_conv", "native_enabled", "build_all"]
 
-_SOURCE = Path(__file__).with_name("bn_act.cpp")
+_SOURCES = {"bn_act": "the fused BatchNorm kernel", "dw_conv": "the depthwise weight-gradient kernel"}
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
 _cache: dict[str, ModuleType | None] = {}
@@ -48,7 +49,7 @@ def _cpu_key() -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def _build(verbose: bool = False) -> ModuleType:
+def _build(name: str, verbose: bool = False) -> ModuleType:
     # Importing cpp_extension logs "No CUDA runtime is found" on every CPU machine: not news here.
     log = logging.getLogger("torch.utils.cpp_extension")
     level = log.level
@@ -62,25 +63,37 @@ def _build(verbose: bool = False) -> ModuleType:
     bin_dir = str(Path(sys.executable).parent)
     if shutil.which("ninja") is None and bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    return load(name=f"densenas_bn_act_{_cpu_key()}", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
+    source = Path(__file__).with_name(f"{name}.cpp")
+    return load(name=f"densenas_{name}_{_cpu_key()}", sources=[str(source)], extra_cflags=_FLAGS,
                 extra_ldflags=["-fopenmp"], verbose=verbose)
 
 
-def bn_act() -> ModuleType | None:
-    """The compiled module (``forward``, ``backward``), or None where it cannot be used (warned once)."""
+def _module(name: str) -> ModuleType | None:
     if not native_enabled():
         return None
     with _lock:
-        if "bn_act" not in _cache:
+        if name not in _cache:
             try:
-                _cache["bn_act"] = _build()
+                _cache[name] = _build(name)
             except Exception as e:  # a missing compiler, ninja or headers: fall back to aten, say so once
-                warnings.warn(f"densenas.native: the fused BatchNorm kernel could not be built ({type(e).__name__}: "
+                warnings.warn(f"densenas.native: {_SOURCES[name]} could not be built ({type(e).__name__}: "
                               f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}); using aten's "
-                              f"BatchNorm (same results, slower on CPU). Set DENSENAS_NATIVE=0 to skip the build.",
-                              RuntimeWarning, stacklevel=2)
-                _cache["bn_act"] = None
-        return _cache["bn_act"]
+                              f"ops instead (same results, slower on CPU). Set DENSENAS_NATIVE=0 to skip the build.",
+                              RuntimeWarning, stacklevel=3)
+                _cache[name] = None
+        return _cache[name]
+
+
+def bn_act() -> ModuleType | None:
+    """The compiled BatchNorm(+ReLU6) module (``forward``, ``backward``), or None where it cannot be used
+    (warned once)."""
+    return _module("bn_act")
+
+
+def dw_conv() -> ModuleType | None:
+    """The compiled depthwise-convolution module (``weight_grad``), or None where it cannot be used (warned
+    once)."""
+    return _module("dw_conv")
 
 
 def build_all(verbose: bool = True) -> bool:
@@ -88,10 +101,13 @@ def build_all(verbose: bool = True) -> bool:
     if not native_enabled():
         print("densenas.native: DENSENAS_NATIVE=0, nothing built")
         return True
-    try:
-        _build(verbose=verbose)
-    except Exception as e:
-        print(f"densenas.native: build failed, aten's ops will be used instead: {e}")
-        return False
-    print("densenas.native: fused BatchNorm kernel built")
-    return True
+    ok = True
+    for name, what in _SOURCES.items():
+        try:
+            _build(name, verbose=verbose)
+        except Exception as e:
+            print(f"densenas.native: {what} failed to build, aten's ops will be used instead: {e}")
+            ok = False
+            continue
+        print(f"densenas.native: {what} built")
+    return ok
