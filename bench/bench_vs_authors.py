@@ -314,6 +314,11 @@ def child(spec: dict) -> dict:
     """One row in one process: role 'time' (both sides interleaved) or 'rss-ours' / 'rss-theirs' (one side)."""
     import torch
 
+    if spec.get("malloc", "keep") == "keep":
+        sys.path.insert(0, str(REPO))
+        from jobs.train import keep_freed_memory
+
+        keep_freed_memory()
     torch.set_num_threads(spec["threads"])
     kind, size, batch = spec["kind"], spec["size"], spec["batch"]
     rss_import = _rss_gib()
@@ -379,7 +384,7 @@ def _stats(v: list[float]) -> dict:
 
 def run_row(kind: str, size: int, batch: int, args: argparse.Namespace, authors: dict) -> dict:
     base = {"kind": kind, "size": size, "batch": batch, "threads": args.threads, "tree": authors["tree"],
-            "warmup": args.warmup}
+            "warmup": args.warmup, "malloc": args.malloc}
     load_before = os.getloadavg()
     print(f"{kind} step {size}x{size} batch {batch}: interleaved timing (both codes in one process) ...", flush=True)
     timed = _run_child({**base, "role": "time", "steps": args.steps}, args.threads)
@@ -460,7 +465,11 @@ def report(result: dict) -> str:
         "(paired: median over the steps of theirs / ours next to it). Peak RSS: one process cannot separate the two "
         "sides, so each side runs the same row alone in its own process (its own code only imported; "
         f"{rows[0]['rss_steps']} steps after the warm-up) and reports its `VmHWM` (peak RSS of that process image); the interleaved process's peak "
-        "(both networks) is shown for reference.",
+        "(both networks) is shown for reference. "
+        + ("Every process, both sides', runs with glibc malloc keeping freed memory for the next step (no trimming "
+           "below 1 GiB, no mmap under 32 MiB), as the pipeline's Train workers set it "
+           "(`jobs.train.keep_freed_memory`); `--malloc default` runs glibc's defaults."
+           if result.get("malloc", "default") == "keep" else "glibc malloc with its default settings (`--malloc default`)."),
         "",
         "| step | input | ours min / median s | authors min / median s | speed-up (median) | paired | ours peak RSS GiB "
         "| authors peak RSS GiB | both in one process GiB | 1-min load during |",
@@ -501,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rss-steps", type=int, default=None,
                    help="steps after the warm-up in the per-side peak-RSS processes (default: --steps)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    p.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                   help="glibc malloc in every benchmark process, both sides': 'keep' freed memory for the next "
+                        "step as the pipeline's Train workers do (jobs.train.keep_freed_memory), or glibc's "
+                        "'default' (default: %(default)s)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="output path without suffix: writes OUT.md and OUT.json (default: docs/benchmarks/vs_authors)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -528,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python bench/bench_vs_authors.py" + "".join(" " + shlex.quote(a) for a in argv),
         "date": start, "elapsed_s": time.time() - t0, "machine": info, "threads": args.threads,
-        "warmup": args.warmup, "steps": args.steps, "authors": authors, "hyper_parameters": HYPER,
+        "warmup": args.warmup, "steps": args.steps, "malloc": args.malloc, "authors": authors, "hyper_parameters": HYPER,
         "goal": {"speedup_median_at_least": GOAL_SPEEDUP, "lower_peak_rss": True},
         "load_before": load_before, "load_after": list(os.getloadavg()),
         "rows_are_goal_rows": {(r["kind"], r["size"], r["batch"]) for r in rows} == goal_rows and args.threads == 2,
