@@ -136,10 +136,9 @@ class _BatchNormActFn(torch.autograd.Function):
     reads neither the output nor a saved mask."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, relu6):  # type: ignore[override]
-        out, mean, invstd, affine = _native.bn_act().forward(x, weight, bias, running_mean, running_var, momentum,
-                                                             eps, relu6)
-        ctx.relu6 = relu6
+    def forward(ctx, kernel, x, weight, bias, running_mean, running_var, momentum, eps, relu6):  # type: ignore[override]
+        out, mean, invstd, affine = kernel.forward(x, weight, bias, running_mean, running_var, momentum, eps, relu6)
+        ctx.kernel, ctx.relu6 = kernel, relu6
         ctx.save_for_backward(x, affine if relu6 else None, mean, invstd, weight)
         return out
 
@@ -147,9 +146,8 @@ class _BatchNormActFn(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         x, affine, mean, invstd, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        gi, gw, gb = _native.bn_act().backward(grad, x, affine, mean, invstd, weight, ctx.relu6,
-                                               need[0], need[1], need[2])
-        return gi, gw, gb, None, None, None, None, None
+        gi, gw, gb = ctx.kernel.backward(grad, x, affine, mean, invstd, weight, ctx.relu6, need[1], need[2], need[3])
+        return None, gi, gw, gb, None, None, None, None, None
 
 
 def batch_norm_act(x: torch.Tensor, bn: nn.BatchNorm2d, relu6: bool,
@@ -168,7 +166,10 @@ def batch_norm_act(x: torch.Tensor, bn: nn.BatchNorm2d, relu6: bool,
         return None
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or x.shape[0] * x.shape[2] * x.shape[3] < 2:
         return None
-    if not x.is_contiguous(memory_format=torch.channels_last) or not _eager() or _native.bn_act() is None:
+    if not x.is_contiguous(memory_format=torch.channels_last) or not _eager():
+        return None
+    kernel = _native.bn_act()
+    if kernel is None:
         return None
     track = bn.track_running_stats and bn.running_mean is not None
     if track and bn.training:
@@ -183,8 +184,8 @@ def batch_norm_act(x: torch.Tensor, bn: nn.BatchNorm2d, relu6: bool,
         b = None if b is None else b * scale
     if torch.is_grad_enabled() and (x.requires_grad or (w is not None and w.requires_grad)
                                     or (b is not None and b.requires_grad)):
-        return _BatchNormActFn.apply(x, w, b, rm, rv, float(bn.momentum), float(bn.eps), relu6)
-    return _native.bn_act().forward(x, w, b, rm, rv, float(bn.momentum), float(bn.eps), relu6)[0]
+        return _BatchNormActFn.apply(kernel, x, w, b, rm, rv, float(bn.momentum), float(bn.eps), relu6)
+    return kernel.forward(x, w, b, rm, rv, float(bn.momentum), float(bn.eps), relu6)[0]
 
 
 def _run_layers(layers: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tensor:

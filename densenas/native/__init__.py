@@ -28,6 +28,7 @@ _SOURCES = {"bn_act": "the fused BatchNorm kernel", "dw_conv": "the depthwise we
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
 _cache: dict[str, ModuleType | None] = {}
+_MISSING = object()
 
 
 def native_enabled() -> bool:
@@ -71,6 +72,9 @@ def _build(name: str, verbose: bool = False) -> ModuleType:
 def _module(name: str) -> ModuleType | None:
     if not native_enabled():
         return None
+    mod = _cache.get(name, _MISSING)  # built (or failed) already: no lock, called per layer per step
+    if mod is not _MISSING:
+        return mod  # type: ignore[return-value]
     with _lock:
         if name not in _cache:
             try:
