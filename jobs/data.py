@@ -19,8 +19,7 @@ reads its own disjoint rows (``rank::world``) of the split's shards once, decode
 tensors and applies the evaluation transform once; every epoch it then iterates batches whose order
 and augmentation come from a generator seeded by (seed, epoch, rank, stream), so a restarted worker
 repeats exactly the epoch it lost. Training augmentation (RandomResizedCrop + flip) runs on whole
-batches of tensors (``torchvision.ops.roi_align`` crops and resizes every image of a batch in one
-call). Nothing is re-read or re-decoded per epoch, and no CPUs need to be kept free for decode
+batches of tensors (``crop_resize`` crops and resizes every image of a batch in one call). Nothing is re-read or re-decoded per epoch, and no CPUs need to be kept free for decode
 tasks. ``ray_data`` keeps the streaming Ray Data reader above (data larger than worker memory).
 """
 from __future__ import annotations
@@ -214,10 +213,15 @@ def random_resized_boxes(n: int, height: int, width: int, scale: tuple[float, fl
     target = area * torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=gen)
     log_ratio = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
     aspect = torch.exp(log_ratio)
-    w = torch.sqrt(target * aspect).round()
-    h = torch.sqrt(target / aspect).round()
+    u = torch.rand(n, 2, generator=gen)
+    # The rest in numpy float32: the same IEEE operations as torch's, a few microseconds each instead of
+    # torch's per-op dispatch (a quarter of a batch's augmentation time at batch 32, measured).
+    t, a, u = target.numpy(), aspect.numpy(), u.numpy()
+    w = np.round(np.sqrt(t * a))
+    h = np.round(np.sqrt(t / a))
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    found = ok.any(1)
+    first = ok.argmax(1)
     in_ratio = width / height
     if in_ratio < ratio[0]:
         fw, fh = width, int(round(width / ratio[0]))
@@ -225,13 +229,38 @@ def random_resized_boxes(n: int, height: int, width: int, scale: tuple[float, fl
         fw, fh = int(round(height * ratio[1])), height
     else:
         fw, fh = width, height
-    rows = torch.arange(n)
-    cw = torch.where(first >= 0, w[rows, first.clamp(min=0)], torch.full((n,), float(fw)))
-    ch = torch.where(first >= 0, h[rows, first.clamp(min=0)], torch.full((n,), float(fh)))
-    u = torch.rand(n, 2, generator=gen)
-    top = torch.where(first >= 0, torch.floor(u[:, 0] * (height - ch + 1)), torch.full((n,), float((height - fh) // 2)))
-    left = torch.where(first >= 0, torch.floor(u[:, 1] * (width - cw + 1)), torch.full((n,), float((width - fw) // 2)))
-    return torch.stack([left, top, left + cw, top + ch], dim=1)
+    rows = np.arange(n)
+    cw = np.where(found, w[rows, first], np.float32(fw))
+    ch = np.where(found, h[rows, first], np.float32(fh))
+    top = np.where(found, np.floor(u[:, 0] * (height - ch + 1)), np.float32((height - fh) // 2))
+    left = np.where(found, np.floor(u[:, 1] * (width - cw + 1)), np.float32((width - fw) // 2))
+    return torch.from_numpy(np.stack([left, top, left + cw, top + ch], axis=1).astype(np.float32))
+
+
+def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor) -> torch.Tensor:
+    """Each image's box (x1, y1, x2, y2, pixel edges) resized to ``size`` x ``size`` by bilinear sampling, as
+    ``torchvision.ops.roi_align(aligned=True, sampling_ratio=-1)`` does, and mirrored where ``flip``.
+
+    When no box is larger than the output (as for 28-pixel digits cropped to 32), roi_align takes one
+    sample per output pixel: the same as ``grid_sample`` with border clamping at the same points, which
+    is 2x faster on a batch of 32 and flips for free by reversing the sample order (same values up to float
+    rounding, measured 1e-6). Larger boxes go to roi_align, which averages several samples per pixel.
+    """
+    n, _, h, w = x.shape
+    if bool(((boxes[:, 2] - boxes[:, 0]) > size).any() or ((boxes[:, 3] - boxes[:, 1]) > size).any()):
+        from torchvision.ops import roi_align
+
+        rois = torch.cat([torch.arange(n, dtype=torch.float32).unsqueeze(1), boxes], dim=1)
+        out = roi_align(x, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        return torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
+    steps = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    steps_x = torch.where(flip.unsqueeze(1), 1 - steps, steps)
+    # sample points in pixel coordinates (pixel centres at i + 0.5 - 0.5), then grid_sample's [-1, 1]
+    px = boxes[:, 0:1] - 0.5 + steps_x * (boxes[:, 2:3] - boxes[:, 0:1])
+    py = boxes[:, 1:2] - 0.5 + steps * (boxes[:, 3:4] - boxes[:, 1:2])
+    gx, gy = (2 * px + 1) / w - 1, (2 * py + 1) / h - 1
+    grid = torch.stack([gx.unsqueeze(1).expand(n, size, size), gy.unsqueeze(2).expand(n, size, size)], dim=-1)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 class WorkerSplit:
@@ -273,16 +302,10 @@ class WorkerSplit:
 
     def augment_batch(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """RandomResizedCrop + horizontal flip + normalisation of a uint8 batch, on tensors."""
-        from torchvision.ops import roi_align
-
         n, _, h, w = images.shape
         boxes = random_resized_boxes(n, h, w, self.scale, gen)
-        rois = torch.cat([torch.arange(n, dtype=torch.float32).unsqueeze(1), boxes], dim=1)
-        x = roi_align(images.float().div_(255), rois, output_size=self.input_size, spatial_scale=1.0,
-                      sampling_ratio=-1, aligned=True)
         flip = torch.rand(n, generator=gen) < 0.5
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        return self._finish(x)
+        return self._finish(crop_resize(images.float().div_(255), boxes, self.input_size, flip))
 
     def batches(self, batch_size: int, seed: int, *, shuffle: bool, drop_last: bool = False,
                 device: torch.device | str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -91,6 +91,25 @@ def test_crop_boxes_stay_inside_and_follow_the_scale_range():
     assert (w / h).min() >= 0.7 and (w / h).max() <= 1.45
 
 
+@pytest.mark.parametrize("size", [32, 16])
+def test_crop_resize_is_roi_align_then_flip(size):
+    """The grid_sample path (no box larger than the output) and the roi_align path (some larger) both give
+    torchvision's roi_align(aligned=True, sampling_ratio=-1) with the flipped images mirrored."""
+    from torchvision.ops import roi_align
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(12, 2, 28, 28, generator=gen)
+    boxes = J.random_resized_boxes(12, 28, 28, (0.35, 1.0), gen)
+    flip = torch.rand(12, generator=gen) < 0.5
+    assert flip.any() and not flip.all()
+    rois = torch.cat([torch.arange(12, dtype=torch.float32).unsqueeze(1), boxes], dim=1)
+    ref = roi_align(x, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    ref = torch.where(flip.view(-1, 1, 1, 1), ref.flip(-1), ref)
+    got = J.crop_resize(x, boxes, size, flip)
+    assert got.shape == (12, 2, size, size)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
 def test_images_of_unequal_sizes_are_brought_to_one_square():
     rng = np.random.default_rng(0)
     raw = [D.encode_png(rng.integers(0, 255, (h, w), dtype=np.uint8)) for h, w in ((20, 30), (40, 25), (32, 32))]
