@@ -322,7 +322,7 @@ class Searcher:
         modules and ``Module.train`` sets each one's flag through ``Module.__setattr__``: 19 ms per call
         (the ImageNet space, measured), once per step. Reading the flags takes under 1 ms."""
         if not all(m.training for m in self._net_modules):
-            self._train_mode()
+            self.net.train()
 
     def _to_device(self, batch: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         x, y = batch[0], batch[1]

@@ -78,6 +78,19 @@ def test_weight_step_updates_only_sampled_ops_and_follows_the_cosine_schedule(mi
     assert s.weight_optimizer.param_groups[0]["lr"] == pytest.approx(cfg.weights.lr_min)
 
 
+def test_steps_put_a_network_left_in_eval_mode_back_in_training(micro_data):
+    """Every step trains BatchNorm on batch statistics, whatever mode the network (or part of it) was left in."""
+    tx, ty, *_ = micro_data
+    s = _searcher(SearchConfig(epochs=2, warmup_epochs=1, batch_size=16))
+    for step in (s.weight_step, s.arch_step, s.eval_step):
+        s.net.eval()
+        step((tx[:16], ty[:16]))
+        assert all(m.training for m in s.net.modules())
+        s.net.mixed_ops[0].eval()
+        step((tx[:16], ty[:16]))
+        assert all(m.training for m in s.net.modules())
+
+
 def test_arch_step_rebalance_keeps_unsampled_probabilities_exactly(micro_data):
     _, _, vx, vy, _ = micro_data
     cfg = SearchConfig.model_validate({"epochs": 2, "warmup_epochs": 0, "batch_size": 8, "lambda": 0.5,
