@@ -20,6 +20,7 @@ can be written back to a config without keeping a side table.
 from __future__ import annotations
 
 import re
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -136,7 +137,8 @@ class _BatchNormActFn(torch.autograd.Function):
     reads neither the output nor a saved mask."""
 
     @staticmethod
-    def forward(ctx, kernel, x, weight, bias, running_mean, running_var, momentum, eps, relu6):  # type: ignore[override]
+    def forward(ctx, kernel, x, weight, bias, running_mean, running_var, momentum, eps,  # type: ignore[override]
+                relu6):
         out, mean, invstd, affine = kernel.forward(x, weight, bias, running_mean, running_var, momentum, eps, relu6)
         ctx.kernel, ctx.relu6 = kernel, relu6
         ctx.save_for_backward(x, affine if relu6 else None, mean, invstd, weight)
@@ -254,10 +256,13 @@ def _dw_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel: int, stride: in
 
 
 class _DepthwiseConvFn(torch.autograd.Function):
+    """A depthwise conv whose weight gradient comes from ``kernel`` (``densenas.native.dw_conv()``) or, when
+    it is None, from the grouped-conv form; the input gradient is oneDNN's."""
+
     @staticmethod
-    def forward(ctx, x, weight, stride, padding):  # type: ignore[override]
+    def forward(ctx, kernel, x, weight, stride, padding):  # type: ignore[override]
         ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.padding = stride, padding
+        ctx.kernel, ctx.stride, ctx.padding = kernel, stride, padding
         return torch.nn.functional.conv2d(x, weight, None, stride, padding, 1, weight.shape[0])
 
     @staticmethod
@@ -265,21 +270,15 @@ class _DepthwiseConvFn(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         s, p, k = ctx.stride, ctx.padding, weight.shape[-1]
         gi = gw = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[1]:
             gi = torch.ops.aten.convolution_backward(grad, x, weight, None, [s, s], [p, p], [1, 1], False, [0, 0],
                                                      weight.shape[0], [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
-            kernel = _native.dw_conv() if _native_dw_applies(x) else None
-            if kernel is not None:
-                gw = kernel.weight_grad(x, grad.contiguous(memory_format=torch.channels_last), k, s, p)
+        if ctx.needs_input_grad[2]:
+            if ctx.kernel is not None:
+                gw = ctx.kernel.weight_grad(x, grad.contiguous(memory_format=torch.channels_last), k, s, p)
             else:
                 gw = _dw_weight_grad(x, grad, k, s, p).to(weight.dtype)
-        return gi, gw, None, None
-
-
-def _native_dw_applies(x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-            and x.is_contiguous(memory_format=torch.channels_last))
+        return None, gi, gw, None, None
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -299,15 +298,23 @@ class DepthwiseConv2d(nn.Conv2d):
     def __init__(self, channels: int, kernel: int, stride: int):
         super().__init__(channels, channels, kernel, stride, kernel // 2, groups=channels, bias=False)
 
-    def fast_weight_grad(self, x: torch.Tensor) -> bool:
+    def _weight_grad_route(self, x: torch.Tensor) -> tuple[bool, ModuleType | None]:
+        """(whether the weight gradient avoids oneDNN's, the native kernel that computes it or None)."""
         # CPU only: the measurements behind it are oneDNN's kernels; cuDNN's depthwise kernels are its own.
         if x.device.type != "cpu" or self.kernel_size[0] < 5 or x.dim() != 4:
-            return False
-        return max(x.shape[-2:]) <= 32 or (_native_dw_applies(x) and _native.dw_conv() is not None)
+            return False, None
+        kernel = (_native.dw_conv() if x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+                  else None)
+        return kernel is not None or max(x.shape[-2:]) <= 32, kernel
+
+    def fast_weight_grad(self, x: torch.Tensor) -> bool:
+        return self._weight_grad_route(x)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.requires_grad and self.fast_weight_grad(x) and _eager_autograd():
-            return _DepthwiseConvFn.apply(x, self.weight, self.stride[0], self.padding[0])
+        if self.weight.requires_grad and _eager_autograd():
+            fast, kernel = self._weight_grad_route(x)
+            if fast:
+                return _DepthwiseConvFn.apply(kernel, x, self.weight, self.stride[0], self.padding[0])
         return super().forward(x)
 
 

@@ -19,8 +19,9 @@ reads its own disjoint rows (``rank::world``) of the split's shards once, decode
 tensors and applies the evaluation transform once; every epoch it then iterates batches whose order
 and augmentation come from a generator seeded by (seed, epoch, rank, stream), so a restarted worker
 repeats exactly the epoch it lost. Training augmentation (RandomResizedCrop + flip) runs on whole
-batches of tensors (``crop_resize`` crops and resizes every image of a batch in one call). Nothing is re-read or re-decoded per epoch, and no CPUs need to be kept free for decode
-tasks. ``ray_data`` keeps the streaming Ray Data reader above (data larger than worker memory).
+batches of tensors (``crop_resize`` crops and resizes every image of a batch in one call). Nothing is
+re-read or re-decoded per epoch, and no CPUs need to be kept free for decode tasks. ``ray_data`` keeps
+the streaming Ray Data reader above (data larger than worker memory).
 """
 from __future__ import annotations
 

@@ -26,7 +26,8 @@ inline void row_dot(float* __restrict__ A, const float* __restrict__ xrow, const
     for (int64_t wo = wo0; wo < wo1; ++wo) {
       const float* xp = xrow + (wo * s + off) * C + c0;
       const float* gp = grow + wo * C + c0;
-      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 8 * r), _mm256_loadu_ps(gp + 8 * r), acc[r]);
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 8 * r), _mm256_loadu_ps(gp + 8 * r), acc[r]);
     }
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(A + c0 + 8 * r, acc[r]);
     return;
